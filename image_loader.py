@@ -1,0 +1,327 @@
+"""Flickr8k data: caption files, image splits, vocabulary, preprocessing, datasets and collate.
+
+Two layouts are read, as found in the wild:
+  Kaggle:   DIR/Images/*.jpg + DIR/captions.txt        (CSV, header "image,caption")
+  original: DIR/Flicker8k_Dataset/*.jpg (or Images/) + DIR/Flickr8k.token.txt  ("NAME.jpg#N<TAB>caption")
+The official split files Flickr_8k.{train,dev,test}Images.txt are used when they lie in DIR.
+
+A training item is one image with all of its captions, so the encoder runs once per image and the decoder
+learns from every caption of that image in the same step.
+"""
+
+import csv
+import logging
+import os
+import pickle
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+log = logging.getLogger("captioner")
+
+PAD, SOS, EOS, UNK = "<PAD>", "<SOS>", "<EOS>", "<UNK>"
+SPECIALS = [PAD, SOS, EOS, UNK]  # PAD must stay index 0: pad_sequence and ignore_index rely on it
+IMAGE_DIRS = ("Images", "Flicker8k_Dataset", "Flickr8k_Dataset")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+SPLIT_FRACTIONS = {"train": 6000 / 8000, "dev": 1000 / 8000, "test": 1000 / 8000}
+LAYOUT_HELP = ("expected DIR/Images/ + DIR/captions.txt (Kaggle) or "
+               "DIR/Flicker8k_Dataset/ + DIR/Flickr8k.token.txt (original)")
+
+
+class DataError(Exception):
+    """A problem with the user's data or files, reported as one line."""
+
+
+# --------------------------------------------------------------------------------------------- captions
+
+def find_images_dir(data_dir):
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"data folder not found: {data_dir} ({LAYOUT_HELP})")
+    for name in IMAGE_DIRS:
+        if (data_dir / name).is_dir():
+            return data_dir / name
+    raise DataError(f"no image folder in {data_dir} ({LAYOUT_HELP})")
+
+
+def _read_kaggle(path):
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    if not rows or [c.strip().lower() for c in rows[0][:2]] != ["image", "caption"]:
+        raise DataError(f"{path}: first line must be the header 'image,caption'")
+    return [(r[0].strip(), r[1].strip()) for r in rows[1:] if len(r) >= 2]
+
+
+def _read_token(path):
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if "\t" not in line:
+                continue
+            key, caption = line.rstrip("\n").split("\t", 1)
+            pairs.append((key.rsplit("#", 1)[0].strip(), caption.strip()))
+    return pairs
+
+
+def load_captions(data_dir):
+    """Return (images_dir, {image name: [caption, ...]}) for the images that exist on disk."""
+    data_dir = Path(data_dir)
+    images_dir = find_images_dir(data_dir)
+    if (data_dir / "captions.txt").is_file():
+        path, reader = data_dir / "captions.txt", _read_kaggle
+    elif (data_dir / "Flickr8k.token.txt").is_file():
+        path, reader = data_dir / "Flickr8k.token.txt", _read_token
+    else:
+        raise DataError(f"no captions file in {data_dir} ({LAYOUT_HELP})")
+    try:
+        pairs = reader(path)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"cannot read captions file {path}: {e}") from None
+    on_disk = set(os.listdir(images_dir))
+    captions, missing = {}, Counter()
+    for name, caption in pairs:
+        if name not in on_disk:
+            missing[name] += 1
+        elif caption:
+            captions.setdefault(name, []).append(caption)
+    if missing:
+        log.warning("skipped %d caption lines naming %d images not found in %s (e.g. %s)",
+                    sum(missing.values()), len(missing), images_dir, next(iter(missing)))
+    if not captions:
+        raise DataError(f"{path} names no image found in {images_dir}")
+    return images_dir, captions
+
+
+def split_images(data_dir, names, seed=0):
+    """Split image names (never caption rows) into train/dev/test.
+
+    The official Flickr8k split files are used when they lie in data_dir; otherwise a seeded split
+    with the official proportions (6000/1000/1000).
+    """
+    data_dir, names = Path(data_dir), sorted(names)
+    files = {s: data_dir / f"Flickr_8k.{s}Images.txt" for s in SPLIT_FRACTIONS}
+    if all(f.is_file() for f in files.values()):
+        known = set(names)
+        splits = {s: [n for n in f.read_text().split() if n in known] for s, f in files.items()}
+        log.info("official split: %s", ", ".join(f"{s} {len(v)}" for s, v in splits.items()))
+        return splits
+    shuffled = names[:]
+    random.Random(seed).shuffle(shuffled)
+    n_train = round(len(names) * SPLIT_FRACTIONS["train"])
+    n_dev = round(len(names) * SPLIT_FRACTIONS["dev"])
+    splits = {"train": sorted(shuffled[:n_train]), "dev": sorted(shuffled[n_train:n_train + n_dev]),
+              "test": sorted(shuffled[n_train + n_dev:])}
+    log.info("no official split files in %s: seeded split (seed %d): %s", data_dir, seed,
+             ", ".join(f"{s} {len(v)}" for s, v in splits.items()))
+    return splits
+
+
+# ------------------------------------------------------------------------------------------ vocabulary
+
+def _tokenizer():
+    import spacy  # imported here: spaCy takes a second to load and only the vocabulary needs it
+
+    return spacy.blank("en").tokenizer  # the English tokenizer rules, no model download
+
+
+class Vocab:
+    """Words <-> indices. Specials first, then words in order of frequency (ties alphabetical)."""
+
+    def __init__(self, itos):
+        if list(itos[:len(SPECIALS)]) != SPECIALS:
+            raise DataError(f"vocabulary must start with {SPECIALS}")
+        self.itos = list(itos)
+        self.stoi = {w: i for i, w in enumerate(self.itos)}
+        self._tok = None
+
+    pad_idx, sos_idx, eos_idx, unk_idx = range(4)
+
+    def __len__(self):
+        return len(self.itos)
+
+    def tokenize(self, text):
+        if self._tok is None:
+            self._tok = _tokenizer()
+        return [t.text.lower() for t in self._tok(text) if not t.is_space]
+
+    @classmethod
+    def build(cls, captions, min_freq=5):
+        tok = cls(SPECIALS)
+        counts = Counter(w for c in captions for w in tok.tokenize(c))
+        words = sorted((w for w, n in counts.items() if n >= min_freq and w not in SPECIALS),
+                       key=lambda w: (-counts[w], w))
+        vocab = cls(SPECIALS + words)
+        vocab._tok = tok._tok
+        return vocab
+
+    def numericalize(self, text):
+        """Caption text -> [SOS, word ids..., EOS]."""
+        return [self.sos_idx] + [self.stoi.get(w, self.unk_idx) for w in self.tokenize(text)] + [self.eos_idx]
+
+    def decode(self, ids):
+        """Word ids -> text, stopping at EOS and dropping the specials."""
+        words = []
+        for i in ids:
+            i = int(i)
+            if i == self.eos_idx:
+                break
+            if i >= len(SPECIALS):
+                words.append(self.itos[i])
+        return " ".join(words)
+
+    def save(self, path):
+        """vocabulary.pkl: a dict of plain types only, so it loads with the safe unpickler below."""
+        tmp = f"{path}.tmp"
+        with open(tmp, "wb") as f:
+            pickle.dump({"itos": self.itos}, f)
+        os.replace(tmp, path)
+
+
+class _SeedVocabulary:
+    """Stands in for the seed tutorial's pickled Vocabulary class: it only receives attributes."""
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Builds plain types only: a pickle that names any other class or function is refused."""
+
+    def find_class(self, module, name):
+        if name in ("Vocabulary", "Vocab"):  # the seed's vocabulary object: attributes only, no code
+            return _SeedVocabulary
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not a vocabulary")
+
+
+def load_vocab_file(path):
+    try:
+        with open(path, "rb") as f:
+            obj = _SafeUnpickler(f).load()
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
+        raise DataError(f"cannot load vocabulary {path}: {e}") from None
+    itos = obj.get("itos") if isinstance(obj, dict) else getattr(obj, "itos", None)
+    if isinstance(itos, dict):  # the seed stores {index: word}
+        itos = [itos[i] for i in range(len(itos))]
+    if not isinstance(itos, list) or not all(isinstance(w, str) for w in itos):
+        raise DataError(f"{path} holds no vocabulary")
+    return Vocab(itos)
+
+
+# --------------------------------------------------------------------------------------- preprocessing
+
+def build_transform(preset, train=False):
+    """The one place where images become tensors. `preset` is the plain dict stored in checkpoints:
+    {"resize": int, "crop": int, "mean": [3 floats], "std": [3 floats]}. Images are squashed to a square
+    (Flickr8k's captions describe the whole photo, so nothing is cropped away in evaluation); training
+    with a trainable CNN adds a random crop and mild colour jitter."""
+    interp = transforms.InterpolationMode.BILINEAR
+    if train:
+        size = preset["crop"]
+        steps = [transforms.Resize((round(size * 1.07),) * 2, interpolation=interp, antialias=True),
+                 transforms.RandomCrop(size), transforms.ColorJitter(0.1, 0.1, 0.1)]
+    else:
+        steps = [transforms.Resize((preset["resize"],) * 2, interpolation=interp, antialias=True),
+                 transforms.CenterCrop(preset["crop"])]
+    return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(preset["mean"], preset["std"])])
+
+
+def load_image(path):
+    """Open an image as upright RGB, or raise DataError with one line saying why not."""
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)  # phones store rotation in EXIF: caption the upright photo
+            if im.mode in ("RGBA", "LA", "P", "PA"):
+                im = im.convert("RGBA")
+                background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+                im = Image.alpha_composite(background, im)  # transparency over white, not black
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder") from None
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{path}: refused, too large ({e})") from None
+    except UnidentifiedImageError:
+        raise DataError(f"{path}: not an image Pillow can read") from None
+    except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt files
+        raise DataError(f"{path}: unreadable image ({e})") from None
+
+
+def list_images(path):
+    """An image path, or every image file directly in a folder (sorted)."""
+    path = Path(path)
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return [path]
+
+
+# ------------------------------------------------------------------------------------------- datasets
+
+@dataclass
+class Flickr8k:
+    """Everything read from a data folder: where the images are, their captions, and the split."""
+    images_dir: Path
+    captions: dict
+    splits: dict
+
+    @classmethod
+    def load(cls, data_dir, seed=0, max_images=None):
+        images_dir, captions = load_captions(data_dir)
+        splits = split_images(data_dir, captions, seed)
+        if max_images:  # smoke runs: the first images of each split, in proportion
+            splits = {s: v[:max(1, round(max_images * SPLIT_FRACTIONS[s]))] for s, v in splits.items()}
+        return cls(images_dir, captions, splits)
+
+    def train_vocab(self, min_freq=5):
+        """The vocabulary of the training split's captions alone, so dev and test words stay unseen."""
+        return Vocab.build([c for n in self.splits["train"] for c in self.captions[n]], min_freq)
+
+    def items(self, split, vocab):
+        """[(image name, [caption ids, ...]), ...] for one split."""
+        return [(n, [vocab.numericalize(c) for c in self.captions[n]]) for n in self.splits[split]]
+
+
+class FlickrDataset(Dataset):
+    """One item per image: (image tensor or cached feature, [caption id tensors], image name).
+
+    `features` maps image name -> cached encoder feature; without it images are read and transformed.
+    """
+
+    def __init__(self, images_dir, items, vocab, transform=None, features=None):
+        self.images_dir, self.items, self.vocab = Path(images_dir), items, vocab
+        self.transform, self.features = transform, features
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        name, caps = self.items[i]
+        x = self.features[name] if self.features is not None else self.transform(load_image(self.images_dir / name))
+        return x, [torch.tensor(c) for c in caps], name
+
+
+class Collate:
+    """Stack images, pad all captions of the batch, and say which image each caption belongs to.
+
+    Returns images [B, ...], captions [N, T] padded with PAD, lengths [N], image_index [N], names [B]."""
+
+    def __init__(self, pad_idx=0):
+        self.pad_idx = pad_idx
+
+    def __call__(self, batch):
+        images = torch.stack([b[0] for b in batch])
+        caps = [c for b in batch for c in b[1]]
+        image_index = torch.tensor([i for i, b in enumerate(batch) for _ in b[1]])
+        lengths = torch.tensor([len(c) for c in caps])
+        captions = pad_sequence(caps, batch_first=True, padding_value=self.pad_idx)
+        return images, captions, lengths, image_index, [b[2] for b in batch]
+
+
+def get_loader(dataset, batch_size=32, shuffle=True, num_workers=0, pin_memory=False, generator=None):
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+                      collate_fn=Collate(Vocab.pad_idx), pin_memory=pin_memory, generator=generator,
+                      persistent_workers=num_workers > 0)

@@ -1,0 +1,410 @@
+"""Train the captioner on Flickr8k.
+
+    python image_training.py --data DIR                      # Inception-v3 + LSTM, the documented default
+    python image_training.py --demo                          # 1-2 minutes on a CPU, on the bundled sample
+    python image_training.py --data DIR --resume checkpoints/last.pth.tar
+
+With a frozen CNN (the default) each image's CNN feature is computed once and cached on disk, and the
+decoder trains from the cache. Checkpoints go to --checkpoint-dir, TensorBoard logs to --log-dir.
+"""
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from image_intial_model import CNN_RNN, ENCODERS, EncoderWeightsError, ModelArgs, preprocessing
+from image_loader import DataError, Flickr8k, FlickrDataset, Vocab, build_transform, get_loader, load_image
+from utils import (
+    bleu4,
+    checkpoint_state,
+    load_checkpoint,
+    model_from_checkpoint,
+    pick_device,
+    print_examples,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+
+log = logging.getLogger("captioner")
+SAMPLE_DATA = Path(__file__).resolve().parent / "data" / "flickr8k_sample"
+
+
+def _positive(kind):
+    def parse(text):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
+def _non_negative(text):
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def get_args_parser(add_help=True):
+    p = argparse.ArgumentParser(description="Train the CNN + LSTM image captioner on Flickr8k.", add_help=add_help,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help="Flickr8k folder: Images/ + captions.txt (Kaggle) or Flicker8k_Dataset/ + "
+                                  "Flickr8k.token.txt (original); official split files are used when present")
+    g.add_argument("--demo", action="store_true",
+                   help=f"quick run on the bundled sample ({SAMPLE_DATA.name}) with the offline "
+                        "efficientnet_lite0 encoder, unless --data/--encoder/--epochs say otherwise")
+    g.add_argument("--min-freq", type=_positive(int), help="keep words seen this often in training captions "
+                                                          "(default 5; 3 with --demo)")
+    g.add_argument("--max-images", type=_positive(int), help="smoke test: use only about this many images")
+    g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    g.add_argument("--no-cache", action="store_true",
+                   help="run the frozen CNN on every batch instead of caching its features")
+    g.add_argument("--cache-dir", default="cache", help="where cached CNN features are kept")
+    g = p.add_argument_group("model")
+    g.add_argument("--encoder", choices=sorted(ENCODERS), help="CNN encoder (default inception_v3; "
+                                                               "efficientnet_lite0 with --demo)")
+    g.add_argument("--no-pretrained", action="store_true", help="start the CNN from random weights")
+    g.add_argument("--encoder-weights", metavar="FILE", help="local ImageNet state_dict for the encoder (offline use)")
+    g.add_argument("--embed-size", type=_positive(int), default=256, help="word and image embedding size")
+    g.add_argument("--hidden-size", type=_positive(int), default=256, help="LSTM hidden size")
+    g.add_argument("--num-layers", type=_positive(int), default=1, help="LSTM layers")
+    g.add_argument("--dropout", type=float, default=0.5, help="dropout on embeddings and LSTM outputs")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=_positive(int), help="epochs to train (default 30; 40 with --demo)")
+    g.add_argument("--batch-size", type=_positive(int), default=32,
+                   help="images per batch, each with all its captions")
+    g.add_argument("--lr", type=_positive(float), help="Adam learning rate of the decoder and projection "
+                                                       "(default 3e-4; 2e-3 with --demo)")
+    g.add_argument("--train-cnn", action="store_true", help="fine-tune the CNN too (disables the feature cache)")
+    g.add_argument("--cnn-lr", type=_positive(float), default=1e-5, help="learning rate of the CNN with --train-cnn")
+    g.add_argument("--grad-clip", type=_non_negative, default=5.0, help="clip the gradient norm to this (0: off)")
+    g.add_argument("--label-smoothing", type=_non_negative, default=0.0, help="label smoothing of the word loss")
+    g.add_argument("--seed", type=int, default=0, help="random seed (data split, initialisation, shuffling)")
+    g.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    g = p.add_argument_group("checkpoints and logs")
+    g.add_argument("--checkpoint-dir", default="checkpoints", help="where checkpoints and vocabulary.pkl go")
+    g.add_argument("--save-every", type=_positive(int), default=5, help="keep checkpoint_epoch_N every N epochs")
+    g.add_argument("--resume", metavar="PATH", help="continue from this checkpoint (model, optimizer, epoch, RNG)")
+    g.add_argument("--log-dir", default="runs", help="TensorBoard log folder")
+    g.add_argument("--bleu-images", type=_positive(int), default=200, help="dev images captioned for BLEU-4 each epoch")
+    g.add_argument("--max-len", type=_positive(int), default=40, help="longest generated caption, in words")
+    return p
+
+
+def resolve_defaults(args):
+    if args.demo:
+        args.data = args.data or str(SAMPLE_DATA)
+        args.encoder = args.encoder or "efficientnet_lite0"
+        args.epochs = args.epochs or 40
+        args.lr = args.lr or 2e-3  # 200 images: few steps per epoch, so larger steps
+        args.min_freq = args.min_freq or 3
+    args.encoder = args.encoder or "inception_v3"
+    args.epochs = args.epochs or 30
+    args.lr = args.lr or 3e-4
+    args.min_freq = args.min_freq or 5
+    if not args.data:
+        raise DataError("say where Flickr8k is with --data DIR, or try --demo")
+    if not 0 <= args.dropout < 1:
+        raise DataError(f"--dropout must be in [0, 1), got {args.dropout}")
+    return args
+
+
+# -------------------------------------------------------------------------------------- feature cache
+
+class _Images(torch.utils.data.Dataset):
+    """Images for feature extraction; an unreadable one becomes None, to be skipped and counted."""
+
+    def __init__(self, images_dir, names, transform):
+        self.images_dir, self.names, self.transform = images_dir, names, transform
+
+    def __len__(self):
+        return len(self.names)
+
+    def __getitem__(self, i):
+        try:
+            return self.transform(load_image(self.images_dir / self.names[i])), i
+        except DataError:
+            return None, i
+
+
+def _collate_images(batch):
+    good = [(x, i) for x, i in batch if x is not None]
+    bad = [i for x, i in batch if x is None]
+    if not good:
+        return None, torch.empty(0, dtype=torch.long), bad
+    return torch.stack([x for x, _ in good]), torch.tensor([i for _, i in good]), bad
+
+
+@torch.inference_mode()
+def extract_features(encoder, images_dir, names, preset, device, batch_size=64, workers=2):
+    """Run the CNN once over the images: {name: feature [F] (float32, on the CPU)}, unreadable ones left out."""
+    loader = torch.utils.data.DataLoader(_Images(images_dir, names, build_transform(preset)), batch_size=batch_size,
+                                         num_workers=workers, collate_fn=_collate_images,
+                                         pin_memory=device.type == "cuda")
+    encoder.eval()
+    features, bad = {}, []
+    for images, index, failed in tqdm(loader, desc="extracting CNN features", unit="batch", leave=False, disable=None):
+        bad += [names[i] for i in failed]
+        if images is None:
+            continue
+        with autocast(device):
+            out = encoder.extract(images.to(device, non_blocking=True)).float().cpu()
+        features.update((names[i], f) for i, f in zip(index.tolist(), out))
+    if bad:
+        log.warning("skipped %d unreadable images, e.g. %s", len(bad), bad[0])
+    return features
+
+
+def cache_key(encoder, preset, images_dir, names, device):
+    """Hash of everything that changes the features: the CNN's weights, the preprocessing, the precision,
+    and each image file's name, size and modification time."""
+    h = hashlib.sha256(json.dumps([preset, device.type == "cuda"], sort_keys=True).encode())
+    for k, t in encoder.backbone.state_dict().items():
+        h.update(k.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    for n in names:
+        st = (images_dir / n).stat()
+        h.update(f"{n}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:24]
+
+
+def cached_features(model, images_dir, names, preset, device, cache_dir, workers):
+    encoder = model.encoderCNN
+    path = Path(cache_dir) / f"features-{model.args.encoder}-{cache_key(encoder, preset, images_dir, names, device)}.pt"
+    if path.is_file():
+        cache = torch.load(path, map_location="cpu", weights_only=True)
+        log.info("CNN features from cache %s", path)
+        return dict(zip(cache["names"], cache["features"]))
+    t = time.time()
+    features = extract_features(encoder, images_dir, names, preset, device, workers=workers)
+    log.info("extracted %d CNN features in %.0f s (%.1f images/s) -> %s", len(features), time.time() - t,
+             len(features) / max(time.time() - t, 1e-9), path)
+    kept = list(features)
+    save_checkpoint({"names": kept, "features": torch.stack([features[n] for n in kept])}, path)
+    return features
+
+
+# ----------------------------------------------------------------------------------------- training
+
+def autocast(device):
+    """bf16 autocast on CUDA cards that have it, fp16 on older ones, full precision elsewhere."""
+    if device.type != "cuda":
+        return torch.autocast("cpu", enabled=False)
+    return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+
+
+def run_epoch(model, loader, criterion, device, from_features, optimizer=None, scaler=None, grad_clip=0.0,
+              desc="train"):
+    """One pass over a loader; trains when an optimizer is given. Returns (loss per word, captions per second)."""
+    training = optimizer is not None
+    model.train(training)
+    total_loss, total_words, total_caps, start = 0.0, 0, 0, time.time()
+    bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=None)
+    for x, captions, _, image_index, _ in bar:
+        x, captions = x.to(device, non_blocking=True), captions.to(device, non_blocking=True)
+        image_index = image_index.to(device, non_blocking=True)
+        tokens, targets = captions[:, :-1], captions[:, 1:]  # [N, T-1] each: predict the next word
+        with torch.set_grad_enabled(training), autocast(device):
+            logits = model(x, tokens, image_index, from_features=from_features)  # [N, T-1, V]
+            loss = criterion(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        if training:
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"the loss became {loss.item()}; lower --lr or check the data")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if grad_clip:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+        words = int((targets != Vocab.pad_idx).sum())
+        total_loss += loss.item() * words
+        total_words += words
+        total_caps += captions.shape[0]
+        bar.set_postfix(loss=f"{total_loss / max(total_words, 1):.3f}")
+    return total_loss / max(total_words, 1), total_caps / max(time.time() - start, 1e-9)
+
+
+@torch.no_grad()
+def caption_split(model, loader, vocab, device, from_features, max_len):
+    """Generated captions (greedy) for every image of a loader: {name: text}."""
+    model.eval()
+    out = {}
+    for x, _, _, _, names in tqdm(loader, desc="captioning dev", unit="batch", leave=False, disable=None):
+        with autocast(device):
+            ids = model.generate(x.to(device), max_len=max_len, from_features=from_features)
+        out.update((n, vocab.decode(s)) for n, s in zip(names, ids))
+    return out
+
+
+def dev_bleu(generated, data, vocab):
+    refs = [[" ".join(vocab.tokenize(c)) for c in data.captions[n]] for n in generated]
+    return bleu4(refs, list(generated.values()))
+
+
+class Logger:
+    """TensorBoard scalars, plus a few dev images with their generated and reference captions."""
+
+    def __init__(self, log_dir, data, names):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir)
+        self.data, self.names = data, names
+        self.images_logged = False
+
+    def epoch(self, epoch, scalars, generated):
+        for k, v in scalars.items():
+            self.writer.add_scalar(k, v, epoch)
+        for n in self.names:
+            refs = "  \n".join(self.data.captions[n])
+            text = f"**generated:** {generated.get(n, '')}  \n**references:**  \n{refs}"
+            self.writer.add_text(f"dev/{n}", text, epoch)
+            if not self.images_logged:
+                image = build_transform({"resize": 224, "crop": 224, "mean": [0] * 3, "std": [1] * 3})(
+                    load_image(self.data.images_dir / n))
+                self.writer.add_image(f"dev/{n}", image, epoch)
+        self.images_logged = True
+        self.writer.flush()
+
+    def close(self):
+        self.writer.close()
+
+
+def build(args, device):
+    """Data, vocabulary, model, preprocessing and (when resuming) the checkpoint to continue from."""
+    data = Flickr8k.load(args.data, seed=args.seed, max_images=args.max_images)
+    ckpt = None
+    if args.resume:
+        ckpt = load_checkpoint(args.resume)
+        if "optimizer" not in ckpt:
+            raise DataError(f"{args.resume} holds no training state to resume from")
+        model, vocab, preset = model_from_checkpoint(ckpt)
+        log.info("resuming from %s (epoch %d)", args.resume, ckpt["epoch"])
+    else:
+        vocab = data.train_vocab(args.min_freq)
+        margs = ModelArgs(vocab_size=len(vocab), encoder=args.encoder, embed_size=args.embed_size,
+                          hidden_size=args.hidden_size, num_layers=args.num_layers, dropout=args.dropout)
+        weights = "random" if args.no_pretrained else (args.encoder_weights or "imagenet")
+        model = CNN_RNN(margs, weights=weights)
+        preset = preprocessing(args.encoder)
+    model.encoderCNN.set_train_cnn(args.train_cnn)
+    log.info("vocabulary: %d words (min frequency %d, training captions only)", len(vocab), args.min_freq)
+    return data, vocab, model.to(device), preset, ckpt
+
+
+def make_loaders(args, data, vocab, model, preset, device):
+    from_features = not args.train_cnn and not args.no_cache
+    features = None
+    if from_features:
+        names = sorted(set(data.splits["train"]) | set(data.splits["dev"]))
+        features = cached_features(model, data.images_dir, names, preset, device, args.cache_dir, args.workers)
+    train_tf = build_transform(preset, train=args.train_cnn)  # augment only a CNN that learns
+    eval_tf = build_transform(preset)
+    items = {s: [it for it in data.items(s, vocab) if features is None or it[0] in features] for s in ("train", "dev")}
+    train_set = FlickrDataset(data.images_dir, items["train"], vocab, train_tf, features)
+    dev_set = FlickrDataset(data.images_dir, items["dev"], vocab, eval_tf, features)
+    bleu_set = FlickrDataset(data.images_dir, items["dev"][:args.bleu_images], vocab, eval_tf, features)
+    workers = 0 if from_features else args.workers  # cached features need no worker processes
+    generator = torch.Generator()
+    pin = device.type == "cuda"
+    loaders = {"train": get_loader(train_set, args.batch_size, True, workers, pin, generator),
+               "dev": get_loader(dev_set, args.batch_size, False, workers, pin),
+               "bleu": get_loader(bleu_set, args.batch_size, False, workers, pin)}
+    return loaders, generator, from_features
+
+
+def make_optimizer(args, model):
+    groups = [{"params": [p for n, p in model.named_parameters() if not n.startswith("encoderCNN.backbone.")],
+               "lr": args.lr}]
+    if args.train_cnn:
+        groups.append({"params": model.encoderCNN.backbone.parameters(), "lr": args.cnn_lr})
+    return torch.optim.Adam(groups)
+
+
+def main(args):
+    """Train; returns {"history": [per-epoch dicts], "best_score": float, "checkpoint_dir": Path}."""
+    args = resolve_defaults(args)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = pick_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    data, vocab, model, preset, ckpt = build(args, device)
+    loaders, generator, from_features = make_loaders(args, data, vocab, model, preset, device)
+    optimizer = make_optimizer(args, model)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
+    criterion = nn.CrossEntropyLoss(ignore_index=Vocab.pad_idx, label_smoothing=args.label_smoothing)
+    start_epoch, step, best = 1, 0, -math.inf
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, step, best = ckpt["epoch"] + 1, ckpt["step"], ckpt["best_score"]
+        set_rng_state(ckpt["rng"])
+    ckpt_dir = Path(args.checkpoint_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    vocab.save(ckpt_dir / "vocabulary.pkl")
+    logger = Logger(Path(args.log_dir) / time.strftime("%Y%m%d-%H%M%S"), data, data.splits["dev"][:3])
+    history = []
+    log.info("training %d images (%d captions) on %s, %s, epochs %d..%d", len(loaders["train"].dataset),
+             sum(len(c) for _, c in loaders["train"].dataset.items), device,
+             "from cached features" if from_features else "through the CNN", start_epoch, args.epochs)
+    for epoch in range(start_epoch, args.epochs + 1):
+        generator.manual_seed(args.seed * 100003 + epoch)  # the shuffle order depends on the epoch alone
+        train_loss, speed = run_epoch(model, loaders["train"], criterion, device, from_features, optimizer, scaler,
+                                      args.grad_clip, desc=f"epoch {epoch}/{args.epochs}")
+        step += len(loaders["train"])
+        dev_loss, _ = run_epoch(model, loaders["dev"], criterion, device, from_features, desc="dev loss")
+        generated = caption_split(model, loaders["bleu"], vocab, device, from_features, args.max_len)
+        score = dev_bleu(generated, data, vocab)
+        row = {"epoch": epoch, "train_loss": train_loss, "dev_loss": dev_loss, "dev_bleu4": score,
+               "captions_per_s": speed}
+        history.append(row)
+        log.info("epoch %d: train loss %.3f, dev loss %.3f, dev BLEU-4 %.4f, %.0f captions/s",
+                 epoch, train_loss, dev_loss, score, speed)
+        logger.epoch(epoch, {"loss/train": train_loss, "loss/dev": dev_loss, "bleu4/dev": score,
+                             "lr": optimizer.param_groups[0]["lr"], "speed/captions_per_s": speed}, generated)
+        is_best = score > best
+        best = max(best, score)
+        state = checkpoint_state(model, vocab, preset, optimizer=optimizer.state_dict(),
+                                 scaler=scaler.state_dict(), epoch=epoch, step=step, best_score=best,
+                                 rng=rng_state(), train_args=_plain(vars(args)), history=history)
+        save_checkpoint(state, ckpt_dir / "last.pth.tar")
+        if is_best:
+            save_checkpoint(state, ckpt_dir / "best.pth.tar")
+        if epoch % args.save_every == 0:
+            save_checkpoint(state, ckpt_dir / f"checkpoint_epoch_{epoch}.pth.tar")
+    logger.close()
+    if history:
+        print_examples(model, device, loaders["bleu"].dataset)
+    return {"history": history, "best_score": best, "checkpoint_dir": ckpt_dir}
+
+
+def _plain(d):
+    return {k: v if isinstance(v, (int, float, str, bool, type(None))) else str(v) for k, v in d.items()}
+
+
+def cli(argv=None):
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = get_args_parser().parse_args(argv)
+    try:
+        main(args)
+    except (DataError, EncoderWeightsError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,110 @@
+"""Caption photos with a trained checkpoint, on CPU or GPU.
+
+    python inference.py photo.jpg [more.jpg folder/ ...] [--checkpoint checkpoints/best.pth.tar] [--json]
+
+Prints one line per image: "NAME: caption". A folder captions every image in it. Images that cannot be
+read are reported on stderr, one line each, and the exit status is 1; the others are still captioned.
+"""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from image_intial_model import EncoderWeightsError
+from image_loader import DataError, build_transform, list_images, load_image
+from utils import load_checkpoint, model_from_checkpoint, pick_device
+
+DEFAULT_CHECKPOINTS = ("checkpoints/best.pth.tar", "checkpoints/last.pth.tar")
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="Caption images with a trained CNN + LSTM captioner.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("images", nargs="+", help="image files or folders of images")
+    p.add_argument("--checkpoint", help=f"checkpoint to use (default: the first of {', '.join(DEFAULT_CHECKPOINTS)})")
+    p.add_argument("--vocab", help="vocabulary.pkl, for seed-style checkpoints that do not hold their vocabulary "
+                                   "(default: the one next to the checkpoint)")
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    p.add_argument("--beam", type=int, default=3, help="beam width; 1 is greedy decoding")
+    p.add_argument("--length-penalty", type=float, default=0.0,
+                   help="beam search: divide log-probabilities by length**this (0: none)")
+    p.add_argument("--max-len", type=int, default=40, help="longest caption, in words")
+    p.add_argument("--json", action="store_true", help="print one JSON list of {image, caption} / {image, error}")
+    return p
+
+
+def find_checkpoint(path):
+    if path:
+        return Path(path)
+    for p in DEFAULT_CHECKPOINTS:
+        if Path(p).is_file():
+            return Path(p)
+    raise DataError(f"no checkpoint given and none at {' or '.join(DEFAULT_CHECKPOINTS)}: train first "
+                    "(python image_training.py --demo) or pass --checkpoint PATH")
+
+
+class Captioner:
+    """A checkpoint ready to caption image files with the preprocessing it was trained with."""
+
+    def __init__(self, checkpoint, device="cpu", vocab_path=None):
+        checkpoint = Path(checkpoint)
+        ckpt = load_checkpoint(checkpoint)
+        self.model, self.vocab, self.preset = model_from_checkpoint(
+            ckpt, vocab_path or checkpoint.parent / "vocabulary.pkl")
+        self.device = torch.device(device)
+        self.model.to(self.device).eval()
+        self.transform = build_transform(self.preset)
+
+    @torch.no_grad()
+    def caption(self, path, beam=3, max_len=40, length_penalty=0.0):
+        x = self.transform(load_image(path)).unsqueeze(0).to(self.device)
+        ids = self.model.generate(x, max_len=max_len, beam=beam, length_penalty=length_penalty)[0]
+        return self.vocab.decode(ids)
+
+
+def main(args):
+    """Caption every image; returns the list of {"image", "caption"} or {"image", "error"} results."""
+    if args.beam < 1 or args.max_len < 1:
+        raise DataError("--beam and --max-len must be at least 1")
+    captioner = Captioner(find_checkpoint(args.checkpoint), pick_device(args.device), args.vocab)
+    results = []
+    for arg in args.images:
+        paths = list_images(arg)
+        if not paths:
+            results.append({"image": arg, "error": f"{arg}: folder holds no images"})
+        for path in paths:
+            try:
+                results.append({"image": str(path), "caption": captioner.caption(path, args.beam, args.max_len,
+                                                                                args.length_penalty)})
+            except DataError as e:
+                results.append({"image": str(path), "error": str(e)})
+            if not args.json:
+                r = results[-1]
+                if "caption" in r:
+                    print(f"{r['image']}: {r['caption']}", flush=True)
+                else:
+                    print(f"error: {r['error']}", file=sys.stderr, flush=True)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return results
+
+
+def cli(argv=None):
+    args = get_args_parser().parse_args(argv)
+    try:
+        results = main(args)
+    except (DataError, EncoderWeightsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `inference.py folder | head`: the reader left, which is no error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    return 1 if any("error" in r for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

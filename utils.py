@@ -1,0 +1,139 @@
+"""Checkpoints (atomic save, safe load, model rebuild), device choice, BLEU, and printed examples."""
+
+import os
+import random
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+
+from image_intial_model import CNN_RNN, ModelArgs
+from image_loader import DataError, Vocab, load_vocab_file
+
+
+def pick_device(name="auto"):
+    if name != "auto":
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise DataError(f"--device {name}: CUDA is not available on this machine")
+        if name == "mps" and not torch.backends.mps.is_available():
+            raise DataError("--device mps: MPS is not available on this machine")
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(state, path):
+    """Write to a temporary file in the same folder, then rename: a crash leaves the old file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint without running any code from it (weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # zip/pickle errors or a refused global: the file is not a usable checkpoint
+        raise DataError(f"cannot load checkpoint {path}: {str(e).splitlines()[0]}") from None
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def model_from_checkpoint(ckpt, vocab_path=None):
+    """Rebuild (model, vocab, preprocessing preset) from a loaded checkpoint: this project's, or the seed
+    tutorial's {"state_dict", ...} plus its vocabulary.pkl."""
+    if "model_args" not in ckpt:
+        return model_from_seed_checkpoint(ckpt, vocab_path)
+    known = {f.name for f in fields(ModelArgs)}
+    args = ModelArgs(**{k: v for k, v in ckpt["model_args"].items() if k in known})
+    model = CNN_RNN(args, weights=None)
+    model.load_state_dict(ckpt["model"])
+    return model, Vocab(ckpt["vocab"]), ckpt["preprocessing"]
+
+
+# The seed trained Inception-v3 on Resize(356) + RandomCrop(299) with mean = std = 0.5.
+SEED_PREPROCESSING = {"resize": 356, "crop": 299, "mean": [0.5] * 3, "std": [0.5] * 3}
+
+
+def model_from_seed_checkpoint(ckpt, vocab_path):
+    if "state_dict" not in ckpt:
+        raise DataError("not a captioner checkpoint: it has neither model_args nor state_dict")
+    if vocab_path is None or not Path(vocab_path).is_file():
+        raise DataError(f"a seed-style checkpoint needs its vocabulary.pkl (looked for {vocab_path}; "
+                        "pass --vocab PATH)")
+    vocab = load_vocab_file(vocab_path)
+    state = {}
+    for k, v in ckpt["state_dict"].items():
+        if k.startswith("encoderCNN.inception.AuxLogits."):
+            continue
+        k = k.replace("encoderCNN.inception.fc.", "encoderCNN.fc.")
+        state[k.replace("encoderCNN.inception.", "encoderCNN.backbone.")] = v
+    vocab_size, embed = state["decoderRNN.embed.weight"].shape
+    hidden = state["decoderRNN.lstm.weight_hh_l0"].shape[1]
+    layers = sum(k.startswith("decoderRNN.lstm.weight_hh_l") for k in state)
+    if vocab_size != len(vocab):
+        raise DataError(f"{vocab_path} has {len(vocab)} words but the checkpoint was trained on {vocab_size}")
+    args = ModelArgs(vocab_size=vocab_size, encoder="inception_v3", embed_size=embed, hidden_size=hidden,
+                     num_layers=layers)
+    model = CNN_RNN(args, weights=None)
+    model.load_state_dict(state)
+    return model, vocab, SEED_PREPROCESSING
+
+
+def checkpoint_state(model, vocab, preset, **extra):
+    """The plain-typed part of every checkpoint: enough to rebuild and run the model."""
+    return {"model_args": asdict(model.args), "model": model.state_dict(), "vocab": list(vocab.itos),
+            "preprocessing": preset, **extra}
+
+
+# ---------------------------------------------------------------------------------------------- scores
+
+def bleu4(references, hypotheses):
+    """Corpus BLEU-4 with pycocoevalcap's scorer (the one behind published captioning numbers).
+    references: [[ref text, ...], ...]; hypotheses: [text, ...]; texts already tokenised and lowercased."""
+    from pycocoevalcap.bleu.bleu import Bleu
+
+    gts = {i: refs for i, refs in enumerate(references)}
+    res = {i: [h] for i, h in enumerate(hypotheses)}
+    score, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    return score[3]
+
+
+@torch.no_grad()
+def print_examples(model, device, dataset, n=3):
+    """Print reference vs generated captions for the first n images of a FlickrDataset."""
+    was_training = model.training
+    model.eval()
+    for i in range(min(n, len(dataset))):
+        x, caps, name = dataset[i]
+        ids = model.generate(x.unsqueeze(0).to(device), from_features=dataset.features is not None)[0]
+        print(f"{name}\n  generated: {dataset.vocab.decode(ids)}\n  reference: {dataset.vocab.decode(caps[0][1:])}")
+    model.train(was_training)
