@@ -1,0 +1,42 @@
+"""Shared fixtures: the bundled sample, the full Flickr8k where present, and one small trained run."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "data" / "flickr8k_sample"
+SHARED = ROOT.parent / "shared" / "flickr8k"
+sys.path.insert(0, str(ROOT))
+
+
+def run_script(*args, cwd=ROOT, timeout=600):
+    """Run one of the project's command lines in a fresh Python process."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def shared_flickr8k():
+    if not (SHARED / "Images").is_dir():
+        pytest.skip("the full Flickr8k is not at ../shared/flickr8k")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory, cache_dir):
+    """Train two epochs on the sample through the command line, keeping a checkpoint every epoch."""
+    out = tmp_path_factory.mktemp("demo")
+    proc = run_script("image_training.py", "--demo", "--epochs", 2, "--save-every", 1, "--bleu-images", 10,
+                      "--checkpoint-dir", out / "checkpoints", "--log-dir", out / "runs", "--cache-dir", cache_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out

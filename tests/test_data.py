@@ -1,0 +1,164 @@
+import logging
+import pickle
+import sys
+import types
+
+import pytest
+import torch
+
+from image_loader import (
+    SPECIALS,
+    Collate,
+    DataError,
+    Flickr8k,
+    FlickrDataset,
+    Vocab,
+    load_captions,
+    load_vocab_file,
+    split_images,
+)
+from tests.conftest import SAMPLE
+
+
+def write_dataset(root, captions_txt=None, token_txt=None, images=("a.jpg", "b.jpg", "c.jpg")):
+    (root / "Images").mkdir(parents=True)
+    for n in images:
+        (root / "Images" / n).write_bytes(b"")
+    if captions_txt is not None:
+        (root / "captions.txt").write_text(captions_txt)
+    if token_txt is not None:
+        (root / "Flickr8k.token.txt").write_text(token_txt)
+    return root
+
+
+def test_kaggle_layout_reads_quoted_commas_and_skips_missing_images(tmp_path, caplog):
+    root = write_dataset(tmp_path, captions_txt='image,caption\na.jpg,A dog runs .\n'
+                         'a.jpg,"A dog , brown , runs ."\nb.jpg,Two cats .\nghost.jpg,Not here .\n')
+    with caplog.at_level(logging.WARNING, logger="captioner"):
+        images_dir, caps = load_captions(root)
+    assert images_dir == root / "Images"
+    assert caps == {"a.jpg": ["A dog runs .", "A dog , brown , runs ."], "b.jpg": ["Two cats ."]}
+    assert "skipped 1 caption lines naming 1 images" in caplog.text
+
+
+def test_original_layout_skips_bogus_lines_with_one_warning(tmp_path, caplog):
+    root = write_dataset(tmp_path, token_txt="a.jpg#0\tA dog .\na.jpg#1\tA brown dog .\n"
+                         "a.jpg.1#0\tBogus .\na.jpg.1#1\tBogus again .\nc.jpg#0\tA cat .\n")
+    with caplog.at_level(logging.WARNING, logger="captioner"):
+        _, caps = load_captions(root)
+    assert caps == {"a.jpg": ["A dog .", "A brown dog ."], "c.jpg": ["A cat ."]}
+    assert caplog.text.count("skipped") == 1 and "skipped 2 caption lines" in caplog.text
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda root: None, "data folder not found"),
+    (lambda root: (root / "Images").mkdir(parents=True), "no captions file"),
+    (lambda root: root.mkdir(), "no image folder"),
+    (lambda root: (write_dataset(root), (root / "captions.txt").write_bytes(b"\xff\xfe\x00bad")),
+     "cannot read captions file"),
+])
+def test_bad_data_folders_give_one_clear_error(tmp_path, setup, message):
+    root = tmp_path / "flickr"
+    setup(root)
+    with pytest.raises(DataError, match=message) as e:
+        load_captions(root)
+    assert str(root) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_full_flickr8k_in_both_layouts(shared_flickr8k, caplog):
+    _, kaggle = load_captions(shared_flickr8k)  # captions.txt is preferred when both are present
+    assert len(kaggle) == 8091 and sum(map(len, kaggle.values())) == 40455
+    assert any("," in c for cs in kaggle.values() for c in cs)
+    from image_loader import _read_token
+
+    pairs = _read_token(shared_flickr8k / "Flickr8k.token.txt")
+    assert len(pairs) == 40460
+    assert sum(n == "2258277193_586949ec62.jpg.1" for n, _ in pairs) == 5
+
+
+def test_official_split_is_by_image_without_overlap(shared_flickr8k):
+    _, caps = load_captions(shared_flickr8k)
+    splits = split_images(shared_flickr8k, caps)
+    assert {s: len(v) for s, v in splits.items()} == {"train": 6000, "dev": 1000, "test": 1000}
+    assert not (set(splits["train"]) & set(splits["dev"]) or set(splits["train"]) & set(splits["test"])
+                or set(splits["dev"]) & set(splits["test"]))
+
+
+def test_seeded_split_without_split_files(tmp_path):
+    names = [f"{i}.jpg" for i in range(80)]
+    a, b, c = split_images(tmp_path, names, seed=1), split_images(tmp_path, names, seed=1), split_images(tmp_path,
+                                                                                                       names, seed=2)
+    assert a == b and a != c
+    assert [len(a[s]) for s in ("train", "dev", "test")] == [60, 10, 10]
+    assert sorted(a["train"] + a["dev"] + a["test"]) == sorted(names)
+
+
+def test_sample_uses_its_official_split():
+    data = Flickr8k.load(SAMPLE)
+    assert {s: len(v) for s, v in data.splits.items()} == {"train": 200, "dev": 25, "test": 25}
+
+
+def test_vocabulary_comes_from_the_training_split_only(tmp_path):
+    names = ("t1.jpg", "t2.jpg", "d1.jpg", "e1.jpg")
+    rows = ["t1.jpg,a dog runs", "t2.jpg,a dog sits", "d1.jpg,zebra zebra zebra zebra zebra", "e1.jpg,giraffe giraffe"]
+    root = write_dataset(tmp_path, captions_txt="image,caption\n" + "\n".join(rows) + "\n", images=names)
+    for split, ns in (("train", ["t1.jpg", "t2.jpg"]), ("dev", ["d1.jpg"]), ("test", ["e1.jpg"])):
+        (root / f"Flickr_8k.{split}Images.txt").write_text("\n".join(ns))
+    vocab = Flickr8k.load(root).train_vocab(min_freq=2)
+    assert vocab.itos == SPECIALS + ["a", "dog"]
+    assert vocab.numericalize("zebra dog") == [vocab.sos_idx, vocab.unk_idx, vocab.stoi["dog"], vocab.eos_idx]
+
+
+def test_tokenizer_numericalize_decode():
+    vocab = Vocab.build(["A dog's ball, isn't it?"] * 5, min_freq=5)
+    assert vocab.tokenize("A dog's ball, isn't it?") == ["a", "dog", "'s", "ball", ",", "is", "n't", "it", "?"]
+    assert vocab.itos[:4] == ["<PAD>", "<SOS>", "<EOS>", "<UNK>"] and vocab.pad_idx == 0
+    ids = vocab.numericalize("The dog's ball")
+    assert ids[0] == vocab.sos_idx and ids[-1] == vocab.eos_idx and ids[1] == vocab.unk_idx
+    assert vocab.decode(ids) == "dog 's ball"
+    assert vocab.decode([vocab.stoi["dog"], vocab.eos_idx, vocab.stoi["ball"]]) == "dog"
+
+
+def test_collate_pads_and_maps_captions_to_images():
+    vocab = Vocab(SPECIALS + ["x"])
+    items = [("a", [[1, 4, 2], [1, 4, 4, 4, 2]]), ("b", [[1, 2]])]
+    features = {"a": torch.ones(6), "b": torch.zeros(6)}
+    images, caps, lengths, index, names = Collate()([FlickrDataset(".", items, vocab, features=features)[i]
+                                                     for i in range(2)])
+    assert images.shape == (2, 6) and names == ["a", "b"]
+    assert caps.shape == (3, 5) and lengths.tolist() == [3, 5, 2] and index.tolist() == [0, 0, 1]
+    assert caps[0].tolist() == [1, 4, 2, 0, 0] and caps[2].tolist() == [1, 2, 0, 0, 0]
+
+
+def test_vocabulary_file_round_trip_and_seed_format(tmp_path, monkeypatch):
+    vocab = Vocab(SPECIALS + ["dog", "cat"])
+    vocab.save(tmp_path / "vocabulary.pkl")
+    assert load_vocab_file(tmp_path / "vocabulary.pkl").itos == vocab.itos
+
+    class Vocabulary:  # the seed tutorial pickles an object of this name
+        def __init__(self):
+            self.itos = dict(enumerate(SPECIALS + ["dog"]))
+            self.stoi = {w: i for i, w in self.itos.items()}
+            self.freq_threshold = 5
+
+    seed_module = types.ModuleType("get_loader")
+    seed_module.Vocabulary, Vocabulary.__module__, Vocabulary.__qualname__ = Vocabulary, "get_loader", "Vocabulary"
+    monkeypatch.setitem(sys.modules, "get_loader", seed_module)
+    (tmp_path / "seed.pkl").write_bytes(pickle.dumps(Vocabulary()))
+    assert load_vocab_file(tmp_path / "seed.pkl").itos == SPECIALS + ["dog"]
+
+
+class _Exploit:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))  # loading this with plain pickle would create the file
+
+
+def test_crafted_vocabulary_pickle_runs_no_code(tmp_path):
+    target = tmp_path / "pwned"
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps({"itos": _Exploit(str(target))}))
+    with pytest.raises(DataError, match="refusing"):
+        load_vocab_file(tmp_path / "evil.pkl")
+    assert not target.exists()

