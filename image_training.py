@@ -22,10 +22,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from evaluate import caption_loader, score_captions
 from image_intial_model import CNN_RNN, ENCODERS, EncoderWeightsError, ModelArgs, preprocessing
 from image_loader import DataError, Flickr8k, FlickrDataset, Vocab, build_transform, get_loader, load_image
 from utils import (
-    bleu4,
+    autocast,
     checkpoint_state,
     load_checkpoint,
     model_from_checkpoint,
@@ -90,6 +91,11 @@ def get_args_parser(add_help=True):
     g.add_argument("--train-cnn", action="store_true", help="fine-tune the CNN too (disables the feature cache)")
     g.add_argument("--cnn-lr", type=_positive(float), default=1e-5, help="learning rate of the CNN with --train-cnn")
     g.add_argument("--grad-clip", type=_non_negative, default=5.0, help="clip the gradient norm to this (0: off)")
+    g.add_argument("--lr-decay", type=_positive(float), default=0.5,
+                   help="multiply the learning rates by this when the dev score stalls")
+    g.add_argument("--lr-patience", type=int, default=2, help="epochs without a better dev score before --lr-decay")
+    g.add_argument("--early-stop", type=int, default=0,
+                   help="stop after this many epochs without a better dev score (0: never)")
     g.add_argument("--label-smoothing", type=_non_negative, default=0.0, help="label smoothing of the word loss")
     g.add_argument("--seed", type=int, default=0, help="random seed (data split, initialisation, shuffling)")
     g.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
@@ -98,7 +104,10 @@ def get_args_parser(add_help=True):
     g.add_argument("--save-every", type=_positive(int), default=5, help="keep checkpoint_epoch_N every N epochs")
     g.add_argument("--resume", metavar="PATH", help="continue from this checkpoint (model, optimizer, epoch, RNG)")
     g.add_argument("--log-dir", default="runs", help="TensorBoard log folder")
-    g.add_argument("--bleu-images", type=_positive(int), default=200, help="dev images captioned for BLEU-4 each epoch")
+    g.add_argument("--dev-images", type=_positive(int), default=1000,
+                   help="dev images captioned (greedy) and scored after each epoch")
+    g.add_argument("--select-metric", choices=sorted(SELECT_METRICS), default="cider",
+                   help="dev score that picks best.pth.tar and drives --lr-decay and --early-stop")
     g.add_argument("--max-len", type=_positive(int), default=40, help="longest generated caption, in words")
     return p
 
@@ -198,13 +207,6 @@ def cached_features(model, images_dir, names, preset, device, cache_dir, workers
 
 # ----------------------------------------------------------------------------------------- training
 
-def autocast(device):
-    """bf16 autocast on CUDA cards that have it, fp16 on older ones, full precision elsewhere."""
-    if device.type != "cuda":
-        return torch.autocast("cpu", enabled=False)
-    return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-
-
 def run_epoch(model, loader, criterion, device, from_features, optimizer=None, scaler=None, grad_clip=0.0,
               desc="train"):
     """One pass over a loader; trains when an optimizer is given. Returns (loss per word, captions per second)."""
@@ -237,21 +239,16 @@ def run_epoch(model, loader, criterion, device, from_features, optimizer=None, s
     return total_loss / max(total_words, 1), total_caps / max(time.time() - start, 1e-9)
 
 
-@torch.no_grad()
-def caption_split(model, loader, vocab, device, from_features, max_len):
-    """Generated captions (greedy) for every image of a loader: {name: text}."""
-    model.eval()
-    out = {}
-    for x, _, _, _, names in tqdm(loader, desc="captioning dev", unit="batch", leave=False, disable=None):
-        with autocast(device):
-            ids = model.generate(x.to(device), max_len=max_len, from_features=from_features)
-        out.update((n, vocab.decode(s)) for n, s in zip(names, ids))
-    return out
+SELECT_METRICS = {"cider": "CIDEr", "bleu4": "Bleu_4"}
 
 
-def dev_bleu(generated, data, vocab):
-    refs = [[" ".join(vocab.tokenize(c)) for c in data.captions[n]] for n in generated]
-    return bleu4(refs, list(generated.values()))
+def dev_scores(model, loader, data, vocab, device, from_features, max_len):
+    """Greedy captions for the dev sample, scored with BLEU and CIDEr (Python tokenisation: fast, no Java)."""
+    generated = caption_loader(model, loader, vocab, device, from_features, beam=1, max_len=max_len,
+                               desc="captioning dev")
+    scores = score_captions([data.captions[n] for n in generated], list(generated.values()), java=False,
+                            metrics=("bleu", "cider"))
+    return scores, generated
 
 
 class Logger:
@@ -308,20 +305,20 @@ def make_loaders(args, data, vocab, model, preset, device):
     from_features = not args.train_cnn and not args.no_cache
     features = None
     if from_features:
-        names = sorted(set(data.splits["train"]) | set(data.splits["dev"]))
+        names = sorted(set().union(*data.splits.values()))  # test too: evaluate.py then finds them cached
         features = cached_features(model, data.images_dir, names, preset, device, args.cache_dir, args.workers)
     train_tf = build_transform(preset, train=args.train_cnn)  # augment only a CNN that learns
     eval_tf = build_transform(preset)
     items = {s: [it for it in data.items(s, vocab) if features is None or it[0] in features] for s in ("train", "dev")}
     train_set = FlickrDataset(data.images_dir, items["train"], vocab, train_tf, features)
     dev_set = FlickrDataset(data.images_dir, items["dev"], vocab, eval_tf, features)
-    bleu_set = FlickrDataset(data.images_dir, items["dev"][:args.bleu_images], vocab, eval_tf, features)
+    score_set = FlickrDataset(data.images_dir, items["dev"][:args.dev_images], vocab, eval_tf, features)
     workers = 0 if from_features else args.workers  # cached features need no worker processes
     generator = torch.Generator()
     pin = device.type == "cuda"
     loaders = {"train": get_loader(train_set, args.batch_size, True, workers, pin, generator),
                "dev": get_loader(dev_set, args.batch_size, False, workers, pin),
-               "bleu": get_loader(bleu_set, args.batch_size, False, workers, pin)}
+               "score": get_loader(score_set, args.batch_size, False, workers, pin)}
     return loaders, generator, from_features
 
 
@@ -333,8 +330,22 @@ def make_optimizer(args, model):
     return torch.optim.Adam(groups)
 
 
+def make_schedule(args, optimizer):
+    """Multiply the learning rates by --lr-decay after --lr-patience epochs without a better dev score."""
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=args.lr_decay,
+                                                      patience=args.lr_patience)
+
+
+def epoch_summary(epoch, train_loss, dev_loss, speed, scores, lr):
+    row = {"epoch": epoch, "train_loss": train_loss, "dev_loss": dev_loss, "captions_per_s": speed, "lr": lr,
+           **{f"dev_{k}": v for k, v in scores.items()}}
+    log.info("epoch %d: train loss %.3f, dev loss %.3f, dev BLEU-4 %.4f, dev CIDEr %.4f, %.0f captions/s, lr %.2g",
+             epoch, train_loss, dev_loss, scores["Bleu_4"], scores["CIDEr"], speed, lr)
+    return row
+
+
 def main(args):
-    """Train; returns {"history": [per-epoch dicts], "best_score": float, "checkpoint_dir": Path}."""
+    """Train; returns {"history": [this run's per-epoch dicts], "best_score": float, "checkpoint_dir": Path}."""
     args = resolve_defaults(args)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -344,13 +355,16 @@ def main(args):
     data, vocab, model, preset, ckpt = build(args, device)
     loaders, generator, from_features = make_loaders(args, data, vocab, model, preset, device)
     optimizer = make_optimizer(args, model)
+    schedule = make_schedule(args, optimizer)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
     criterion = nn.CrossEntropyLoss(ignore_index=Vocab.pad_idx, label_smoothing=args.label_smoothing)
-    start_epoch, step, best = 1, 0, -math.inf
+    start_epoch, step, best, best_epoch, past = 1, 0, -math.inf, 0, []
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
+        schedule.load_state_dict(ckpt["schedule"])
         scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, step, best = ckpt["epoch"] + 1, ckpt["step"], ckpt["best_score"]
+        start_epoch, step, best, best_epoch = ckpt["epoch"] + 1, ckpt["step"], ckpt["best_score"], ckpt["best_epoch"]
+        past = ckpt["history"]
         set_rng_state(ckpt["rng"])
     ckpt_dir = Path(args.checkpoint_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -366,28 +380,32 @@ def main(args):
                                       args.grad_clip, desc=f"epoch {epoch}/{args.epochs}")
         step += len(loaders["train"])
         dev_loss, _ = run_epoch(model, loaders["dev"], criterion, device, from_features, desc="dev loss")
-        generated = caption_split(model, loaders["bleu"], vocab, device, from_features, args.max_len)
-        score = dev_bleu(generated, data, vocab)
-        row = {"epoch": epoch, "train_loss": train_loss, "dev_loss": dev_loss, "dev_bleu4": score,
-               "captions_per_s": speed}
-        history.append(row)
-        log.info("epoch %d: train loss %.3f, dev loss %.3f, dev BLEU-4 %.4f, %.0f captions/s",
-                 epoch, train_loss, dev_loss, score, speed)
-        logger.epoch(epoch, {"loss/train": train_loss, "loss/dev": dev_loss, "bleu4/dev": score,
-                             "lr": optimizer.param_groups[0]["lr"], "speed/captions_per_s": speed}, generated)
+        scores, generated = dev_scores(model, loaders["score"], data, vocab, device, from_features, args.max_len)
+        lr = optimizer.param_groups[0]["lr"]
+        history.append(epoch_summary(epoch, train_loss, dev_loss, speed, scores, lr))
+        logger.epoch(epoch, {"loss/train": train_loss, "loss/dev": dev_loss, "bleu4/dev": scores["Bleu_4"],
+                             "cider/dev": scores["CIDEr"], "lr": lr, "speed/captions_per_s": speed}, generated)
+        score = scores[SELECT_METRICS[args.select_metric]]
+        schedule.step(score)
         is_best = score > best
-        best = max(best, score)
+        if is_best:
+            best, best_epoch = score, epoch
         state = checkpoint_state(model, vocab, preset, optimizer=optimizer.state_dict(),
-                                 scaler=scaler.state_dict(), epoch=epoch, step=step, best_score=best,
-                                 rng=rng_state(), train_args=_plain(vars(args)), history=history)
+                                 schedule=schedule.state_dict(), scaler=scaler.state_dict(), epoch=epoch, step=step,
+                                 best_score=best, best_epoch=best_epoch, rng=rng_state(),
+                                 train_args=_plain(vars(args)), history=past + history)
         save_checkpoint(state, ckpt_dir / "last.pth.tar")
         if is_best:
             save_checkpoint(state, ckpt_dir / "best.pth.tar")
         if epoch % args.save_every == 0:
             save_checkpoint(state, ckpt_dir / f"checkpoint_epoch_{epoch}.pth.tar")
+        if args.early_stop and epoch - best_epoch >= args.early_stop:
+            log.info("stopping early: no better dev %s for %d epochs (best %.4f at epoch %d)",
+                     args.select_metric, args.early_stop, best, best_epoch)
+            break
     logger.close()
     if history:
-        print_examples(model, device, loaders["bleu"].dataset)
+        print_examples(model, device, loaders["score"].dataset)
     return {"history": history, "best_score": best, "checkpoint_dir": ckpt_dir}
 
 

@@ -25,6 +25,13 @@ def pick_device(name="auto"):
     return torch.device("cpu")
 
 
+def autocast(device):
+    """bf16 autocast on CUDA cards that have it, fp16 on older ones, full precision elsewhere."""
+    if device.type != "cuda":
+        return torch.autocast("cpu", enabled=False)
+    return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+
+
 # ---------------------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(state, path):
@@ -112,19 +119,6 @@ def checkpoint_state(model, vocab, preset, **extra):
     """The plain-typed part of every checkpoint: enough to rebuild and run the model."""
     return {"model_args": asdict(model.args), "model": model.state_dict(), "vocab": list(vocab.itos),
             "preprocessing": preset, **extra}
-
-
-# ---------------------------------------------------------------------------------------------- scores
-
-def bleu4(references, hypotheses):
-    """Corpus BLEU-4 with pycocoevalcap's scorer (the one behind published captioning numbers).
-    references: [[ref text, ...], ...]; hypotheses: [text, ...]; texts already tokenised and lowercased."""
-    from pycocoevalcap.bleu.bleu import Bleu
-
-    gts = {i: refs for i, refs in enumerate(references)}
-    res = {i: [h] for i, h in enumerate(hypotheses)}
-    score, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    return score[3]
 
 
 @torch.no_grad()

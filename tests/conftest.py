@@ -36,7 +36,7 @@ def cache_dir(tmp_path_factory):
 def demo_run(tmp_path_factory, cache_dir):
     """Train two epochs on the sample through the command line, keeping a checkpoint every epoch."""
     out = tmp_path_factory.mktemp("demo")
-    proc = run_script("image_training.py", "--demo", "--epochs", 2, "--save-every", 1, "--bleu-images", 10,
+    proc = run_script("image_training.py", "--demo", "--epochs", 2, "--save-every", 1, "--dev-images", 10,
                       "--checkpoint-dir", out / "checkpoints", "--log-dir", out / "runs", "--cache-dir", cache_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out

@@ -65,7 +65,7 @@ def test_training_refuses_bad_input_up_front(flags, message):
 
 def train_args(tmp_path, cache_dir, *extra):
     return image_training.get_args_parser().parse_args(
-        ["--demo", "--bleu-images", "5", "--checkpoint-dir", str(tmp_path / "ck"), "--log-dir", str(tmp_path / "runs"),
+        ["--demo", "--dev-images", "5", "--checkpoint-dir", str(tmp_path / "ck"), "--log-dir", str(tmp_path / "runs"),
          "--cache-dir", str(cache_dir), *extra])
 
 

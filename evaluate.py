@@ -1,0 +1,208 @@
+"""Score a checkpoint on a Flickr8k split the way captioning papers do.
+
+    python evaluate.py --checkpoint checkpoints/best.pth.tar --data DIR [--split test] [--beam 3]
+
+Every image of the split is captioned and scored against all of its reference captions with the
+pycocoevalcap scorers (BLEU-1..4, METEOR, ROUGE-L, CIDEr). Captions are tokenised with the Stanford PTB
+tokenizer that pycocoevalcap ships when Java is installed, and with `python_tokenize` (its equivalent,
+tested against it on the Flickr8k references) when it is not; METEOR needs Java and is skipped without it.
+Writes OUT/results.json and OUT/gallery.html.
+"""
+
+import argparse
+import html
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from image_intial_model import EncoderWeightsError
+from image_loader import DataError, Flickr8k, FlickrDataset, build_transform, get_loader
+from utils import autocast, load_checkpoint, model_from_checkpoint, pick_device
+
+# What pycocoevalcap's PTBTokenizer drops after tokenising (it lowercases first, so its brackets, written
+# -lrb- and so on, stay), plus the double quote, which PTB turns into `` or '' before dropping it.
+PUNCTUATION = {"''", "'", "``", "`", ".", "?", "!", ",", ":", "-", "--", "...", ";", '"'}
+_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "{": "-lcb-", "}": "-rcb-", "[": "-lsb-", "]": "-rsb-"}
+# PTB rules that matter for captions: split off clitics, "cannot" and punctuation; keep hyphenated words,
+# abbreviations (mr., s.c.u.b.a., p.) and numbers whole.
+_CLITICS = re.compile(r"(\w)('s|'re|'ve|'ll|'d|'m|n't)\b")
+_CANNOT = re.compile(r"\bcannot\b")
+_TOKENS = re.compile(r"(?:mrs?|ms|dr|st|jr|sr|vs|mt)\.|(?:[a-z]\.)+|[a-z0-9]+(?:[-'./][a-z0-9]+)*|n't|'[a-z]+"
+                     r"|\.\.\.|--|``|''|\S")
+
+
+def python_tokenize(text):
+    """Lowercased PTB-style tokens with punctuation removed, as pycocoevalcap's PTBTokenizer gives them."""
+    text = _CANNOT.sub("can not", _CLITICS.sub(r"\1 \2", text.lower().replace("\n", " ")))
+    tokens = (_BRACKETS.get(t, t) for t in _TOKENS.findall(text))
+    return " ".join(t for t in tokens if t not in PUNCTUATION)
+
+
+def java_available():
+    if shutil.which("java") is None:
+        return False
+    try:
+        return subprocess.run(["java", "-version"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def tokenize_all(texts, java):
+    """Tokenise a list of captions: one PTBTokenizer call for all of them, or the Python equivalent."""
+    if not java:
+        return [python_tokenize(t) for t in texts]
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    out = PTBTokenizer().tokenize({i: [{"caption": t}] for i, t in enumerate(texts)})
+    return [out[i][0] for i in range(len(texts))]
+
+
+def score_captions(references, hypotheses, java=None, metrics=("bleu", "meteor", "rouge", "cider")):
+    """Corpus scores of hypotheses[i] against references[i] (a list of texts).
+
+    Returns {"Bleu_1".."Bleu_4", "METEOR", "ROUGE_L", "CIDEr"} as asked for; METEOR only where Java is."""
+    java = java_available() if java is None else java
+    flat = [r for refs in references for r in refs] + list(hypotheses)
+    tokens = tokenize_all(flat, java)
+    gts, res, k = {}, {}, 0
+    for i, refs in enumerate(references):
+        gts[i], k = tokens[k:k + len(refs)], k + len(refs)
+    for i in range(len(hypotheses)):
+        res[i] = [tokens[k + i]]
+    scores = {}
+    if "bleu" in metrics:
+        from pycocoevalcap.bleu.bleu import Bleu
+
+        bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+        scores.update({f"Bleu_{n + 1}": b for n, b in enumerate(bleu)})
+    if "meteor" in metrics and java:
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        meteor = Meteor()
+        scores["METEOR"], _ = meteor.compute_score(gts, res)
+        meteor.close()
+    if "rouge" in metrics:
+        from pycocoevalcap.rouge.rouge import Rouge
+
+        scores["ROUGE_L"], _ = Rouge().compute_score(gts, res)
+    if "cider" in metrics:
+        from pycocoevalcap.cider.cider import Cider
+
+        scores["CIDEr"], _ = Cider().compute_score(gts, res)
+    return {k: float(v) for k, v in scores.items()}
+
+
+@torch.no_grad()
+def caption_loader(model, loader, vocab, device, from_features, beam=3, length_penalty=0.0, max_len=40,
+                   desc="captioning"):
+    """Captions for every image of a loader of FlickrDataset batches: {image name: text}."""
+    model.eval()
+    out = {}
+    for x, _, _, _, names in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None):
+        with autocast(device):
+            ids = model.generate(x.to(device), max_len=max_len, beam=beam, length_penalty=length_penalty,
+                                 from_features=from_features)
+        out.update((n, vocab.decode(s)) for n, s in zip(names, ids))
+    return out
+
+
+def write_gallery(path, rows, images_dir, metrics):
+    rel = os.path.relpath(images_dir, Path(path).parent)
+    head = " ".join(f"{k} {v:.3f}" for k, v in metrics.items())
+    cells = [f"<figure><img src=\"{html.escape(rel)}/{html.escape(r['image'])}\" loading=\"lazy\">"
+             f"<figcaption><b>{html.escape(r['caption'])}</b><ol>"
+             + "".join(f"<li>{html.escape(c)}</li>" for c in r["references"])
+             + f"</ol><small>{html.escape(r['image'])}</small></figcaption></figure>" for r in rows]
+    Path(path).write_text(
+        "<!doctype html><meta charset=utf-8><title>Captions</title><style>body{font-family:sans-serif}"
+        "figure{display:inline-block;width:300px;vertical-align:top;margin:8px}img{width:300px}"
+        "ol{padding-left:20px;color:#555;font-size:90%}</style>"
+        f"<h1>Generated captions</h1><p>{html.escape(head)}</p>" + "\n".join(cells), encoding="utf-8")
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="Caption a Flickr8k split and score it with the standard metrics.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="checkpoint to evaluate")
+    p.add_argument("--data", required=True, help="Flickr8k folder (either layout, as for training)")
+    p.add_argument("--split", choices=["test", "dev", "train"], default="test", help="which images to caption")
+    p.add_argument("--beam", type=int, default=3, help="beam width; 1 is greedy decoding")
+    p.add_argument("--length-penalty", type=float, default=0.0, help="beam search: divide by length**this")
+    p.add_argument("--max-len", type=int, default=40, help="longest caption, in words")
+    p.add_argument("--batch-size", type=int, default=64, help="images captioned at once")
+    p.add_argument("--out", default="eval", help="folder for results.json and gallery.html")
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    p.add_argument("--cache-dir", default="cache", help="cached CNN features (shared with training)")
+    p.add_argument("--no-cache", action="store_true", help="run the CNN on the images instead of the cache")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    p.add_argument("--no-java", action="store_true", help="score as on a machine without Java (no METEOR)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split when the data has no split files")
+    return p
+
+
+def main(args):
+    """Caption and score; returns the results dict that is written to results.json."""
+    from image_training import cached_features
+
+    if args.beam < 1 or args.max_len < 1 or args.batch_size < 1:
+        raise DataError("--beam, --max-len and --batch-size must be at least 1")
+    device = pick_device(args.device)
+    model, vocab, preset = model_from_checkpoint(load_checkpoint(args.checkpoint),
+                                                 Path(args.checkpoint).parent / "vocabulary.pkl")
+    model.to(device).eval()
+    data = Flickr8k.load(args.data, seed=args.seed)
+    names = data.splits[args.split]
+    features = None
+    if not args.no_cache:
+        all_names = sorted(set().union(*data.splits.values()))
+        features = cached_features(model, data.images_dir, all_names, preset, device, args.cache_dir, args.workers)
+    items = [(n, []) for n in names if features is None or n in features]
+    dataset = FlickrDataset(data.images_dir, items, vocab, build_transform(preset), features)
+    loader = get_loader(dataset, args.batch_size, shuffle=False, num_workers=0 if features else args.workers)
+    start = time.time()
+    generated = caption_loader(model, loader, vocab, device, features is not None, args.beam, args.length_penalty,
+                               args.max_len, desc=f"captioning {args.split}")
+    seconds = time.time() - start
+    java = not args.no_java and java_available()
+    references = [data.captions[n] for n in generated]
+    metrics = score_captions(references, list(generated.values()), java=java)
+    settings = {"checkpoint": str(args.checkpoint), "data": str(args.data), "split": args.split,
+                "images": len(generated), "beam": args.beam, "length_penalty": args.length_penalty,
+                "max_len": args.max_len, "tokenizer": "PTBTokenizer (Java)" if java else "python_tokenize",
+                "meteor": "scored" if java else "skipped: Java not found", "encoder": model.args.encoder,
+                "captioning_seconds": round(seconds, 2), "device": str(device)}
+    rows = [{"image": n, "caption": c, "references": data.captions[n]} for n, c in generated.items()]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"metrics": metrics, "settings": settings, "images": rows}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    write_gallery(out / "gallery.html", rows, data.images_dir, metrics)
+    print(f"{args.split} split, {len(rows)} images, beam {args.beam}, tokenizer {settings['tokenizer']}")
+    for k, v in metrics.items():
+        print(f"  {k:8s} {v:.4f}")
+    if not java:
+        print("  METEOR   skipped: Java not found")
+    print(f"wrote {out / 'results.json'} and {out / 'gallery.html'}")
+    return results
+
+
+def cli(argv=None):
+    args = get_args_parser().parse_args(argv)
+    try:
+        main(args)
+    except (DataError, EncoderWeightsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
