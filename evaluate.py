@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from image_intial_model import EncoderWeightsError
 from image_loader import DataError, Flickr8k, FlickrDataset, build_transform, get_loader
-from utils import autocast, load_checkpoint, model_from_checkpoint, pick_device
+from utils import HelpFormatter, autocast, load_checkpoint, model_from_checkpoint, pick_device
 
 # What pycocoevalcap's PTBTokenizer drops after tokenising (it lowercases first, so its brackets, written
 # -lrb- and so on, stay), plus the double quote, which PTB turns into `` or '' before dropping it.
@@ -130,7 +130,7 @@ def write_gallery(path, rows, images_dir, metrics):
 
 def get_args_parser():
     p = argparse.ArgumentParser(description="Caption a Flickr8k split and score it with the standard metrics.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint to evaluate")
     p.add_argument("--data", required=True, help="Flickr8k folder (either layout, as for training)")
     p.add_argument("--split", choices=["test", "dev", "train"], default="test", help="which images to caption")

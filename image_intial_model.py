@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torchvision.models.inception import Inception3
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -36,6 +37,8 @@ class ModelArgs:
     hidden_size: int = 256
     num_layers: int = 1
     dropout: float = 0.5
+    attention: bool = False  # Show-Attend-Tell soft attention over the CNN's feature map
+    attention_dim: int = 256
 
     @property
     def feature_dim(self):
@@ -50,12 +53,26 @@ def preprocessing(encoder):
 
 # ------------------------------------------------------------------------------------------- backbones
 
+class InceptionV3(Inception3):
+    """torchvision's Inception-v3, plus forward_features: the last feature map, [B, 2048, 8, 8] at 299 px."""
+
+    LAYERS = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
+              "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
+              "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c")
+
+    def forward_features(self, x):
+        x = self._transform_input(x)
+        for name in self.LAYERS:
+            x = getattr(self, name)(x)
+        return x
+
+
 def _inception_v3(weights):
-    from torchvision.models import Inception_V3_Weights, inception_v3
+    from torchvision.models import Inception_V3_Weights
 
     # Built without the aux head: torchvision refuses aux_logits=False together with `weights=`, so the
     # pretrained state_dict is loaded by hand below, minus its AuxLogits and fc tensors.
-    net = inception_v3(weights=None, aux_logits=False, transform_input=True, init_weights=weights == "random")
+    net = InceptionV3(aux_logits=False, transform_input=True, init_weights=weights == "random")
     net.fc = nn.Identity()
     if weights == "imagenet":
         try:
@@ -141,7 +158,7 @@ def _load_exact(net, state, name):
 
 
 def build_backbone(name, weights):
-    """A CNN that maps images [B, 3, S, S] to pooled features [B, F].
+    """A CNN whose forward_features maps images [B, 3, S, S] to a feature map [B, F, h, w].
 
     weights: "imagenet", "random", a path to a state_dict, or None (to be loaded from a checkpoint)."""
     if name == "inception_v3":
@@ -154,10 +171,13 @@ def build_backbone(name, weights):
 # ---------------------------------------------------------------------------------------------- model
 
 class CNN_encoder(nn.Module):
-    """Pretrained CNN -> pooled feature [B, F] -> projection to the embedding size [B, E]."""
+    """Pretrained CNN -> pooled feature [B, F] -> projection to the embedding size [B, E].
+
+    With attention, the feature map's regions instead: [B, R, F] -> [B, R, E] (R = h * w)."""
 
     def __init__(self, args: ModelArgs, weights=None):
         super().__init__()
+        self.spatial = args.attention
         self.backbone = build_backbone(args.encoder, weights)
         self.fc = nn.Linear(args.feature_dim, args.embed_size)
         self.relu = nn.ReLU()
@@ -177,12 +197,14 @@ class CNN_encoder(nn.Module):
         return self
 
     def extract(self, images):
-        """images [B, 3, S, S] -> features [B, F]: the part that a feature cache can stand in for."""
+        """images [B, 3, S, S] -> features [B, F] or regions [B, R, F]: what a feature cache stands in for."""
         with torch.set_grad_enabled(self.train_cnn and torch.is_grad_enabled()):
-            return self.backbone(images)
+            fmap = self.backbone.forward_features(images)  # [B, F, h, w]
+        # the mean over the map is the CNN's own global average pool
+        return fmap.flatten(2).transpose(1, 2) if self.spatial else fmap.mean((2, 3))
 
     def project(self, features):
-        return self.dropout(self.relu(self.fc(features)))
+        return self.dropout(self.relu(self.fc(features.float())))  # cached regions are stored as fp16
 
     def forward(self, images):
         return self.project(self.extract(images))
@@ -215,6 +237,54 @@ class RNN_decoder(nn.Module):
         hiddens, state = self.lstm(self.embed(tokens).unsqueeze(1), state)
         return self.linear(hiddens[:, 0]), state
 
+    @staticmethod
+    def select(state, rows):
+        """The state of the captions `rows` (beam search reorders and repeats captions)."""
+        return tuple(s[:, rows] for s in state)
+
+
+class AttentionDecoder(nn.Module):
+    """Show, Attend and Tell (Xu et al. 2015), soft attention: at every word the LSTM looks again at the
+    image's regions, weighted by how well each matches its state. Regions [N, R, E] stand for the image."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        e, h, a = args.embed_size, args.hidden_size, args.attention_dim
+        self.embed = nn.Embedding(args.vocab_size, e)
+        self.init_h, self.init_c = nn.Linear(e, h), nn.Linear(e, h)
+        self.att_regions, self.att_hidden, self.att_score = nn.Linear(e, a), nn.Linear(h, a), nn.Linear(a, 1)
+        self.gate = nn.Linear(h, e)  # how much of the attended context to let in at this word
+        self.cell = nn.LSTMCell(2 * e, h)
+        self.linear = nn.Linear(h, args.vocab_size)
+        self.dropout = nn.Dropout(args.dropout)
+
+    def start(self, regions):
+        mean = regions.mean(1)
+        return torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean)), regions, self.att_regions(regions)
+
+    def _advance(self, word_emb, state):
+        h, c, regions, keys = state
+        scores = self.att_score(torch.tanh(keys + self.att_hidden(h).unsqueeze(1))).squeeze(-1)  # [N, R]
+        context = (scores.softmax(-1).unsqueeze(-1) * regions).sum(1)  # [N, E]
+        h, c = self.cell(torch.cat([word_emb, torch.sigmoid(self.gate(h)) * context], -1), (h, c))
+        return h, (h, c, regions, keys)
+
+    def forward(self, regions, tokens):
+        """regions [N, R, E], tokens [N, T] (SOS w1 .. wn, padded) -> logits [N, T, V] for (w1 .. wn EOS)."""
+        state, emb, outs = self.start(regions), self.dropout(self.embed(tokens)), []
+        for t in range(tokens.shape[1]):
+            h, state = self._advance(emb[:, t], state)
+            outs.append(h)
+        return self.linear(self.dropout(torch.stack(outs, 1)))
+
+    def step(self, tokens, state):
+        h, state = self._advance(self.embed(tokens), state)
+        return self.linear(h), state
+
+    @staticmethod
+    def select(state, rows):
+        return tuple(s[rows] for s in state)
+
 
 class CNN_RNN(nn.Module):
     # Attribute names follow the seed tutorial (encoderCNN, decoderRNN.embed/lstm/linear), so its
@@ -223,10 +293,10 @@ class CNN_RNN(nn.Module):
         super().__init__()
         self.args = args
         self.encoderCNN = CNN_encoder(args, weights)
-        self.decoderRNN = RNN_decoder(args)
+        self.decoderRNN = AttentionDecoder(args) if args.attention else RNN_decoder(args)
 
     def features(self, x, from_features=False):
-        """Images [B, 3, S, S], or cached CNN features [B, F] when from_features -> [B, E]."""
+        """Images [B, 3, S, S], or cached CNN features [B, F] / [B, R, F] when from_features -> [B, E] / [B, R, E]."""
         return self.encoderCNN.project(x) if from_features else self.encoderCNN(x)
 
     def forward(self, x, tokens, image_index=None, from_features=False):
@@ -288,8 +358,7 @@ def beam_search(decoder, feats, max_len, k, length_penalty=0.0):
     log-probability by (length ** length_penalty): 0 picks the most likely caption, about 0.7 favours
     longer ones."""
     b, device = feats.shape[0], feats.device
-    h, c = decoder.start(feats)                                  # [L, B, H] each
-    state = (h.repeat_interleave(k, 1), c.repeat_interleave(k, 1))  # [L, B*K, H]
+    state = decoder.select(decoder.start(feats), torch.arange(b, device=device).repeat_interleave(k))  # B*K rows
     scores = torch.full((b, k), -math.inf, device=device)
     scores[:, 0] = 0.0  # all beams start identical: expand only the first
     tokens = torch.full((b * k,), SOS_IDX, dtype=torch.long, device=device)
@@ -308,7 +377,7 @@ def beam_search(decoder, feats, max_len, k, length_penalty=0.0):
         lengths = lengths.gather(1, beam) + (~done.gather(1, beam)).float()
         done = done.gather(1, beam) | (word == EOS_IDX)
         rows = (beam + torch.arange(b, device=device).unsqueeze(1) * k).view(-1)
-        state = tuple(s[:, rows] for s in state)
+        state = decoder.select(state, rows)
         tokens = word.view(-1)
         if done.all():
             break

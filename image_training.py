@@ -26,6 +26,7 @@ from evaluate import caption_loader, score_captions
 from image_intial_model import CNN_RNN, ENCODERS, EncoderWeightsError, ModelArgs, preprocessing
 from image_loader import DataError, Flickr8k, FlickrDataset, Vocab, build_transform, get_loader, load_image
 from utils import (
+    HelpFormatter,
     autocast,
     checkpoint_state,
     load_checkpoint,
@@ -59,7 +60,7 @@ def _non_negative(text):
 
 def get_args_parser(add_help=True):
     p = argparse.ArgumentParser(description="Train the CNN + LSTM image captioner on Flickr8k.", add_help=add_help,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data", help="Flickr8k folder: Images/ + captions.txt (Kaggle) or Flicker8k_Dataset/ + "
                                   "Flickr8k.token.txt (original); official split files are used when present")
@@ -82,6 +83,9 @@ def get_args_parser(add_help=True):
     g.add_argument("--hidden-size", type=_positive(int), default=256, help="LSTM hidden size")
     g.add_argument("--num-layers", type=_positive(int), default=1, help="LSTM layers")
     g.add_argument("--dropout", type=float, default=0.5, help="dropout on embeddings and LSTM outputs")
+    g.add_argument("--attention", action="store_true",
+                   help="Show-Attend-Tell decoder: soft attention over the CNN's feature map at every word")
+    g.add_argument("--attention-dim", type=_positive(int), default=256, help="size of the attention layer")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=_positive(int), help="epochs to train (default 30; 40 with --demo)")
     g.add_argument("--batch-size", type=_positive(int), default=32,
@@ -125,6 +129,8 @@ def resolve_defaults(args):
     args.min_freq = args.min_freq or 5
     if not args.data:
         raise DataError("say where Flickr8k is with --data DIR, or try --demo")
+    if args.attention and args.num_layers > 1:
+        raise DataError("the attention decoder has one LSTM layer: drop --num-layers or --attention")
     if not 0 <= args.dropout < 1:
         raise DataError(f"--dropout must be in [0, 1), got {args.dropout}")
     return args
@@ -169,7 +175,9 @@ def extract_features(encoder, images_dir, names, preset, device, batch_size=64, 
         if images is None:
             continue
         with autocast(device):
-            out = encoder.extract(images.to(device, non_blocking=True)).float().cpu()
+            out = encoder.extract(images.to(device, non_blocking=True))
+        # region maps are R times larger than pooled features: half precision keeps the cache in memory
+        out = out.half().cpu() if encoder.spatial else out.float().cpu()
         features.update((names[i], f) for i, f in zip(index.tolist(), out))
     if bad:
         log.warning("skipped %d unreadable images, e.g. %s", len(bad), bad[0])
@@ -178,8 +186,8 @@ def extract_features(encoder, images_dir, names, preset, device, batch_size=64, 
 
 def cache_key(encoder, preset, images_dir, names, device):
     """Hash of everything that changes the features: the CNN's weights, the preprocessing, the precision,
-    and each image file's name, size and modification time."""
-    h = hashlib.sha256(json.dumps([preset, device.type == "cuda"], sort_keys=True).encode())
+    pooled or regions, and each image file's name, size and modification time."""
+    h = hashlib.sha256(json.dumps([preset, device.type == "cuda", encoder.spatial], sort_keys=True).encode())
     for k, t in encoder.backbone.state_dict().items():
         h.update(k.encode())
         h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
@@ -292,7 +300,8 @@ def build(args, device):
     else:
         vocab = data.train_vocab(args.min_freq)
         margs = ModelArgs(vocab_size=len(vocab), encoder=args.encoder, embed_size=args.embed_size,
-                          hidden_size=args.hidden_size, num_layers=args.num_layers, dropout=args.dropout)
+                          hidden_size=args.hidden_size, num_layers=args.num_layers, dropout=args.dropout,
+                          attention=args.attention, attention_dim=args.attention_dim)
         weights = "random" if args.no_pretrained else (args.encoder_weights or "imagenet")
         model = CNN_RNN(margs, weights=weights)
         preset = preprocessing(args.encoder)

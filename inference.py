@@ -16,14 +16,14 @@ import torch
 
 from image_intial_model import EncoderWeightsError
 from image_loader import DataError, build_transform, list_images, load_image
-from utils import load_checkpoint, model_from_checkpoint, pick_device
+from utils import HelpFormatter, load_checkpoint, model_from_checkpoint, pick_device
 
 DEFAULT_CHECKPOINTS = ("checkpoints/best.pth.tar", "checkpoints/last.pth.tar")
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description="Caption images with a trained CNN + LSTM captioner.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("images", nargs="+", help="image files or folders of images")
     p.add_argument("--checkpoint", help=f"checkpoint to use (default: the first of {', '.join(DEFAULT_CHECKPOINTS)})")
     p.add_argument("--vocab", help="vocabulary.pkl, for seed-style checkpoints that do not hold their vocabulary "

@@ -1,5 +1,6 @@
 """Checkpoints (atomic save, safe load, model rebuild), device choice, BLEU, and printed examples."""
 
+import argparse
 import os
 import random
 from dataclasses import asdict, fields
@@ -9,6 +10,15 @@ import torch
 
 from image_intial_model import CNN_RNN, ModelArgs
 from image_loader import DataError, Vocab, load_vocab_file
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default in its help, except where there is none to show (None, False)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def pick_device(name="auto"):

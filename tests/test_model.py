@@ -42,11 +42,12 @@ def test_loss_at_initialisation_is_log_vocabulary_size():
     assert abs(loss.item() - math.log(2000)) < 0.05 * math.log(2000)
 
 
-def test_overfits_one_batch_until_greedy_reproduces_its_captions():
+@pytest.mark.parametrize("attention", [False, True])
+def test_overfits_one_batch_until_greedy_reproduces_its_captions(attention):
     torch.manual_seed(0)
     model = CNN_RNN(ModelArgs(vocab_size=12, encoder="efficientnet_lite0", embed_size=32, hidden_size=64,
-                              dropout=0.0), weights="random")
-    feats = torch.randn(4, 1280)
+                              dropout=0.0, attention=attention), weights="random")
+    feats = torch.randn(4, 49, 1280) if attention else torch.randn(4, 1280)
     captions = torch.tensor([[1, 4, 5, 6, 2], [1, 7, 8, 2, 0], [1, 9, 10, 11, 2], [1, 4, 8, 10, 2]])
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(150):
@@ -100,6 +101,21 @@ def test_wide_beam_finds_the_most_likely_caption_by_exhaustive_search():
         assert beam[i] == best_words
         assert logprob(beam[i] + [M.EOS_IDX], i) >= logprob(greedy[i] + [M.EOS_IDX], i) - 1e-5
     assert any(b != g for b, g in zip(beam, greedy))
+
+
+def test_attention_decoder_shapes_and_beam_one_equals_greedy():
+    torch.manual_seed(0)
+    model = CNN_RNN(ModelArgs(vocab_size=40, encoder="efficientnet_lite0", embed_size=32, hidden_size=48,
+                              attention=True, attention_dim=16), weights="random").eval()
+    images = torch.randn(2, 3, 224, 224)
+    assert model.encoderCNN.extract(images).shape == (2, 49, 1280)  # 7x7 regions at 224 px
+    logits = model(images, torch.randint(0, 40, (3, 6)), image_index=torch.tensor([0, 1, 1]))
+    assert logits.shape == (3, 6, 40)
+    regions = torch.randn(5, 49, 1280) * 3
+    greedy = model.generate(regions, max_len=10, from_features=True)
+    assert model.generate(regions, max_len=10, beam=1, from_features=True) == greedy
+    assert M.beam_search(model.decoderRNN, model.features(regions, True), 10, 1) == greedy
+    assert len(model.generate(regions, max_len=10, beam=3, from_features=True)) == 5
 
 
 def test_frozen_cnn_keeps_batchnorm_in_eval_mode(lite0):

@@ -1,0 +1,57 @@
+import csv
+import json
+import math
+
+import pytest
+
+import evaluate
+from tests.conftest import SAMPLE, run_script
+
+needs_java = pytest.mark.skipif(not evaluate.java_available(), reason="Java is not installed")
+
+
+@pytest.mark.parametrize("java", [False, pytest.param(True, marks=needs_java)])
+def test_scores_of_a_hand_checkable_case(java):
+    refs = [["A dog runs fast .", "The dog is running ."], ["Two kids swim in a blue pool ."]]
+    perfect = evaluate.score_captions(refs, ["a dog runs fast", "two kids swim in a blue pool"], java=java)
+    assert perfect["Bleu_4"] == pytest.approx(1.0, abs=1e-6) and perfect["ROUGE_L"] == pytest.approx(1.0)
+    # The two images share no n-gram, so every n-gram has idf log(2): a perfect match scores 10 (CIDEr-D's scale).
+    assert perfect["CIDEr"] == pytest.approx(10.0, rel=1e-6)
+    assert ("METEOR" in perfect) == java and perfect.get("METEOR", 1.0) > 0.9
+    # "a dog runs": every unigram right, but 3 words against the closest reference's 4: BLEU-1 = e^(1 - 4/3).
+    short = evaluate.score_captions([refs[0]], ["a dog runs"], java=java, metrics=("bleu",))
+    assert short["Bleu_1"] == pytest.approx(math.exp(1 - 4 / 3), rel=1e-6)
+    assert short["Bleu_2"] == pytest.approx(math.exp(1 - 4 / 3), rel=1e-6)
+
+
+def test_python_tokenize_follows_ptb_rules():
+    assert evaluate.python_tokenize('A dog\'s "OK" ball, isn\'t it? (Mr. T-shirt) We cannot.') == \
+        "a dog 's ok ball is n't it -lrb- mr. t-shirt -rrb- we can not"
+
+
+@needs_java
+def test_python_tokenize_agrees_with_ptb_on_flickr8k_references(shared_flickr8k):
+    with open(shared_flickr8k / "captions.txt", newline="") as f:
+        texts = [row[1] for row in list(csv.reader(f))[1:]]
+    ptb = evaluate.tokenize_all(texts, java=True)
+    differ = [t for t, p in zip(texts, ptb) if p != evaluate.python_tokenize(t)]
+    assert len(differ) <= 5, differ  # measured: 3 of 40,455, all "slip 'n' slide"
+
+
+@pytest.mark.parametrize("java", [False, pytest.param(True, marks=needs_java)])
+def test_evaluate_writes_results_and_gallery(demo_run, tmp_path, cache_dir, java):
+    out = tmp_path / "eval"
+    flags = [] if java else ["--no-java"]
+    proc = run_script("evaluate.py", "--checkpoint", demo_run / "checkpoints" / "best.pth.tar", "--data", SAMPLE,
+                      "--split", "test", "--out", out, "--cache-dir", cache_dir, *flags)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"metrics", "settings", "images"}
+    assert len(results["images"]) == 25 and all(len(r["references"]) == 5 for r in results["images"])
+    expected = {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr"} | ({"METEOR"} if java else set())
+    assert set(results["metrics"]) == expected
+    assert results["settings"]["split"] == "test" and results["settings"]["beam"] == 3
+    assert ("METEOR   skipped" in proc.stdout) != java
+    gallery = (out / "gallery.html").read_text()
+    assert gallery.count("<img") == 25 and results["images"][0]["caption"] in gallery
+    assert (out / gallery.split('src="')[1].split('"')[0]).is_file()  # the images are found from the gallery
