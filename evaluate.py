@@ -106,7 +106,10 @@ def caption_loader(model, loader, vocab, device, from_features, beam=3, length_p
     """Captions for every image of a loader of FlickrDataset batches: {image name: text}."""
     model.eval()
     out = {}
-    for x, _, _, _, names in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None):
+    for batch in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None):
+        if batch is None:  # no image of the batch could be read
+            continue
+        x, _, _, _, names = batch
         with autocast(device):
             ids = model.generate(x.to(device), max_len=max_len, beam=beam, length_penalty=length_penalty,
                                  from_features=from_features)

@@ -14,10 +14,13 @@ import logging
 import os
 import pickle
 import random
+import signal
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.nn.utils.rnn import pad_sequence
@@ -229,22 +232,30 @@ def build_transform(preset, train=False):
     return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(preset["mean"], preset["std"])])
 
 
+def _to_rgb(im):
+    if im.mode.startswith("I"):  # 16-bit greyscale (I;16, or I from older Pillows): convert() would clip it
+        im = Image.fromarray((np.asarray(im, dtype=np.float64) / 256).clip(0, 255).astype(np.uint8))
+    if im.mode in ("RGBA", "LA", "P", "PA"):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, im)  # transparency over white, not black
+    return im.convert("RGB")
+
+
 def load_image(path):
     """Open an image as upright RGB, or raise DataError with one line saying why not."""
     try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)  # phones store rotation in EXIF: caption the upright photo
-            if im.mode in ("RGBA", "LA", "P", "PA"):
-                im = im.convert("RGBA")
-                background = Image.new("RGBA", im.size, (255, 255, 255, 255))
-                im = Image.alpha_composite(background, im)  # transparency over white, not black
-            return im.convert("RGB")
+        with warnings.catch_warnings():
+            # Pillow only warns between MAX_IMAGE_PIXELS and twice that: refuse such images all the same
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                return _to_rgb(ImageOps.exif_transpose(im))  # phones store rotation in EXIF: caption it upright
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise DataError(f"{path}: is a folder") from None
-    except Image.DecompressionBombError as e:
-        raise DataError(f"{path}: refused, too large ({e})") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DataError(f"{path}: refused: over {Image.MAX_IMAGE_PIXELS:,} pixels, too large to be a photo") from None
     except UnidentifiedImageError:
         raise DataError(f"{path}: not an image Pillow can read") from None
     except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt files
@@ -285,34 +296,65 @@ class Flickr8k:
         return [(n, [vocab.numericalize(c) for c in self.captions[n]]) for n in self.splits[split]]
 
 
+def readable_images(images_dir, names):
+    """The names whose files open as images (a header check: fast); the others are counted in one warning."""
+    good, bad = [], []
+    for n in names:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(images_dir / n):
+                    good.append(n)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+            bad.append(n)
+    if bad:
+        log.warning("skipped %d unreadable images, e.g. %s", len(bad), images_dir / bad[0])
+    return good
+
+
 class FlickrDataset(Dataset):
     """One item per image: (image tensor or cached feature, [caption id tensors], image name).
 
     `features` maps image name -> cached encoder feature; without it images are read and transformed.
+    An image that fails to decode (say, a truncated file) gives None, which Collate leaves out.
     """
 
     def __init__(self, images_dir, items, vocab, transform=None, features=None):
         self.images_dir, self.items, self.vocab = Path(images_dir), items, vocab
         self.transform, self.features = transform, features
+        self.failed = set()
 
     def __len__(self):
         return len(self.items)
 
     def __getitem__(self, i):
         name, caps = self.items[i]
-        x = self.features[name] if self.features is not None else self.transform(load_image(self.images_dir / name))
+        if self.features is not None:
+            x = self.features[name]
+        else:
+            try:
+                x = self.transform(load_image(self.images_dir / name))
+            except DataError as e:
+                if name not in self.failed:  # once per worker, not once per epoch
+                    self.failed.add(name)
+                    log.warning("skipping %s", e)
+                return None
         return x, [torch.tensor(c) for c in caps], name
 
 
 class Collate:
     """Stack images, pad all captions of the batch, and say which image each caption belongs to.
 
-    Returns images [B, ...], captions [N, T] padded with PAD, lengths [N], image_index [N], names [B]."""
+    Returns images [B, ...], captions [N, T] padded with PAD, lengths [N], image_index [N], names [B];
+    or None when no image of the batch could be read."""
 
     def __init__(self, pad_idx=0):
         self.pad_idx = pad_idx
 
     def __call__(self, batch):
+        batch = [b for b in batch if b is not None]
+        if not batch:
+            return None
         images = torch.stack([b[0] for b in batch])
         caps = [c for b in batch for c in b[1]]
         image_index = torch.tensor([i for i, b in enumerate(batch) for _ in b[1]])
@@ -321,7 +363,15 @@ class Collate:
         return images, captions, lengths, image_index, [b[2] for b in batch]
 
 
+def ignore_sigint(worker_id):
+    """DataLoader workers leave Ctrl-C to the main process, which stops training cleanly."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def get_loader(dataset, batch_size=32, shuffle=True, num_workers=0, pin_memory=False, generator=None):
+    # A loader's own generator: without one, each new iterator draws its seed from the global RNG, and
+    # whether a run had to fill the feature cache would change its dropout masks.
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-                      collate_fn=Collate(Vocab.pad_idx), pin_memory=pin_memory, generator=generator,
-                      persistent_workers=num_workers > 0)
+                      collate_fn=Collate(Vocab.pad_idx), pin_memory=pin_memory,
+                      generator=generator or torch.Generator(), persistent_workers=num_workers > 0,
+                      worker_init_fn=ignore_sigint)

@@ -9,13 +9,19 @@ decoder trains from the cache. Checkpoints go to --checkpoint-dir, TensorBoard l
 """
 
 import argparse
+import contextlib
+import functools
 import hashlib
+import itertools
 import json
 import logging
 import math
 import random
+import signal
 import sys
+import threading
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,7 +30,17 @@ from tqdm import tqdm
 
 from evaluate import caption_loader, score_captions
 from image_intial_model import CNN_RNN, ENCODERS, EncoderWeightsError, ModelArgs, preprocessing
-from image_loader import DataError, Flickr8k, FlickrDataset, Vocab, build_transform, get_loader, load_image
+from image_loader import (
+    DataError,
+    Flickr8k,
+    FlickrDataset,
+    Vocab,
+    build_transform,
+    get_loader,
+    ignore_sigint,
+    load_image,
+    readable_images,
+)
 from utils import (
     HelpFormatter,
     autocast,
@@ -167,7 +183,8 @@ def extract_features(encoder, images_dir, names, preset, device, batch_size=64, 
     """Run the CNN once over the images: {name: feature [F] (float32, on the CPU)}, unreadable ones left out."""
     loader = torch.utils.data.DataLoader(_Images(images_dir, names, build_transform(preset)), batch_size=batch_size,
                                          num_workers=workers, collate_fn=_collate_images,
-                                         pin_memory=device.type == "cuda")
+                                         pin_memory=device.type == "cuda", worker_init_fn=ignore_sigint,
+                                         generator=torch.Generator())  # leaves the global RNG alone
     encoder.eval()
     features, bad = {}, []
     for images, index, failed in tqdm(loader, desc="extracting CNN features", unit="batch", leave=False, disable=None):
@@ -215,36 +232,107 @@ def cached_features(model, images_dir, names, preset, device, cache_dir, workers
 
 # ----------------------------------------------------------------------------------------- training
 
-def run_epoch(model, loader, criterion, device, from_features, optimizer=None, scaler=None, grad_clip=0.0,
-              desc="train"):
-    """One pass over a loader; trains when an optimizer is given. Returns (loss per word, captions per second)."""
-    training = optimizer is not None
-    model.train(training)
-    total_loss, total_words, total_caps, start = 0.0, 0, 0, time.time()
-    bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=None)
-    for x, captions, _, image_index, _ in bar:
-        x, captions = x.to(device, non_blocking=True), captions.to(device, non_blocking=True)
-        image_index = image_index.to(device, non_blocking=True)
+@dataclass
+class Progress:
+    """Running totals of one pass over a loader; saved in a checkpoint taken mid-epoch, so a resumed run
+    skips the batches already done and reports the same epoch loss."""
+    batches: int = 0
+    loss_sum: float = 0.0
+    words: int = 0
+    captions: int = 0
+    seconds: float = 0.0
+
+    @property
+    def loss(self):
+        return self.loss_sum / max(self.words, 1)
+
+    @property
+    def captions_per_s(self):
+        return self.captions / max(self.seconds, 1e-9)
+
+
+class StopFlag:
+    """SIGINT or SIGTERM ask training to stop after the step in flight; a second SIGINT stops at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    @contextlib.contextmanager
+    def installed(self):
+        """Handle the signals while training runs; the caller's handlers come back afterwards."""
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield self
+            return
+        old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("%s: stopping after this step and saving a checkpoint to resume from",
+                    signal.Signals(signum).name)
+
+
+@dataclass
+class Trainer:
+    """What a training or evaluation pass needs; `optimizer` None means evaluate only."""
+    model: nn.Module
+    criterion: nn.Module
+    device: torch.device
+    from_features: bool
+    optimizer: torch.optim.Optimizer = None
+    scaler: torch.amp.GradScaler = None
+    grad_clip: float = 0.0
+
+    def step(self, x, captions, image_index):
+        """One batch: returns (mean loss per word, words)."""
+        x, captions = x.to(self.device, non_blocking=True), captions.to(self.device, non_blocking=True)
         tokens, targets = captions[:, :-1], captions[:, 1:]  # [N, T-1] each: predict the next word
-        with torch.set_grad_enabled(training), autocast(device):
-            logits = model(x, tokens, image_index, from_features=from_features)  # [N, T-1, V]
-            loss = criterion(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        training = self.optimizer is not None
+        with torch.set_grad_enabled(training), autocast(self.device):
+            logits = self.model(x, tokens, image_index.to(self.device), from_features=self.from_features)
+            loss = self.criterion(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))  # [N*(T-1), V]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"the loss became {loss.item()}: stopped, and the last checkpoint kept; "
+                                     "lower --lr or check the data")
         if training:
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"the loss became {loss.item()}; lower --lr or check the data")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if grad_clip:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-        words = int((targets != Vocab.pad_idx).sum())
-        total_loss += loss.item() * words
-        total_words += words
-        total_caps += captions.shape[0]
-        bar.set_postfix(loss=f"{total_loss / max(total_words, 1):.3f}")
-    return total_loss / max(total_words, 1), total_caps / max(time.time() - start, 1e-9)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if self.grad_clip:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        return loss.item(), int((targets != Vocab.pad_idx).sum())
+
+    def run(self, loader, desc="train", progress=None, stop=None):
+        """One pass over a loader (training when there is an optimizer), continuing `progress` if given:
+        its first `progress.batches` batches are skipped. Ends early when `stop` is requested."""
+        self.model.train(self.optimizer is not None)
+        progress = progress or Progress()
+        batches = itertools.islice(loader, progress.batches, None)
+        bar = tqdm(batches, desc=desc, unit="batch", leave=False, disable=None,
+                   initial=progress.batches, total=len(loader))
+        start = time.time()
+        for batch in bar:
+            if batch is None:  # every image of the batch was unreadable
+                continue
+            x, captions, _, image_index, _ = batch
+            loss, words = self.step(x, captions, image_index)
+            progress.batches += 1
+            progress.loss_sum += loss * words
+            progress.words += words
+            progress.captions += captions.shape[0]
+            bar.set_postfix(loss=f"{progress.loss:.3f}")
+            if stop is not None and stop.requested:
+                break
+        progress.seconds += time.time() - start
+        return progress
 
 
 SELECT_METRICS = {"cider": "CIDEr", "bleu4": "Bleu_4"}
@@ -312,13 +400,14 @@ def build(args, device):
 
 def make_loaders(args, data, vocab, model, preset, device):
     from_features = not args.train_cnn and not args.no_cache
+    names = sorted(set().union(*data.splits.values()))  # test too: evaluate.py then finds them cached
     features = None
     if from_features:
-        names = sorted(set().union(*data.splits.values()))  # test too: evaluate.py then finds them cached
         features = cached_features(model, data.images_dir, names, preset, device, args.cache_dir, args.workers)
     train_tf = build_transform(preset, train=args.train_cnn)  # augment only a CNN that learns
     eval_tf = build_transform(preset)
-    items = {s: [it for it in data.items(s, vocab) if features is None or it[0] in features] for s in ("train", "dev")}
+    usable = set(features) if features is not None else set(readable_images(data.images_dir, names))
+    items = {s: [it for it in data.items(s, vocab) if it[0] in usable] for s in ("train", "dev")}
     train_set = FlickrDataset(data.images_dir, items["train"], vocab, train_tf, features)
     dev_set = FlickrDataset(data.images_dir, items["dev"], vocab, eval_tf, features)
     score_set = FlickrDataset(data.images_dir, items["dev"][:args.dev_images], vocab, eval_tf, features)
@@ -353,8 +442,30 @@ def epoch_summary(epoch, train_loss, dev_loss, speed, scores, lr):
     return row
 
 
+@dataclass
+class TrainState:
+    """Where training stands: the last finished epoch and, after a stop mid-epoch, how far the next got."""
+    epoch: int = 0
+    step: int = 0
+    best_score: float = -math.inf
+    best_epoch: int = 0
+    history: list = field(default_factory=list)
+    progress: dict = None  # Progress of the unfinished epoch, as a dict
+
+    @classmethod
+    def from_checkpoint(cls, ckpt):
+        return cls(**{f: ckpt[f] for f in cls.__dataclass_fields__ if f in ckpt})
+
+
+def save_state(ckpt_dir, name, model, vocab, preset, state, optimizer, schedule, scaler, args):
+    save_checkpoint(checkpoint_state(model, vocab, preset, optimizer=optimizer.state_dict(),
+                                     schedule=schedule.state_dict(), scaler=scaler.state_dict(), rng=rng_state(),
+                                     train_args=_plain(vars(args)), **asdict(state)), ckpt_dir / name)
+
+
 def main(args):
-    """Train; returns {"history": [this run's per-epoch dicts], "best_score": float, "checkpoint_dir": Path}."""
+    """Train; returns {"history": [this run's per-epoch dicts], "best_score": float, "checkpoint_dir": Path,
+    "stopped": whether SIGINT/SIGTERM ended it}."""
     args = resolve_defaults(args)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -367,55 +478,67 @@ def main(args):
     schedule = make_schedule(args, optimizer)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
     criterion = nn.CrossEntropyLoss(ignore_index=Vocab.pad_idx, label_smoothing=args.label_smoothing)
-    start_epoch, step, best, best_epoch, past = 1, 0, -math.inf, 0, []
+    state = TrainState()
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         schedule.load_state_dict(ckpt["schedule"])
         scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, step, best, best_epoch = ckpt["epoch"] + 1, ckpt["step"], ckpt["best_score"], ckpt["best_epoch"]
-        past = ckpt["history"]
+        state = TrainState.from_checkpoint(ckpt)
         set_rng_state(ckpt["rng"])
     ckpt_dir = Path(args.checkpoint_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     vocab.save(ckpt_dir / "vocabulary.pkl")
+    trainer = Trainer(model, criterion, device, from_features, optimizer, scaler, args.grad_clip)
+    evaluator = Trainer(model, criterion, device, from_features)
+    save = functools.partial(save_state, ckpt_dir, model=model, vocab=vocab, preset=preset, state=state,
+                             optimizer=optimizer, schedule=schedule, scaler=scaler, args=args)
     logger = Logger(Path(args.log_dir) / time.strftime("%Y%m%d-%H%M%S"), data, data.splits["dev"][:3])
-    history = []
+    first = len(state.history)
     log.info("training %d images (%d captions) on %s, %s, epochs %d..%d", len(loaders["train"].dataset),
              sum(len(c) for _, c in loaders["train"].dataset.items), device,
-             "from cached features" if from_features else "through the CNN", start_epoch, args.epochs)
-    for epoch in range(start_epoch, args.epochs + 1):
-        generator.manual_seed(args.seed * 100003 + epoch)  # the shuffle order depends on the epoch alone
-        train_loss, speed = run_epoch(model, loaders["train"], criterion, device, from_features, optimizer, scaler,
-                                      args.grad_clip, desc=f"epoch {epoch}/{args.epochs}")
-        step += len(loaders["train"])
-        dev_loss, _ = run_epoch(model, loaders["dev"], criterion, device, from_features, desc="dev loss")
-        scores, generated = dev_scores(model, loaders["score"], data, vocab, device, from_features, args.max_len)
-        lr = optimizer.param_groups[0]["lr"]
-        history.append(epoch_summary(epoch, train_loss, dev_loss, speed, scores, lr))
-        logger.epoch(epoch, {"loss/train": train_loss, "loss/dev": dev_loss, "bleu4/dev": scores["Bleu_4"],
-                             "cider/dev": scores["CIDEr"], "lr": lr, "speed/captions_per_s": speed}, generated)
-        score = scores[SELECT_METRICS[args.select_metric]]
-        schedule.step(score)
-        is_best = score > best
-        if is_best:
-            best, best_epoch = score, epoch
-        state = checkpoint_state(model, vocab, preset, optimizer=optimizer.state_dict(),
-                                 schedule=schedule.state_dict(), scaler=scaler.state_dict(), epoch=epoch, step=step,
-                                 best_score=best, best_epoch=best_epoch, rng=rng_state(),
-                                 train_args=_plain(vars(args)), history=past + history)
-        save_checkpoint(state, ckpt_dir / "last.pth.tar")
-        if is_best:
-            save_checkpoint(state, ckpt_dir / "best.pth.tar")
-        if epoch % args.save_every == 0:
-            save_checkpoint(state, ckpt_dir / f"checkpoint_epoch_{epoch}.pth.tar")
-        if args.early_stop and epoch - best_epoch >= args.early_stop:
-            log.info("stopping early: no better dev %s for %d epochs (best %.4f at epoch %d)",
-                     args.select_metric, args.early_stop, best, best_epoch)
-            break
+             "from cached features" if from_features else "through the CNN", state.epoch + 1, args.epochs)
+    stop = StopFlag()
+    with stop.installed():
+        for epoch in range(state.epoch + 1, args.epochs + 1):
+            generator.manual_seed(args.seed * 100003 + epoch)  # the shuffle order depends on the epoch alone
+            resumed = Progress(**state.progress) if state.progress else Progress()
+            done_before = resumed.batches
+            progress = trainer.run(loaders["train"], f"epoch {epoch}/{args.epochs}", resumed, stop)
+            state.step += progress.batches - done_before
+            if progress.batches < len(loaders["train"]):  # stopped mid-epoch: keep the place, not the epoch
+                state.progress = asdict(progress)
+                save("last.pth.tar")
+                log.info("saved %s at epoch %d, batch %d: continue with --resume %s", ckpt_dir / "last.pth.tar",
+                         epoch, progress.batches, ckpt_dir / "last.pth.tar")
+                break
+            state.epoch, state.progress = epoch, None
+            dev = evaluator.run(loaders["dev"], "dev loss")
+            scores, generated = dev_scores(model, loaders["score"], data, vocab, device, from_features, args.max_len)
+            lr = optimizer.param_groups[0]["lr"]
+            state.history.append(epoch_summary(epoch, progress.loss, dev.loss, progress.captions_per_s, scores, lr))
+            logger.epoch(epoch, {"loss/train": progress.loss, "loss/dev": dev.loss, "bleu4/dev": scores["Bleu_4"],
+                                 "cider/dev": scores["CIDEr"], "lr": lr,
+                                 "speed/captions_per_s": progress.captions_per_s}, generated)
+            score = scores[SELECT_METRICS[args.select_metric]]
+            schedule.step(score)
+            if score > state.best_score:
+                state.best_score, state.best_epoch = score, epoch
+            save("last.pth.tar")
+            if state.best_epoch == epoch:
+                save("best.pth.tar")
+            if epoch % args.save_every == 0:
+                save(f"checkpoint_epoch_{epoch}.pth.tar")
+            if stop.requested:
+                break
+            if args.early_stop and epoch - state.best_epoch >= args.early_stop:
+                log.info("stopping early: no better dev %s for %d epochs (best %.4f at epoch %d)",
+                         args.select_metric, args.early_stop, state.best_score, state.best_epoch)
+                break
     logger.close()
-    if history:
+    if len(state.history) > first and not stop.requested:
         print_examples(model, device, loaders["score"].dataset)
-    return {"history": history, "best_score": best, "checkpoint_dir": ckpt_dir}
+    return {"history": state.history[first:], "best_score": state.best_score, "checkpoint_dir": ckpt_dir,
+            "stopped": stop.requested}
 
 
 def _plain(d):

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from image_intial_model import EncoderWeightsError
-from image_loader import DataError, build_transform, list_images, load_image
+from image_loader import DataError, build_transform, list_images, load_image, load_vocab_file
 from utils import HelpFormatter, load_checkpoint, model_from_checkpoint, pick_device
 
 DEFAULT_CHECKPOINTS = ("checkpoints/best.pth.tar", "checkpoints/last.pth.tar")
@@ -53,6 +53,9 @@ class Captioner:
     def __init__(self, checkpoint, device="cpu", vocab_path=None):
         checkpoint = Path(checkpoint)
         ckpt = load_checkpoint(checkpoint)
+        if vocab_path and "vocab" in ckpt and load_vocab_file(vocab_path).itos != ckpt["vocab"]:
+            raise DataError(f"{vocab_path} is not the vocabulary {checkpoint} was trained with (leave out --vocab: "
+                            "the checkpoint holds its own)")
         self.model, self.vocab, self.preset = model_from_checkpoint(
             ckpt, vocab_path or checkpoint.parent / "vocabulary.pkl")
         self.device = torch.device(device)

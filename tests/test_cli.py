@@ -91,9 +91,8 @@ def test_cached_features_give_the_same_loss_as_the_cnn(tmp_path, cache_dir):
     direct, _, no_cache = image_training.make_loaders(args, data, vocab, model, preset, device)
     assert from_features and not no_cache
     criterion = torch.nn.CrossEntropyLoss(ignore_index=0)
-    torch.manual_seed(0)
-    with_cache = image_training.run_epoch(model, cached["dev"], criterion, device, True)[0]
-    without = image_training.run_epoch(model, direct["dev"], criterion, device, False)[0]
+    with_cache = image_training.Trainer(model, criterion, device, True).run(cached["dev"]).loss
+    without = image_training.Trainer(model, criterion, device, False).run(direct["dev"]).loss
     assert with_cache == pytest.approx(without, rel=1e-5)
 
 
