@@ -86,9 +86,9 @@ def score_captions(references, hypotheses, java=None, metrics=("bleu", "meteor",
     if "meteor" in metrics and java:
         from pycocoevalcap.meteor.meteor import Meteor
 
-        meteor = Meteor()
+        meteor = Meteor()  # a Java subprocess, ended when the object is deleted
         scores["METEOR"], _ = meteor.compute_score(gts, res)
-        meteor.close()
+        del meteor
     if "rouge" in metrics:
         from pycocoevalcap.rouge.rouge import Rouge
 

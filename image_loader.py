@@ -358,8 +358,9 @@ class Collate:
         images = torch.stack([b[0] for b in batch])
         caps = [c for b in batch for c in b[1]]
         image_index = torch.tensor([i for i, b in enumerate(batch) for _ in b[1]])
-        lengths = torch.tensor([len(c) for c in caps])
-        captions = pad_sequence(caps, batch_first=True, padding_value=self.pad_idx)
+        lengths = torch.tensor([len(c) for c in caps], dtype=torch.long)
+        captions = (pad_sequence(caps, batch_first=True, padding_value=self.pad_idx) if caps
+                    else torch.zeros((0, 0), dtype=torch.long))  # images to caption, no references
         return images, captions, lengths, image_index, [b[2] for b in batch]
 
 
