@@ -211,6 +211,8 @@ class CNN_encoder(nn.Module):
 
 
 class RNN_decoder(nn.Module):
+    state_batch_axes = (1, 1)  # (h, c), each [L, N, H]
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.embed = nn.Embedding(args.vocab_size, args.embed_size)
@@ -246,6 +248,8 @@ class RNN_decoder(nn.Module):
 class AttentionDecoder(nn.Module):
     """Show, Attend and Tell (Xu et al. 2015), soft attention: at every word the LSTM looks again at the
     image's regions, weighted by how well each matches its state. Regions [N, R, E] stand for the image."""
+
+    state_batch_axes = (0, 0, 0, 0)  # h, c [N, H]; regions [N, R, E]; their attention keys [N, R, A]
 
     def __init__(self, args: ModelArgs):
         super().__init__()

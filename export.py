@@ -1,0 +1,281 @@
+"""Export a checkpoint for phones and small devices, and caption with the export alone.
+
+    python export.py --checkpoint checkpoints/best.pth.tar --format onnx --out export/
+    python export.py --check export/ photo.jpg [more.jpg ...] [--beam 3] [--compare checkpoints/best.pth.tar]
+
+An export is two graphs and a JSON file:
+  encoder.onnx (or .pt)      image [B, 3, S, S] -> the decoder's first state (the CNN, the projection and the
+                             decoder's look at the image, all in one graph)
+  decoder_step.onnx (.pt)    (word ids [B], state...) -> (next-word logits [B, V], state...)
+  captioner.json             vocabulary, preprocessing, and which axis of each state tensor is the batch
+The caption loop (greedy or beam search) runs in the runner below, in NumPy. `--check` with an ONNX export
+uses ONNX Runtime, Pillow and NumPy only: this module imports PyTorch only to export, or to `--compare`.
+"""
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+SOS_IDX, EOS_IDX = 1, 2
+
+
+# ------------------------------------------------------------------------------------------- export
+
+def export(checkpoint, fmt, out):
+    import torch
+
+    from image_intial_model import NEVER_SAY
+    from utils import load_checkpoint, model_from_checkpoint
+
+    checkpoint = Path(checkpoint)
+    model, vocab, preset = model_from_checkpoint(load_checkpoint(checkpoint), checkpoint.parent / "vocabulary.pkl")
+    model.eval()
+    encoder, step = _graphs(model)
+    size = preset["crop"]
+    image = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        state = encoder(image)
+    tokens = torch.full((2,), SOS_IDX, dtype=torch.long)
+    state_names = [f"state{i}" for i in range(len(state))]
+    axes = list(model.decoderRNN.state_batch_axes)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if fmt == "onnx":
+        # The TorchScript-based exporter: the state tuples get dynamic batch axes by name in one line each.
+        warnings.filterwarnings("ignore", "You are using the legacy TorchScript-based ONNX export")
+        batch = {0: "batch"}
+        torch.onnx.export(encoder, (image,), out / "encoder.onnx", input_names=["image"], output_names=state_names,
+                          dynamic_axes={"image": batch, **{n: {a: "batch"} for n, a in zip(state_names, axes)}},
+                          dynamo=False, opset_version=17)
+        torch.onnx.export(step, (tokens, *state), out / "decoder_step.onnx", input_names=["tokens", *state_names],
+                          output_names=["logits"] + [f"next_{n}" for n in state_names],
+                          dynamic_axes={"tokens": batch, "logits": batch,
+                                        **{n: {a: "batch"} for n, a in zip(state_names, axes)},
+                                        **{f"next_{n}": {a: "batch"} for n, a in zip(state_names, axes)}},
+                          dynamo=False, opset_version=17)
+    else:
+        with torch.no_grad():
+            torch.jit.trace(encoder, (image,)).save(str(out / "encoder.pt"))
+            torch.jit.trace(step, (tokens, *state)).save(str(out / "decoder_step.pt"))
+    config = {"format": fmt, "vocab": vocab.itos, "preprocessing": preset, "state_batch_axes": axes,
+              "never_say": list(NEVER_SAY), "encoder": model.args.encoder, "attention": model.args.attention}
+    (out / "captioner.json").write_text(json.dumps(config))
+    sizes = {p.name: p.stat().st_size for p in sorted(out.iterdir())}
+    for name, n in sizes.items():
+        print(f"{out / name}: {n / 2**20:.1f} MiB")
+    return sizes
+
+
+def _graphs(model):
+    """The two traceable pieces: image -> first decoder state, and one decoder step."""
+    from torch import nn
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, image):
+            return tuple(model.decoderRNN.start(model.features(image)))
+
+    class Step(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.decoder = model.decoderRNN
+
+        def forward(self, tokens, *state):
+            logits, state = self.decoder.step(tokens, tuple(state))
+            return (logits, *state)
+
+    return Encoder().eval(), Step().eval()
+
+
+# ------------------------------------------------------------------------------- runner (no PyTorch)
+
+def preprocess(path, preset):
+    """The evaluation preset in NumPy: what image_loader.load_image + build_transform do, for one image."""
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("RGBA", "LA", "P", "PA"):
+            im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im.convert("RGBA"))
+        im = im.convert("RGB").resize((preset["resize"],) * 2, Image.Resampling.BILINEAR)
+    crop, size = preset["crop"], preset["resize"]
+    top = left = int(round((size - crop) / 2.0))
+    x = np.asarray(im, dtype=np.float32)[top:top + crop, left:left + crop] / 255.0
+    x = (x - np.array(preset["mean"], dtype=np.float32)) / np.array(preset["std"], dtype=np.float32)
+    return x.transpose(2, 0, 1)[None]  # [1, 3, S, S]
+
+
+class Runner:
+    """Captions images with an export: ONNX Runtime (or TorchScript, for a .pt export) plus NumPy."""
+
+    def __init__(self, folder):
+        folder = Path(folder)
+        self.config = json.loads((folder / "captioner.json").read_text())
+        self.axes = self.config["state_batch_axes"]
+        if self.config["format"] == "onnx":
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            self.encoder = ort.InferenceSession(str(folder / "encoder.onnx"), options, ["CPUExecutionProvider"])
+            self.step_session = ort.InferenceSession(str(folder / "decoder_step.onnx"), options,
+                                                     ["CPUExecutionProvider"])
+        else:
+            import torch
+
+            self.encoder, self.step_session = (torch.jit.load(str(folder / n)) for n in ("encoder.pt",
+                                                                                          "decoder_step.pt"))
+
+    def start(self, image):
+        if self.config["format"] == "onnx":
+            return self.encoder.run(None, {"image": image})
+        import torch
+
+        with torch.no_grad():
+            return [t.numpy() for t in self.encoder(torch.from_numpy(image))]
+
+    def step(self, tokens, state):
+        if self.config["format"] == "onnx":
+            feed = {"tokens": tokens, **{f"state{i}": s for i, s in enumerate(state)}}
+            logits, *state = self.step_session.run(None, feed)
+        else:
+            import torch
+
+            with torch.no_grad():
+                logits, *state = (t.numpy() for t in self.step_session(torch.from_numpy(tokens),
+                                                                       *map(torch.from_numpy, state)))
+        logits = logits.astype(np.float32)
+        logits[:, self.config["never_say"]] = -np.inf
+        return logits, state
+
+    def select(self, state, rows):
+        return [np.take(s, rows, axis=a) for s, a in zip(state, self.axes)]
+
+    def caption(self, path, beam=3, max_len=40, length_penalty=0.0):
+        state = self.start(preprocess(path, self.config["preprocessing"]))
+        ids = self._greedy(state, max_len) if beam == 1 else self._beam(state, max_len, beam, length_penalty)
+        words = self.config["vocab"]
+        return " ".join(words[i] for i in ids if i >= 4)
+
+    def _greedy(self, state, max_len):
+        tokens, out = np.array([SOS_IDX], dtype=np.int64), []
+        for _ in range(max_len):
+            logits, state = self.step(tokens, state)
+            tokens = logits.argmax(-1)
+            if tokens[0] == EOS_IDX:
+                break
+            out.append(int(tokens[0]))
+        return out
+
+    def _beam(self, state, max_len, k, length_penalty):
+        """image_intial_model.beam_search, for one image, in NumPy."""
+        state = self.select(state, np.zeros(k, dtype=np.int64))
+        scores = np.full(k, -np.inf)
+        scores[0] = 0.0
+        tokens = np.full(k, SOS_IDX, dtype=np.int64)
+        seqs, done, lengths = np.zeros((k, 0), dtype=np.int64), np.zeros(k, dtype=bool), np.zeros(k)
+        for _ in range(max_len):
+            logits, state = self.step(tokens, state)
+            logp = logits - logits.max(-1, keepdims=True)
+            logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+            logp[done] = -np.inf
+            logp[done, EOS_IDX] = 0.0
+            flat = (scores[:, None] + logp).reshape(-1)
+            top = np.argsort(-flat, kind="stable")[:k]
+            beam, word = top // logp.shape[1], top % logp.shape[1]
+            scores = flat[top]
+            seqs = np.concatenate([seqs[beam], word[:, None]], 1)
+            lengths = lengths[beam] + (~done[beam])
+            done = done[beam] | (word == EOS_IDX)
+            state, tokens = self.select(state, beam), word
+            if done.all():
+                break
+        best = seqs[int(np.argmax(scores / np.maximum(lengths, 1) ** length_penalty))].tolist()
+        return best[:best.index(EOS_IDX)] if EOS_IDX in best else best
+
+
+def timed_caption(caption, path, repeat=3):
+    """(caption, median seconds over `repeat` runs after a warm-up run) for one image file."""
+    text, times = caption(path), []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        caption(path)
+        times.append(time.perf_counter() - start)
+    return text, sorted(times)[len(times) // 2]
+
+
+def check(folder, images, beam, compare=None):
+    """Caption with the export; with `compare`, also with the PyTorch checkpoint, and time both per image
+    (file to text: reading, preprocessing, encoder, caption loop)."""
+    runner = Runner(folder)
+    rows = []
+    for path in images:
+        text, seconds = timed_caption(lambda p: runner.caption(p, beam), path)
+        rows.append({"image": str(path), "caption": text, "export_s": seconds})
+    if compare:
+        from inference import Captioner
+
+        captioner = Captioner(compare)
+        for r in rows:
+            r["pytorch_caption"], r["pytorch_s"] = timed_caption(lambda p: captioner.caption(p, beam), r["image"])
+    return rows
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="Export the captioner to ONNX or TorchScript, or caption with an export.")
+    p.add_argument("--checkpoint", help="checkpoint to export")
+    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx", help="export format")
+    p.add_argument("--out", default="export", help="folder for the exported files")
+    p.add_argument("--check", nargs="+", metavar=("DIR", "IMAGE"), help="caption IMAGEs with the export in DIR")
+    p.add_argument("--beam", type=int, default=3, help="beam width for --check; 1 is greedy")
+    p.add_argument("--compare", metavar="CHECKPOINT", help="with --check: caption with PyTorch too and time both")
+    return p
+
+
+class ExportError(Exception):
+    """A problem the user can fix, reported as one line."""
+
+
+def run_export(args):
+    from image_intial_model import EncoderWeightsError
+    from image_loader import DataError
+
+    if not args.checkpoint:
+        raise ExportError("say what to export with --checkpoint PATH, or caption with --check DIR IMAGE")
+    try:
+        export(args.checkpoint, args.format, args.out)
+    except (DataError, EncoderWeightsError) as e:
+        raise ExportError(str(e)) from None
+
+
+def run_check(args):
+    if len(args.check) < 2:
+        raise ExportError("--check takes the export folder and at least one image")
+    if not (Path(args.check[0]) / "captioner.json").is_file():
+        raise ExportError(f"{args.check[0]} holds no export (no captioner.json)")
+    for r in check(args.check[0], args.check[1:], args.beam, args.compare):
+        line = f"{r['image']}: {r['caption']}  [{r['export_s'] * 1000:.0f} ms]"
+        if "pytorch_caption" in r:
+            same = "same" if r["pytorch_caption"] == r["caption"] else f"PyTorch: {r['pytorch_caption']}"
+            line += f"  (PyTorch {r['pytorch_s'] * 1000:.0f} ms, {same})"
+        print(line)
+
+
+def cli(argv=None):
+    args = get_args_parser().parse_args(argv)
+    try:
+        run_check(args) if args.check else run_export(args)
+    except (ExportError, OSError) as e:  # OSError: a missing or unreadable file
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

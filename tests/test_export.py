@@ -1,0 +1,65 @@
+"""Exports caption like the PyTorch model, and the ONNX runner needs no PyTorch."""
+
+import re
+
+import pytest
+import torch
+
+import export
+from image_intial_model import CNN_RNN, ModelArgs, preprocessing
+from image_loader import SPECIALS, Vocab
+from inference import Captioner
+from tests.conftest import SAMPLE, run_script
+from utils import checkpoint_state, save_checkpoint
+
+PHOTOS = [SAMPLE / "Images" / n for n in ("2364096157_eb7970a69a.jpg", "1022454332_6af2c1449a.jpg",
+                                          "2935986346_29df6cf692.jpg", "3256043809_47258e0b3e.jpg",
+                                          "101669240_b2d3e7f17b.jpg")]
+WITHOUT_TORCH = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = ['export.py'] + sys.argv[1:]; "
+                 "runpy.run_path('export.py', run_name='__main__')")
+
+
+@pytest.fixture(scope="module")
+def onnx_export(demo_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx")
+    checkpoint = demo_run / "checkpoints" / "last.pth.tar"
+    proc = run_script("export.py", "--checkpoint", checkpoint, "--format", "onnx", "--out", out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out, checkpoint
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_onnx_runner_without_pytorch_captions_like_pytorch(onnx_export, beam):
+    out, checkpoint = onnx_export
+    proc = run_script("-c", WITHOUT_TORCH, "--check", out, *PHOTOS, "--beam", beam)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    exported = [line.split(": ", 1)[1].rsplit("  [", 1)[0] for line in proc.stdout.splitlines()]
+    captioner = Captioner(checkpoint)
+    assert exported == [captioner.caption(p, beam=beam) for p in PHOTOS]
+
+
+def test_check_reports_latency_next_to_pytorch(onnx_export):
+    out, checkpoint = onnx_export
+    proc = run_script("export.py", "--check", out, PHOTOS[0], "--compare", checkpoint)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert re.search(r"\[\d+ ms\]  \(PyTorch \d+ ms, same\)", proc.stdout), proc.stdout
+
+
+def test_torchscript_export_and_an_attention_model(tmp_path):
+    torch.manual_seed(0)
+    vocab = Vocab(SPECIALS + [f"w{i}" for i in range(30)])
+    model = CNN_RNN(ModelArgs(vocab_size=len(vocab), encoder="efficientnet_lite0", embed_size=32, hidden_size=32,
+                              attention=True, attention_dim=16), weights="random").eval()
+    checkpoint = tmp_path / "attention.pth.tar"
+    save_checkpoint(checkpoint_state(model, vocab, preprocessing("efficientnet_lite0")), checkpoint)
+    captioner = Captioner(checkpoint)
+    for fmt in ("onnx", "torchscript"):
+        export.export(checkpoint, fmt, tmp_path / fmt)
+        runner = export.Runner(tmp_path / fmt)
+        for beam in (1, 3):
+            assert [runner.caption(p, beam) for p in PHOTOS[:3]] == [captioner.caption(p, beam) for p in PHOTOS[:3]]
+
+
+def test_check_of_a_folder_without_an_export_is_one_line(tmp_path):
+    proc = run_script("export.py", "--check", tmp_path, PHOTOS[0])
+    assert proc.returncode == 1 and "holds no export" in proc.stderr and "Traceback" not in proc.stderr
