@@ -124,7 +124,7 @@ class Bench:
         loader = get_loader(FlickrDataset(".", items, self.vocab, features=features), self.args.batch_size,
                             pin_memory=self.device.type == "cuda")
         optimizer = make_optimizer(argparse.Namespace(lr=1e-3, train_cnn=False), self.model)
-        criterion = torch.nn.CrossEntropyLoss(ignore_index=Vocab.pad_idx)
+        criterion = torch.nn.CrossEntropyLoss(ignore_index=Vocab.pad_idx, reduction="sum")  # as training
         trainer = Trainer(self.model, criterion, self.device, True, optimizer, self._scaler(), 5.0)
         trainer.run(loader, "warm-up")
         self.sync()
@@ -134,7 +134,8 @@ class Bench:
         seconds = time.perf_counter() - start
         captions = sum(len(c) for _, c in items)
         batches = [tuple(t.to(self.device) for t in b[:4]) for b in loader]  # the same batches, in memory
-        return seconds, captions / seconds, self.decoder_bare(batches, optimizer, criterion)
+        bare_criterion = torch.nn.CrossEntropyLoss(ignore_index=Vocab.pad_idx)
+        return seconds, captions / seconds, self.decoder_bare(batches, optimizer, bare_criterion)
 
     def decoder_bare(self, batches, optimizer, criterion):
         """Captions/s of the training step alone, on batches already in memory on the device."""
@@ -161,7 +162,7 @@ class Bench:
             dataset = FlickrDataset(self.data.images_dir, items, self.vocab, build_transform(self.preset, train=True))
             loader = get_loader(dataset, self.args.batch_size, num_workers=2, pin_memory=self.device.type == "cuda")
             optimizer = make_optimizer(argparse.Namespace(lr=1e-3, train_cnn=True, cnn_lr=1e-5), self.model)
-            criterion = torch.nn.CrossEntropyLoss(ignore_index=Vocab.pad_idx)
+            criterion = torch.nn.CrossEntropyLoss(ignore_index=Vocab.pad_idx, reduction="sum")
             trainer = Trainer(self.model, criterion, self.device, False, optimizer, self._scaler(), 5.0)
             self.sync()
             start = time.perf_counter()

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.nn.utils.rnn import pad_sequence
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
 log = logging.getLogger("captioner")
@@ -342,6 +342,27 @@ class FlickrDataset(Dataset):
         return x, [torch.tensor(c) for c in caps], name
 
 
+class ShardedBatchSampler(Sampler):
+    """Batches of `batch_size` images in a random order that its generator (seeded per epoch) decides.
+    Under torchrun each of `world` processes takes its share of every batch, so N processes train on the
+    same batches as one. A last batch of fewer images than processes is left out, so that no process is
+    left with nothing to do while the others wait for its gradients."""
+
+    def __init__(self, n, batch_size, rank=0, world=1, shuffle=True):
+        self.n, self.batch_size, self.rank, self.world, self.shuffle = n, batch_size, rank, world, shuffle
+        self.generator = torch.Generator()
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=self.generator) if self.shuffle else torch.arange(self.n)
+        for batch in order.split(self.batch_size):
+            if len(batch) >= self.world:
+                yield batch.tensor_split(self.world)[self.rank].tolist()
+
+    def __len__(self):
+        full, rest = divmod(self.n, self.batch_size)
+        return full + (rest >= self.world if rest else 0)
+
+
 class Collate:
     """Stack images, pad all captions of the batch, and say which image each caption belongs to.
 
@@ -369,10 +390,11 @@ def ignore_sigint(worker_id):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def get_loader(dataset, batch_size=32, shuffle=True, num_workers=0, pin_memory=False, generator=None):
-    # A loader's own generator: without one, each new iterator draws its seed from the global RNG, and
+def get_loader(dataset, batch_size=32, shuffle=True, num_workers=0, pin_memory=False, rank=0, world=1):
+    """A loader of Collate batches; its batch_sampler's generator decides the order (seed it per epoch)."""
+    sampler = ShardedBatchSampler(len(dataset), batch_size, rank, world, shuffle)
+    # The loader's own generator too: without one, each new iterator draws a seed from the global RNG, and
     # whether a run had to fill the feature cache would change its dropout masks.
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-                      collate_fn=Collate(Vocab.pad_idx), pin_memory=pin_memory,
-                      generator=generator or torch.Generator(), persistent_workers=num_workers > 0,
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=Collate(Vocab.pad_idx),
+                      pin_memory=pin_memory, generator=torch.Generator(), persistent_workers=num_workers > 0,
                       worker_init_fn=ignore_sigint)

@@ -42,9 +42,11 @@ from image_loader import (
     readable_images,
 )
 from utils import (
+    Dist,
     HelpFormatter,
     autocast,
     checkpoint_state,
+    init_distributed,
     load_checkpoint,
     model_from_checkpoint,
     pick_device,
@@ -288,19 +290,24 @@ class Trainer:
     optimizer: torch.optim.Optimizer = None
     scaler: torch.amp.GradScaler = None
     grad_clip: float = 0.0
+    dist: Dist = field(default_factory=Dist)
 
     def step(self, x, captions, image_index):
-        """One batch: returns (mean loss per word, words)."""
+        """One batch: returns (summed loss over its words, words). `criterion` sums over words."""
         x, captions = x.to(self.device, non_blocking=True), captions.to(self.device, non_blocking=True)
         tokens, targets = captions[:, :-1], captions[:, 1:]  # [N, T-1] each: predict the next word
         training = self.optimizer is not None
+        words = int((targets != Vocab.pad_idx).sum())
         with torch.set_grad_enabled(training), autocast(self.device):
             logits = self.model(x, tokens, image_index.to(self.device), from_features=self.from_features)
-            loss = self.criterion(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))  # [N*(T-1), V]
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"the loss became {loss.item()}: stopped, and the last checkpoint kept; "
+            loss_sum = self.criterion(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        if not torch.isfinite(loss_sum):
+            raise FloatingPointError(f"the loss became {loss_sum.item()}: stopped, and the last checkpoint kept; "
                                      "lower --lr or check the data")
         if training:
+            # The mean over the whole batch's words, on all processes together: DDP averages gradients over
+            # processes, so each scales its sum by world / (all words) and N processes equal one.
+            loss = loss_sum * (self.dist.world / self.dist.all_sum(words))
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if self.grad_clip:
@@ -308,7 +315,7 @@ class Trainer:
                 nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        return loss.item(), int((targets != Vocab.pad_idx).sum())
+        return loss_sum.item(), words
 
     def run(self, loader, desc="train", progress=None, stop=None):
         """One pass over a loader (training when there is an optimizer), continuing `progress` if given:
@@ -323,13 +330,14 @@ class Trainer:
             if batch is None:  # every image of the batch was unreadable
                 continue
             x, captions, _, image_index, _ = batch
-            loss, words = self.step(x, captions, image_index)
+            loss_sum, words = self.step(x, captions, image_index)
             progress.batches += 1
-            progress.loss_sum += loss * words
+            progress.loss_sum += loss_sum
             progress.words += words
             progress.captions += captions.shape[0]
             bar.set_postfix(loss=f"{progress.loss:.3f}")
-            if stop is not None and stop.requested:
+            # all processes must stop after the same step, or the others wait for its gradients forever
+            if stop is not None and self.dist.all_sum(stop.requested):
                 break
         progress.seconds += time.time() - start
         return progress
@@ -398,12 +406,16 @@ def build(args, device):
     return data, vocab, model.to(device), preset, ckpt
 
 
-def make_loaders(args, data, vocab, model, preset, device):
+def make_loaders(args, data, vocab, model, preset, device, dist):
     from_features = not args.train_cnn and not args.no_cache
     names = sorted(set().union(*data.splits.values()))  # test too: evaluate.py then finds them cached
     features = None
     if from_features:
+        if not dist.main:
+            dist.barrier()  # rank 0 fills the cache once; the others then read it
         features = cached_features(model, data.images_dir, names, preset, device, args.cache_dir, args.workers)
+        if dist.main:
+            dist.barrier()
     train_tf = build_transform(preset, train=args.train_cnn)  # augment only a CNN that learns
     eval_tf = build_transform(preset)
     usable = set(features) if features is not None else set(readable_images(data.images_dir, names))
@@ -412,12 +424,11 @@ def make_loaders(args, data, vocab, model, preset, device):
     dev_set = FlickrDataset(data.images_dir, items["dev"], vocab, eval_tf, features)
     score_set = FlickrDataset(data.images_dir, items["dev"][:args.dev_images], vocab, eval_tf, features)
     workers = 0 if from_features else args.workers  # cached features need no worker processes
-    generator = torch.Generator()
     pin = device.type == "cuda"
-    loaders = {"train": get_loader(train_set, args.batch_size, True, workers, pin, generator),
+    loaders = {"train": get_loader(train_set, args.batch_size, True, workers, pin, dist.rank, dist.world),
                "dev": get_loader(dev_set, args.batch_size, False, workers, pin),
                "score": get_loader(score_set, args.batch_size, False, workers, pin)}
-    return loaders, generator, from_features
+    return loaders, from_features
 
 
 def make_optimizer(args, model):
@@ -432,14 +443,6 @@ def make_schedule(args, optimizer):
     """Multiply the learning rates by --lr-decay after --lr-patience epochs without a better dev score."""
     return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=args.lr_decay,
                                                       patience=args.lr_patience)
-
-
-def epoch_summary(epoch, train_loss, dev_loss, speed, scores, lr):
-    row = {"epoch": epoch, "train_loss": train_loss, "dev_loss": dev_loss, "captions_per_s": speed, "lr": lr,
-           **{f"dev_{k}": v for k, v in scores.items()}}
-    log.info("epoch %d: train loss %.3f, dev loss %.3f, dev BLEU-4 %.4f, dev CIDEr %.4f, %.0f captions/s, lr %.2g",
-             epoch, train_loss, dev_loss, scores["Bleu_4"], scores["CIDEr"], speed, lr)
-    return row
 
 
 @dataclass
@@ -465,19 +468,20 @@ def save_state(ckpt_dir, name, model, vocab, preset, state, optimizer, schedule,
 
 def main(args):
     """Train; returns {"history": [this run's per-epoch dicts], "best_score": float, "checkpoint_dir": Path,
-    "stopped": whether SIGINT/SIGTERM ended it}."""
+    "stopped": whether SIGINT/SIGTERM ended it}. Under torchrun, rank 0 writes logs and checkpoints."""
     args = resolve_defaults(args)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    device = pick_device(args.device)
+    dist, device = init_distributed(pick_device(args.device))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     data, vocab, model, preset, ckpt = build(args, device)
-    loaders, generator, from_features = make_loaders(args, data, vocab, model, preset, device)
+    loaders, from_features = make_loaders(args, data, vocab, model, preset, device, dist)
     optimizer = make_optimizer(args, model)
     schedule = make_schedule(args, optimizer)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
-    criterion = nn.CrossEntropyLoss(ignore_index=Vocab.pad_idx, label_smoothing=args.label_smoothing)
+    criterion = nn.CrossEntropyLoss(ignore_index=Vocab.pad_idx, label_smoothing=args.label_smoothing,
+                                    reduction="sum")
     state = TrainState()
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -486,59 +490,91 @@ def main(args):
         state = TrainState.from_checkpoint(ckpt)
         set_rng_state(ckpt["rng"])
     ckpt_dir = Path(args.checkpoint_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    vocab.save(ckpt_dir / "vocabulary.pkl")
-    trainer = Trainer(model, criterion, device, from_features, optimizer, scaler, args.grad_clip)
+    trained = model if dist.world == 1 else nn.parallel.DistributedDataParallel(model)
+    trainer = Trainer(trained, criterion, device, from_features, optimizer, scaler, args.grad_clip, dist)
     evaluator = Trainer(model, criterion, device, from_features)
     save = functools.partial(save_state, ckpt_dir, model=model, vocab=vocab, preset=preset, state=state,
                              optimizer=optimizer, schedule=schedule, scaler=scaler, args=args)
-    logger = Logger(Path(args.log_dir) / time.strftime("%Y%m%d-%H%M%S"), data, data.splits["dev"][:3])
+    logger = None
+    if dist.main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        vocab.save(ckpt_dir / "vocabulary.pkl")
+        logger = Logger(Path(args.log_dir) / time.strftime("%Y%m%d-%H%M%S"), data, data.splits["dev"][:3])
     first = len(state.history)
-    log.info("training %d images (%d captions) on %s, %s, epochs %d..%d", len(loaders["train"].dataset),
+    log.info("training %d images (%d captions) on %s%s, %s, epochs %d..%d", len(loaders["train"].dataset),
              sum(len(c) for _, c in loaders["train"].dataset.items), device,
+             f" x {dist.world} processes" if dist.world > 1 else "",
              "from cached features" if from_features else "through the CNN", state.epoch + 1, args.epochs)
     stop = StopFlag()
     with stop.installed():
         for epoch in range(state.epoch + 1, args.epochs + 1):
-            generator.manual_seed(args.seed * 100003 + epoch)  # the shuffle order depends on the epoch alone
+            # the shuffle order depends on the seed and the epoch alone
+            loaders["train"].batch_sampler.generator.manual_seed(args.seed * 100003 + epoch)
             resumed = Progress(**state.progress) if state.progress else Progress()
             done_before = resumed.batches
             progress = trainer.run(loaders["train"], f"epoch {epoch}/{args.epochs}", resumed, stop)
             state.step += progress.batches - done_before
             if progress.batches < len(loaders["train"]):  # stopped mid-epoch: keep the place, not the epoch
                 state.progress = asdict(progress)
-                save("last.pth.tar")
-                log.info("saved %s at epoch %d, batch %d: continue with --resume %s", ckpt_dir / "last.pth.tar",
-                         epoch, progress.batches, ckpt_dir / "last.pth.tar")
+                if dist.main:
+                    save("last.pth.tar")
+                    log.info("saved %s at epoch %d, batch %d: continue with --resume %s", ckpt_dir / "last.pth.tar",
+                             epoch, progress.batches, ckpt_dir / "last.pth.tar")
                 break
             state.epoch, state.progress = epoch, None
-            dev = evaluator.run(loaders["dev"], "dev loss")
-            scores, generated = dev_scores(model, loaders["score"], data, vocab, device, from_features, args.max_len)
+            train_loss = dist.all_sum(progress.loss_sum) / max(dist.all_sum(progress.words), 1)
             lr = optimizer.param_groups[0]["lr"]
-            state.history.append(epoch_summary(epoch, progress.loss, dev.loss, progress.captions_per_s, scores, lr))
-            logger.epoch(epoch, {"loss/train": progress.loss, "loss/dev": dev.loss, "bleu4/dev": scores["Bleu_4"],
-                                 "cider/dev": scores["CIDEr"], "lr": lr,
-                                 "speed/captions_per_s": progress.captions_per_s}, generated)
-            score = scores[SELECT_METRICS[args.select_metric]]
-            schedule.step(score)
+            score = 0.0
+            if dist.main:
+                row = {"epoch": epoch, "train_loss": train_loss, "captions_per_s": progress.captions_per_s * dist.world,
+                       "lr": lr}
+                score = end_of_epoch(args, row, data, vocab, evaluator, loaders, logger)
+                state.history.append(row)
+            score = dist.from_main(score)
+            schedule.step(score)  # on every process, so that all keep the same learning rate
             if score > state.best_score:
                 state.best_score, state.best_epoch = score, epoch
-            save("last.pth.tar")
-            if state.best_epoch == epoch:
-                save("best.pth.tar")
-            if epoch % args.save_every == 0:
-                save(f"checkpoint_epoch_{epoch}.pth.tar")
+            if dist.main:
+                save_epoch_checkpoints(args, epoch, state, save)
             if stop.requested:
                 break
             if args.early_stop and epoch - state.best_epoch >= args.early_stop:
                 log.info("stopping early: no better dev %s for %d epochs (best %.4f at epoch %d)",
                          args.select_metric, args.early_stop, state.best_score, state.best_epoch)
                 break
-    logger.close()
-    if len(state.history) > first and not stop.requested:
-        print_examples(model, device, loaders["score"].dataset)
+    if logger is not None:
+        logger.close()
+        if len(state.history) > first and not stop.requested:
+            print_examples(model, device, loaders["score"].dataset)
+    if dist.world > 1:
+        dist.barrier()
+        torch.distributed.destroy_process_group()
     return {"history": state.history[first:], "best_score": state.best_score, "checkpoint_dir": ckpt_dir,
             "stopped": stop.requested}
+
+
+def end_of_epoch(args, row, data, vocab, evaluator, loaders, logger):
+    """Rank 0: dev loss and scores into the epoch's history row, the log line, TensorBoard.
+    Returns the dev score that selects models."""
+    row["dev_loss"] = evaluator.run(loaders["dev"], "dev loss").loss
+    scores, generated = dev_scores(evaluator.model, loaders["score"], data, vocab, evaluator.device,
+                                   evaluator.from_features, args.max_len)
+    row.update({f"dev_{k}": v for k, v in scores.items()})
+    log.info("epoch %d: train loss %.3f, dev loss %.3f, dev BLEU-4 %.4f, dev CIDEr %.4f, %.0f captions/s, lr %.2g",
+             row["epoch"], row["train_loss"], row["dev_loss"], scores["Bleu_4"], scores["CIDEr"],
+             row["captions_per_s"], row["lr"])
+    logger.epoch(row["epoch"], {"loss/train": row["train_loss"], "loss/dev": row["dev_loss"],
+                                "bleu4/dev": scores["Bleu_4"], "cider/dev": scores["CIDEr"], "lr": row["lr"],
+                                "speed/captions_per_s": row["captions_per_s"]}, generated)
+    return scores[SELECT_METRICS[args.select_metric]]
+
+
+def save_epoch_checkpoints(args, epoch, state, save):
+    save("last.pth.tar")
+    if state.best_epoch == epoch:
+        save("best.pth.tar")
+    if epoch % args.save_every == 0:
+        save(f"checkpoint_epoch_{epoch}.pth.tar")
 
 
 def _plain(d):

@@ -3,7 +3,7 @@
 import argparse
 import os
 import random
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -19,6 +19,51 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None or action.default is False or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
+
+
+@dataclass
+class Dist:
+    """This process's place under torchrun (rank 0 of 1 without it). Rank 0 writes logs and checkpoints."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def barrier(self):
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def all_sum(self, value):
+        """The sum of a number over all processes."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return t.item()
+
+    def from_main(self, value):
+        """Rank 0's value of a number, on every process."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        torch.distributed.broadcast(t, 0)
+        return t.item()
+
+
+def init_distributed(device):
+    """Join the process group when started by torchrun; returns (Dist, this process's device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(), device
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world, local_rank), device
 
 
 def pick_device(name="auto"):

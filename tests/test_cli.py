@@ -10,7 +10,7 @@ import image_training
 from image_intial_model import preprocessing
 from image_loader import Flickr8k
 from tests.conftest import SAMPLE, run_script
-from utils import load_checkpoint
+from utils import Dist, load_checkpoint
 
 PHOTO = SAMPLE / "Images" / "2364096157_eb7970a69a.jpg"
 
@@ -86,11 +86,11 @@ def test_cached_features_give_the_same_loss_as_the_cnn(tmp_path, cache_dir):
     args = image_training.resolve_defaults(train_args(tmp_path, cache_dir, "--max-images", "16"))
     device = torch.device("cpu")
     data, vocab, model, preset, _ = image_training.build(args, device)
-    cached, _, from_features = image_training.make_loaders(args, data, vocab, model, preset, device)
+    cached, from_features = image_training.make_loaders(args, data, vocab, model, preset, device, Dist())
     args.no_cache = True
-    direct, _, no_cache = image_training.make_loaders(args, data, vocab, model, preset, device)
+    direct, no_cache = image_training.make_loaders(args, data, vocab, model, preset, device, Dist())
     assert from_features and not no_cache
-    criterion = torch.nn.CrossEntropyLoss(ignore_index=0)
+    criterion = torch.nn.CrossEntropyLoss(ignore_index=0, reduction="sum")
     with_cache = image_training.Trainer(model, criterion, device, True).run(cached["dev"]).loss
     without = image_training.Trainer(model, criterion, device, False).run(direct["dev"]).loss
     assert with_cache == pytest.approx(without, rel=1e-5)
