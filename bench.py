@@ -29,8 +29,9 @@ from PIL import Image
 from image_intial_model import CNN_RNN, ENCODERS, EncoderWeightsError, ModelArgs, preprocessing
 from image_loader import DataError, Flickr8k, FlickrDataset, Vocab, build_transform, get_loader, load_image
 from image_training import Trainer, extract_features, make_optimizer
-from utils import HelpFormatter, autocast, pick_device
+from utils import HelpFormatter, autocast, load_checkpoint, model_from_checkpoint, pick_device
 
+FLICKR8K_VOCAB = 2548
 WORDS = ["a", "the", "dog", "man", "woman", "child", "runs", "jumps", "sits", "on", "in", "through", "water",
          "grass", "snow", "street", "red", "blue", "ball", "."]
 
@@ -43,6 +44,8 @@ def get_args_parser():
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--quick", action="store_true", help="fewer images and batches: a CPU run under 5 minutes")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    p.add_argument("--checkpoint", help="a trained checkpoint to time (default: a new decoder on the pretrained "
+                                        "encoder; untrained, it writes all --max-len words of every caption)")
     p.add_argument("--batch-size", type=int, default=32, help="images per training batch, as in training")
     p.add_argument("--embed-size", type=int, default=256, help="decoder shape, as in training")
     p.add_argument("--hidden-size", type=int, default=256, help="decoder shape, as in training")
@@ -82,11 +85,19 @@ class Bench:
     def __init__(self, args, device, data):
         self.args, self.device, self.data = args, device, data
         self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        self.preset = preprocessing(args.encoder)
-        self.vocab = data.train_vocab(min_freq=1)
-        margs = ModelArgs(vocab_size=len(self.vocab), encoder=args.encoder, embed_size=args.embed_size,
-                          hidden_size=args.hidden_size)
-        self.model = CNN_RNN(margs, weights="imagenet").to(device)
+        if args.checkpoint:  # a trained model: captions end where they should, as in real use
+            self.model, self.vocab, self.preset = model_from_checkpoint(load_checkpoint(args.checkpoint))
+            args.encoder = self.model.args.encoder
+        else:
+            self.preset = preprocessing(args.encoder)
+            # Flickr8k's training vocabulary has 2,548 words (min frequency 5): pad to that, so that the
+            # output layer costs what it costs in real training.
+            words = data.train_vocab(min_freq=1).itos
+            self.vocab = Vocab(words + [f"<filler{i}>" for i in range(FLICKR8K_VOCAB - len(words))])
+            margs = ModelArgs(vocab_size=len(self.vocab), encoder=args.encoder, embed_size=args.embed_size,
+                              hidden_size=args.hidden_size)
+            self.model = CNN_RNN(margs, weights="imagenet")
+        self.model.to(device)
         if device.type == "cuda":
             self.model.encoderCNN.backbone.to(memory_format=torch.channels_last)
         self.names = sorted(data.captions)
@@ -183,7 +194,7 @@ class Bench:
         def caption(beam):
             x = transform(load_image(path)).unsqueeze(0).to(self.device)
             with autocast(self.device):
-                self.vocab.decode(model.generate(x, beam=beam)[0])
+                return len(model.generate(x, beam=beam)[0])
 
         one = torch.randn(1, 3, self.preset["crop"], self.preset["crop"], device=self.device)
 
@@ -192,7 +203,7 @@ class Bench:
                 model.encoderCNN.extract(one)
 
         return (timed(lambda: caption(1), repeat, 2, self.sync), timed(lambda: caption(3), repeat, 2, self.sync),
-                timed(encode, repeat, 2, self.sync))
+                timed(encode, repeat, 2, self.sync), caption(3))
 
 
 def peak_memory_mb(device):
@@ -219,8 +230,9 @@ def run(args, data_dir):
     r.update(frozen_epoch_s=seconds, frozen_epoch_captions_per_s=rate, decoder_bare_captions_per_s=bare,
              train_efficiency=rate / bare)
     r["finetune_epoch_s"], r["finetune_measured_images"] = bench.finetune_epoch(3 if args.quick else 20)
-    greedy, beam3, encode = bench.caption_latency(5 if args.quick else 20)
-    r.update(caption_greedy_s=greedy, caption_beam3_s=beam3, encoder_one_image_s=encode,
+    greedy, beam3, encode, words = bench.caption_latency(5 if args.quick else 20)
+    r.update(caption_greedy_s=greedy, caption_beam3_s=beam3, encoder_one_image_s=encode, caption_words=words,
+             checkpoint=args.checkpoint,
              caption_latency_ratio=beam3 / encode, peak_memory_mb=peak_memory_mb(device))
     return r
 
@@ -236,7 +248,8 @@ def report(r):
           f"(measured on {r['finetune_measured_images']} images, scaled)")
     print(f"caption one photo {r['caption_greedy_s'] * 1000:8.1f} ms greedy, "
           f"{r['caption_beam3_s'] * 1000:.1f} ms beam 3; encoder forward alone "
-          f"{r['encoder_one_image_s'] * 1000:.1f} ms; ratio {r['caption_latency_ratio']:.2f}")
+          f"{r['encoder_one_image_s'] * 1000:.1f} ms; ratio {r['caption_latency_ratio']:.2f} "
+          f"({r['caption_words']} words, {'trained' if r['checkpoint'] else 'untrained'} decoder)")
     print(f"peak memory       {r['peak_memory_mb']:8.0f} MiB")
 
 
