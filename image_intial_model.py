@@ -320,7 +320,7 @@ class CNN_RNN(nn.Module):
             feats = feats[image_index]
         return self.decoderRNN(feats, tokens)
 
-    @torch.no_grad()
+    @torch.inference_mode()  # lighter than no_grad: generation is many small ops
     def generate(self, x, max_len=40, beam=1, length_penalty=0.0, from_features=False):
         """Captions as lists of word ids (without SOS/EOS), one per image. beam=1 is greedy decoding."""
         feats = self.features(x, from_features)
@@ -328,7 +328,7 @@ class CNN_RNN(nn.Module):
             return greedy_search(self.decoderRNN, feats, max_len)
         return beam_search(self.decoderRNN, feats, max_len, beam, length_penalty)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def image_caption(self, image, vocab, max_len=40, beam=1):
         """One image tensor [3, S, S] -> caption text."""
         return vocab.decode(self.generate(image.unsqueeze(0), max_len, beam)[0])
@@ -369,31 +369,38 @@ def beam_search(decoder, feats, max_len, k, length_penalty=0.0):
 
     Finished beams keep their score and only extend with EOS. The final choice divides each beam's
     log-probability by (length ** length_penalty): 0 picks the most likely caption, about 0.7 favours
-    longer ones."""
+    longer ones. Each step records only (parent beam, word); the captions are read back at the end."""
     b, device = feats.shape[0], feats.device
+    offsets = torch.arange(b, device=device).unsqueeze(1) * k  # [B, 1]: row of each image's first beam
     state = decoder.select(decoder.start(feats), torch.arange(b, device=device).repeat_interleave(k))  # B*K rows
     scores = torch.full((b, k), -math.inf, device=device)
     scores[:, 0] = 0.0  # all beams start identical: expand only the first
     tokens = torch.full((b * k,), SOS_IDX, dtype=torch.long, device=device)
-    seqs = torch.zeros((b, k, 0), dtype=torch.long, device=device)
     done = torch.zeros((b, k), dtype=torch.bool, device=device)
     lengths = torch.zeros((b, k), device=device)
+    parents, words = [], []
     for _ in range(max_len):
         logits, state = _next_word_logits(decoder, tokens, state)
         logp = torch.log_softmax(logits.float(), -1).view(b, k, -1)  # [B, K, V]
-        vocab = logp.shape[-1]
-        logp = logp.masked_fill(done.unsqueeze(-1), -math.inf)
-        logp[..., EOS_IDX] = torch.where(done, 0.0, logp[..., EOS_IDX])
+        if done.any():
+            logp = logp.masked_fill(done.unsqueeze(-1), -math.inf)
+            logp[..., EOS_IDX] = torch.where(done, 0.0, logp[..., EOS_IDX])
         scores, flat = (scores.unsqueeze(-1) + logp).view(b, -1).topk(k, -1)  # [B, K]
-        beam, word = flat // vocab, flat % vocab
-        seqs = torch.cat([seqs.gather(1, beam.unsqueeze(-1).expand_as(seqs)), word.unsqueeze(-1)], -1)
-        lengths = lengths.gather(1, beam) + (~done.gather(1, beam)).float()
-        done = done.gather(1, beam) | (word == EOS_IDX)
-        rows = (beam + torch.arange(b, device=device).unsqueeze(1) * k).view(-1)
-        state = decoder.select(state, rows)
+        beam = flat // logp.shape[-1]
+        word = flat - beam * logp.shape[-1]
+        parents.append(beam)
+        words.append(word)
+        parent_done = done.gather(1, beam)
+        lengths = lengths.gather(1, beam) + (~parent_done).float()
+        done = parent_done | (word == EOS_IDX)
+        state = decoder.select(state, (beam + offsets).view(-1))
         tokens = word.view(-1)
         if done.all():
             break
-    best = (scores / lengths.clamp(min=1) ** length_penalty).argmax(-1)  # [B]
-    return [_trim(seqs[i, best[i]].tolist(), EOS_IDX) for i in range(b)]
-
+    at = (scores / lengths.clamp(min=1) ** length_penalty).argmax(-1, keepdim=True)  # [B, 1] the best beam
+    seq = []
+    for beam, word in zip(reversed(parents), reversed(words)):  # follow the best beam back to the start
+        seq.append(word.gather(1, at))
+        at = beam.gather(1, at)
+    seqs = torch.cat(seq[::-1], 1).tolist()  # [B, steps]
+    return [_trim(s, EOS_IDX) for s in seqs]

@@ -156,6 +156,13 @@ def resolve_defaults(args):
 
 # -------------------------------------------------------------------------------------- feature cache
 
+def to_device(x, device):
+    """A batch to the device; images (4-D) in channels-last layout on CUDA, as the CNN's weights are."""
+    if device.type == "cuda" and x.dim() == 4:
+        return x.to(device, non_blocking=True, memory_format=torch.channels_last)
+    return x.to(device, non_blocking=True)
+
+
 class _Images(torch.utils.data.Dataset):
     """Images for feature extraction; an unreadable one becomes None, to be skipped and counted."""
 
@@ -194,7 +201,7 @@ def extract_features(encoder, images_dir, names, preset, device, batch_size=64, 
         if images is None:
             continue
         with autocast(device):
-            out = encoder.extract(images.to(device, non_blocking=True))
+            out = encoder.extract(to_device(images, device))
         # region maps are R times larger than pooled features: half precision keeps the cache in memory
         out = out.half().cpu() if encoder.spatial else out.float().cpu()
         features.update((names[i], f) for i, f in zip(index.tolist(), out))
@@ -294,7 +301,7 @@ class Trainer:
 
     def step(self, x, captions, image_index):
         """One batch: returns (summed loss over its words, words). `criterion` sums over words."""
-        x, captions = x.to(self.device, non_blocking=True), captions.to(self.device, non_blocking=True)
+        x, captions = to_device(x, self.device), captions.to(self.device, non_blocking=True)
         tokens, targets = captions[:, :-1], captions[:, 1:]  # [N, T-1] each: predict the next word
         training = self.optimizer is not None
         words = int((targets != Vocab.pad_idx).sum())
@@ -403,7 +410,10 @@ def build(args, device):
         preset = preprocessing(args.encoder)
     model.encoderCNN.set_train_cnn(args.train_cnn)
     log.info("vocabulary: %d words (min frequency %d, training captions only)", len(vocab), args.min_freq)
-    return data, vocab, model.to(device), preset, ckpt
+    model.to(device)
+    if device.type == "cuda":  # convolutions on tensor cores want NHWC
+        model.encoderCNN.backbone.to(memory_format=torch.channels_last)
+    return data, vocab, model, preset, ckpt
 
 
 def make_loaders(args, data, vocab, model, preset, device, dist):
