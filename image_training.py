@@ -113,8 +113,9 @@ def get_args_parser(add_help=True):
     g.add_argument("--train-cnn", action="store_true", help="fine-tune the CNN too (disables the feature cache)")
     g.add_argument("--cnn-lr", type=_positive(float), default=1e-5, help="learning rate of the CNN with --train-cnn")
     g.add_argument("--grad-clip", type=_non_negative, default=5.0, help="clip the gradient norm to this (0: off)")
-    g.add_argument("--lr-decay", type=_positive(float), default=0.5,
-                   help="multiply the learning rates by this when the dev score stalls")
+    g.add_argument("--lr-decay", type=_positive(float),
+                   help="multiply the learning rates by this when the dev score stalls; 1: never "
+                        "(default 0.5; 1 with --demo, whose 25 dev images score too noisily to steer by)")
     g.add_argument("--lr-patience", type=int, default=2, help="epochs without a better dev score before --lr-decay")
     g.add_argument("--early-stop", type=int, default=0,
                    help="stop after this many epochs without a better dev score (0: never)")
@@ -141,6 +142,10 @@ def resolve_defaults(args):
         args.epochs = args.epochs or 40
         args.lr = args.lr or 2e-3  # 200 images: few steps per epoch, so larger steps
         args.min_freq = args.min_freq or 3
+        args.lr_decay = args.lr_decay or 1.0
+    args.lr_decay = args.lr_decay or 0.5
+    if args.lr_decay > 1:
+        raise DataError(f"--lr-decay must be in (0, 1], got {args.lr_decay}")
     args.encoder = args.encoder or "inception_v3"
     args.epochs = args.epochs or 30
     args.lr = args.lr or 3e-4
@@ -450,9 +455,11 @@ def make_optimizer(args, model):
 
 
 def make_schedule(args, optimizer):
-    """Multiply the learning rates by --lr-decay after --lr-patience epochs without a better dev score."""
-    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=args.lr_decay,
-                                                      patience=args.lr_patience)
+    """Multiply the learning rates by --lr-decay after --lr-patience epochs without a better dev score
+    (--lr-decay 1: never; the scheduler insists on a factor below 1, so it gets endless patience instead)."""
+    never = args.lr_decay >= 1
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5 if never else args.lr_decay,
+                                                      patience=math.inf if never else args.lr_patience)
 
 
 @dataclass
