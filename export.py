@@ -100,8 +100,10 @@ def _graphs(model):
 
 def preprocess(path, preset):
     """The evaluation preset in NumPy: what image_loader.load_image + build_transform do, for one image."""
-    with Image.open(path) as im:
+    with Image.open(path) as im:  # as image_loader.load_image, which this runner cannot import (it needs torch)
         im = ImageOps.exif_transpose(im)
+        if im.mode.startswith("I"):  # 16-bit greyscale: scale, do not clip
+            im = Image.fromarray((np.asarray(im, dtype=np.float64) / 256).clip(0, 255).astype(np.uint8))
         if im.mode in ("RGBA", "LA", "P", "PA"):
             im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im.convert("RGBA"))
         im = im.convert("RGB").resize((preset["resize"],) * 2, Image.Resampling.BILINEAR)
