@@ -9,6 +9,7 @@ A training item is one image with all of its captions, so the encoder runs once 
 learns from every caption of that image in the same step.
 """
 
+import contextlib
 import csv
 import logging
 import os
@@ -242,14 +243,21 @@ def _to_rgb(im):
     return im.convert("RGB")
 
 
+@contextlib.contextmanager
+def _open_image(path):
+    """Image.open, refusing images over Pillow's pixel limit: Pillow only warns between MAX_IMAGE_PIXELS and
+    twice that, so the warning is made an error (DecompressionBombWarning)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as im:
+            yield im
+
+
 def load_image(path):
     """Open an image as upright RGB, or raise DataError with one line saying why not."""
     try:
-        with warnings.catch_warnings():
-            # Pillow only warns between MAX_IMAGE_PIXELS and twice that: refuse such images all the same
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                return _to_rgb(ImageOps.exif_transpose(im))  # phones store rotation in EXIF: caption it upright
+        with _open_image(path) as im:
+            return _to_rgb(ImageOps.exif_transpose(im))  # phones store rotation in EXIF: caption it upright
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -301,10 +309,8 @@ def readable_images(images_dir, names):
     good, bad = [], []
     for n in names:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(images_dir / n):
-                    good.append(n)
+            with _open_image(images_dir / n):
+                good.append(n)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning):
             bad.append(n)
     if bad:

@@ -37,7 +37,6 @@ from image_loader import (
     Vocab,
     build_transform,
     get_loader,
-    ignore_sigint,
     load_image,
     readable_images,
 )
@@ -168,48 +167,24 @@ def to_device(x, device):
     return x.to(device, non_blocking=True)
 
 
-class _Images(torch.utils.data.Dataset):
-    """Images for feature extraction; an unreadable one becomes None, to be skipped and counted."""
-
-    def __init__(self, images_dir, names, transform):
-        self.images_dir, self.names, self.transform = images_dir, names, transform
-
-    def __len__(self):
-        return len(self.names)
-
-    def __getitem__(self, i):
-        try:
-            return self.transform(load_image(self.images_dir / self.names[i])), i
-        except DataError:
-            return None, i
-
-
-def _collate_images(batch):
-    good = [(x, i) for x, i in batch if x is not None]
-    bad = [i for x, i in batch if x is None]
-    if not good:
-        return None, torch.empty(0, dtype=torch.long), bad
-    return torch.stack([x for x, _ in good]), torch.tensor([i for _, i in good]), bad
-
-
 @torch.inference_mode()
 def extract_features(encoder, images_dir, names, preset, device, batch_size=64, workers=2):
     """Run the CNN once over the images: {name: feature [F] (float32, on the CPU)}, unreadable ones left out."""
-    loader = torch.utils.data.DataLoader(_Images(images_dir, names, build_transform(preset)), batch_size=batch_size,
-                                         num_workers=workers, collate_fn=_collate_images,
-                                         pin_memory=device.type == "cuda", worker_init_fn=ignore_sigint,
-                                         generator=torch.Generator())  # leaves the global RNG alone
+    # The training dataset and loader, with no captions: unreadable images come out as None and are left out.
+    dataset = FlickrDataset(images_dir, [(n, []) for n in names], None, build_transform(preset))
+    loader = get_loader(dataset, batch_size, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda")
     encoder.eval()
-    features, bad = {}, []
-    for images, index, failed in tqdm(loader, desc="extracting CNN features", unit="batch", leave=False, disable=None):
-        bad += [names[i] for i in failed]
-        if images is None:
+    features = {}
+    for batch in tqdm(loader, desc="extracting CNN features", unit="batch", leave=False, disable=None):
+        if batch is None:
             continue
+        images, _, _, _, batch_names = batch
         with autocast(device):
             out = encoder.extract(to_device(images, device))
         # region maps are R times larger than pooled features: half precision keeps the cache in memory
         out = out.half().cpu() if encoder.spatial else out.float().cpu()
-        features.update((names[i], f) for i, f in zip(index.tolist(), out))
+        features.update(zip(batch_names, out))
+    bad = [n for n in names if n not in features]
     if bad:
         log.warning("skipped %d unreadable images, e.g. %s", len(bad), bad[0])
     return features

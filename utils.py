@@ -1,4 +1,5 @@
-"""Checkpoints (atomic save, safe load, model rebuild), device choice, BLEU, and printed examples."""
+"""Checkpoints (atomic save, safe load, model rebuild), device choice and precision, torchrun, help text,
+and printed examples."""
 
 import argparse
 import os
