@@ -314,7 +314,8 @@ class Trainer:
                    initial=progress.batches, total=len(loader))
         start = time.time()
         for batch in bar:
-            if batch is None:  # every image of the batch was unreadable
+            if batch is None:  # every image of the batch was unreadable; still a batch of the epoch
+                progress.batches += 1
                 continue
             x, captions, _, image_index, _ = batch
             loss_sum, words = self.step(x, captions, image_index)
