@@ -12,12 +12,14 @@ Writes OUT/results.json and OUT/gallery.html.
 import argparse
 import html
 import json
+import math
 import os
 import re
 import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -98,6 +100,44 @@ def score_captions(references, hypotheses, java=None, metrics=("bleu", "meteor",
 
         scores["CIDEr"], _ = Cider().compute_score(gts, res)
     return {k: float(v) for k, v in scores.items()}
+
+
+def _ngrams(seq, n):
+    return Counter(tuple(seq[i:i + k]) for k in range(1, n + 1) for i in range(len(seq) - k + 1))
+
+
+class CiderD:
+    """CIDEr-D of single captions, computed as pycocoevalcap's Cider computes it (tf-idf n-gram vectors,
+    n = 1..4, clipped, with a Gaussian length penalty, x10), but with the document frequencies of a fixed
+    corpus, the training references: the reward of self-critical training. Works on any token sequences
+    (here word ids); equal to pycocoevalcap's per-caption scores when built from the scored references."""
+
+    def __init__(self, references, n=4, sigma=6.0):
+        """references: per image, a list of token sequences."""
+        self.n, self.sigma = n, sigma
+        self.df = Counter(g for refs in references for g in set().union(*(_ngrams(r, n) for r in refs)))
+        self.log_docs = math.log(len(references))
+
+    def vector(self, seq):
+        """(per n: {n-gram: tf-idf weight}, per n: norm, length) of one token sequence."""
+        vec, norm = [{} for _ in range(self.n)], [0.0] * self.n
+        for g, tf in _ngrams(seq, self.n).items():
+            w = tf * (self.log_docs - math.log(max(1.0, self.df[g])))
+            vec[len(g) - 1][g] = w
+            norm[len(g) - 1] += w * w
+        return vec, [math.sqrt(x) for x in norm], len(seq)
+
+    def score(self, seq, ref_vectors):
+        """CIDEr-D of one caption against its references, given as `vector`s."""
+        vec, norm, length = self.vector(seq)
+        total = 0.0
+        for ref_vec, ref_norm, ref_length in ref_vectors:
+            penalty = math.exp(-((length - ref_length) ** 2) / (2 * self.sigma ** 2))
+            for k in range(self.n):
+                if norm[k] and ref_norm[k]:
+                    dot = sum(min(w, ref_vec[k].get(g, 0.0)) * ref_vec[k].get(g, 0.0) for g, w in vec[k].items())
+                    total += penalty * dot / (norm[k] * ref_norm[k])
+        return 10.0 * total / (self.n * len(ref_vectors))
 
 
 @torch.no_grad()

@@ -398,7 +398,9 @@ def beam_search(decoder, feats, max_len, k, length_penalty=0.0):
         done = parent_done | (word == EOS_IDX)
         state = decoder.select(state, (beam + offsets).view(-1))
         tokens = word.view(-1)
-        if done.all():
+        # Without a length penalty a caption's score only falls as it grows, so once every image's best beam
+        # (topk sorts: beam 0) is finished, no beam still going can overtake it: stop, with the same result.
+        if (done[:, 0] if length_penalty == 0 else done).all():
             break
     at = (scores / lengths.clamp(min=1) ** length_penalty).argmax(-1, keepdim=True)  # [B, 1] the best beam
     seq = []
@@ -407,3 +409,30 @@ def beam_search(decoder, feats, max_len, k, length_penalty=0.0):
         at = beam.gather(1, at)
     seqs = torch.cat(seq[::-1], 1).tolist()  # [B, steps]
     return [_trim(s, EOS_IDX) for s in seqs]
+
+
+def sample_captions(decoder, feats, max_len):
+    """One random caption per row of feats, each word drawn from the model's next-word distribution
+    (self-critical training). Returns word ids [N, steps], EOS included, PAD after it."""
+    state = decoder.start(feats)
+    tokens = torch.full((feats.shape[0],), SOS_IDX, dtype=torch.long, device=feats.device)
+    done = torch.zeros_like(tokens, dtype=torch.bool)
+    out = []
+    for _ in range(max_len):
+        logits, state = _next_word_logits(decoder, tokens, state)
+        tokens = torch.multinomial(logits.float().softmax(-1), 1).squeeze(1).masked_fill(done, PAD_IDX)
+        out.append(tokens)
+        done |= tokens == EOS_IDX
+        if done.all():
+            break
+    return torch.stack(out, 1)
+
+
+def caption_log_probs(logits, words):
+    """Log-probability of each caption: logits [N, T, V] (from the decoder's forward), words [N, T] padded
+    with PAD -> [N]. Generation's banned words are banned here too, so these are the sampler's probabilities."""
+    banned = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    banned[NEVER_SAY] = True
+    logits = logits.float().masked_fill(banned, -math.inf)
+    logp = logits.log_softmax(-1).gather(-1, words.unsqueeze(-1)).squeeze(-1)  # [N, T]
+    return logp.masked_fill(words == PAD_IDX, 0.0).sum(1)

@@ -28,8 +28,16 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from evaluate import caption_loader, score_captions
-from image_intial_model import CNN_RNN, ENCODERS, EncoderWeightsError, ModelArgs, preprocessing
+from evaluate import CiderD, caption_loader, score_captions
+from image_intial_model import (
+    CNN_RNN,
+    ENCODERS,
+    EncoderWeightsError,
+    ModelArgs,
+    caption_log_probs,
+    preprocessing,
+    sample_captions,
+)
 from image_loader import (
     DataError,
     Flickr8k,
@@ -119,12 +127,20 @@ def get_args_parser(add_help=True):
     g.add_argument("--early-stop", type=int, default=0,
                    help="stop after this many epochs without a better dev score (0: never)")
     g.add_argument("--label-smoothing", type=_non_negative, default=0.0, help="label smoothing of the word loss")
+    g.add_argument("--scst", action="store_true",
+                   help="self-critical training: reward sampled captions by their CIDEr-D instead of the "
+                        "word loss; start it from a trained model with --init-from, at a small --lr (5e-5)")
+    g.add_argument("--scst-samples", type=_positive(int), default=5,
+                   help="--scst: captions sampled per image; each one's baseline is the others' mean reward")
     g.add_argument("--seed", type=int, default=0, help="random seed (data split, initialisation, shuffling)")
     g.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     g = p.add_argument_group("checkpoints and logs")
     g.add_argument("--checkpoint-dir", default="checkpoints", help="where checkpoints and vocabulary.pkl go")
     g.add_argument("--save-every", type=_positive(int), default=5, help="keep checkpoint_epoch_N every N epochs")
     g.add_argument("--resume", metavar="PATH", help="continue from this checkpoint (model, optimizer, epoch, RNG)")
+    g.add_argument("--init-from", metavar="PATH",
+                   help="start from this checkpoint's model and vocabulary (its shape and encoder too), with a "
+                        "new optimizer at epoch 0: how --scst fine-tunes a model trained on the word loss")
     g.add_argument("--log-dir", default="runs", help="TensorBoard log folder")
     g.add_argument("--dev-images", type=_positive(int), default=1000,
                    help="dev images captioned (greedy) and scored after each epoch")
@@ -155,6 +171,10 @@ def resolve_defaults(args):
         raise DataError("the attention decoder has one LSTM layer: drop --num-layers or --attention")
     if not 0 <= args.dropout < 1:
         raise DataError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.resume and args.init_from:
+        raise DataError("--resume continues a run and --init-from starts one: give one of them")
+    if args.scst and args.scst_samples < 2:
+        raise DataError("--scst-samples must be at least 2: each sample's baseline is the other samples' mean")
     return args
 
 
@@ -267,9 +287,32 @@ class StopFlag:
                     signal.Signals(signum).name)
 
 
+class SelfCritical:
+    """Self-critical sequence training (Rennie et al. 2017) with CIDEr-D as the reward: the word loss only
+    teaches the next word of a reference, this teaches whole captions that score well. Each image gets K
+    sampled captions; a sample's baseline is the mean reward of the image's other K-1 (Luo 2020), so captions
+    better than their siblings become more likely and worse ones less, with no greedy pass needed."""
+
+    def __init__(self, items, samples, max_len):
+        """items: the training set's [(image name, [caption ids with SOS and EOS]), ...]."""
+        refs = [[ids[1:-1] for ids in caps] for _, caps in items]
+        self.cider = CiderD(refs)  # document frequencies of the training references
+        self.refs = {name: [self.cider.vector(r) for r in rs] for (name, _), rs in zip(items, refs)}
+        self.samples, self.max_len = samples, max_len
+
+    def rewards(self, words, names):
+        """Sampled word ids [B*K, T] (EOS, then PAD) of the images `names` -> CIDEr-D [B, K]."""
+        out = []
+        for i, row in enumerate(words.tolist()):
+            caption = row[:row.index(Vocab.eos_idx)] if Vocab.eos_idx in row else row
+            out.append(self.cider.score(caption, self.refs[names[i // self.samples]]))
+        return torch.tensor(out).view(len(names), self.samples)
+
+
 @dataclass
 class Trainer:
-    """What a training or evaluation pass needs; `optimizer` None means evaluate only."""
+    """What a training or evaluation pass needs; `optimizer` None means evaluate only; `scst` set means
+    self-critical training instead of the word loss."""
     model: nn.Module
     criterion: nn.Module
     device: torch.device
@@ -278,6 +321,7 @@ class Trainer:
     scaler: torch.amp.GradScaler = None
     grad_clip: float = 0.0
     dist: Dist = field(default_factory=Dist)
+    scst: SelfCritical = None
 
     def step(self, x, captions, image_index):
         """One batch: returns (summed loss over its words, words). `criterion` sums over words."""
@@ -288,26 +332,48 @@ class Trainer:
         with torch.set_grad_enabled(training), autocast(self.device):
             logits = self.model(x, tokens, image_index.to(self.device), from_features=self.from_features)
             loss_sum = self.criterion(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
-        if not torch.isfinite(loss_sum):
-            raise FloatingPointError(f"the loss became {loss_sum.item()}: stopped, and the last checkpoint kept; "
-                                     "lower --lr or check the data")
+        _check_finite(loss_sum)
         if training:
-            # The mean over the whole batch's words, on all processes together: DDP averages gradients over
-            # processes, so each scales its sum by world / (all words) and N processes equal one.
-            loss = loss_sum * (self.dist.world / self.dist.all_sum(words))
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            if self.grad_clip:
-                self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            self._update(loss_sum, words)
         return loss_sum.item(), words
+
+    def self_critical_step(self, x, names):
+        """One batch of self-critical training: returns (summed reward of its samples, samples)."""
+        model = self.model.module if isinstance(self.model, nn.parallel.DistributedDataParallel) else self.model
+        x, k = to_device(x, self.device), self.scst.samples
+        rows = torch.arange(x.shape[0], device=self.device).repeat_interleave(k)  # [B*K]: each sample's image
+        with torch.no_grad(), autocast(self.device):
+            feats = model.features(x, self.from_features)[rows]
+            words = sample_captions(model.decoderRNN, feats, self.scst.max_len)  # [B*K, T]
+        reward = self.scst.rewards(words, names).to(self.device)  # [B, K]
+        advantage = (reward - (reward.sum(1, keepdim=True) - reward) / (k - 1)).view(-1)  # [B*K]
+        tokens = torch.cat([torch.full_like(words[:, :1], Vocab.sos_idx), words[:, :-1]], 1)  # SOS w1 .. w(T-1)
+        with autocast(self.device):  # the samples' probabilities again, now with gradients (through DDP)
+            logits = self.model(x, tokens, rows, from_features=self.from_features)
+        loss_sum = -(advantage * caption_log_probs(logits, words)).sum()
+        _check_finite(loss_sum)
+        self._update(loss_sum, words.shape[0])
+        return reward.sum().item(), words.shape[0]
+
+    def _update(self, loss_sum, count):
+        # The mean over the whole batch (words or samples), on all processes together: DDP averages gradients
+        # over processes, so each scales its sum by world / (all counts) and N processes equal one.
+        loss = loss_sum * (self.dist.world / self.dist.all_sum(count))
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
 
     def run(self, loader, desc="train", progress=None, stop=None):
         """One pass over a loader (training when there is an optimizer), continuing `progress` if given:
-        its first `progress.batches` batches are skipped. Ends early when `stop` is requested."""
-        self.model.train(self.optimizer is not None)
+        its first `progress.batches` batches are skipped. Ends early when `stop` is requested.
+        With `scst`, progress.loss is the mean reward of the samples."""
+        # Self-critical training samples with dropout off, so that the captions it rewards are the ones whose
+        # probabilities it then raises.
+        self.model.train(self.optimizer is not None and self.scst is None)
         progress = progress or Progress()
         batches = itertools.islice(loader, progress.batches, None)
         bar = tqdm(batches, desc=desc, unit="batch", leave=False, disable=None,
@@ -317,18 +383,27 @@ class Trainer:
             if batch is None:  # every image of the batch was unreadable; still a batch of the epoch
                 progress.batches += 1
                 continue
-            x, captions, _, image_index, _ = batch
-            loss_sum, words = self.step(x, captions, image_index)
+            x, captions, _, image_index, names = batch
+            if self.scst is not None:
+                loss_sum, words = self.self_critical_step(x, names)
+            else:
+                loss_sum, words = self.step(x, captions, image_index)
             progress.batches += 1
             progress.loss_sum += loss_sum
             progress.words += words
             progress.captions += captions.shape[0]
-            bar.set_postfix(loss=f"{progress.loss:.3f}")
+            bar.set_postfix({"CIDEr-D" if self.scst else "loss": f"{progress.loss:.3f}"})
             # all processes must stop after the same step, or the others wait for its gradients forever
             if stop is not None and self.dist.all_sum(stop.requested):
                 break
         progress.seconds += time.time() - start
         return progress
+
+
+def _check_finite(loss_sum):
+    if not torch.isfinite(loss_sum):
+        raise FloatingPointError(f"the loss became {loss_sum.item()}: stopped, and the last checkpoint kept; "
+                                 "lower --lr or check the data")
 
 
 SELECT_METRICS = {"cider": "CIDEr", "bleu4": "Bleu_4"}
@@ -381,6 +456,10 @@ def build(args, device):
             raise DataError(f"{args.resume} holds no training state to resume from")
         model, vocab, preset = model_from_checkpoint(ckpt)
         log.info("resuming from %s (epoch %d)", args.resume, ckpt["epoch"])
+    elif args.init_from:
+        model, vocab, preset = model_from_checkpoint(load_checkpoint(args.init_from))
+        log.info("starting from the model of %s (%s encoder%s)", args.init_from, model.args.encoder,
+                 ", attention" if model.args.attention else "")
     else:
         vocab = data.train_vocab(args.min_freq)
         margs = ModelArgs(vocab_size=len(vocab), encoder=args.encoder, embed_size=args.embed_size,
@@ -484,7 +563,8 @@ def main(args):
         set_rng_state(ckpt["rng"])
     ckpt_dir = Path(args.checkpoint_dir)
     trained = model if dist.world == 1 else nn.parallel.DistributedDataParallel(model)
-    trainer = Trainer(trained, criterion, device, from_features, optimizer, scaler, args.grad_clip, dist)
+    scst = SelfCritical(loaders["train"].dataset.items, args.scst_samples, args.max_len) if args.scst else None
+    trainer = Trainer(trained, criterion, device, from_features, optimizer, scaler, args.grad_clip, dist, scst)
     evaluator = Trainer(model, criterion, device, from_features)
     save = functools.partial(save_state, ckpt_dir, model=model, vocab=vocab, preset=preset, state=state,
                              optimizer=optimizer, schedule=schedule, scaler=scaler, args=args)
@@ -515,12 +595,12 @@ def main(args):
                              epoch, progress.batches, ckpt_dir / "last.pth.tar")
                 break
             state.epoch, state.progress = epoch, None
-            train_loss = dist.all_sum(progress.loss_sum) / max(dist.all_sum(progress.words), 1)
+            train = dist.all_sum(progress.loss_sum) / max(dist.all_sum(progress.words), 1)
             lr = optimizer.param_groups[0]["lr"]
             score = 0.0
             if dist.main:
-                row = {"epoch": epoch, "train_loss": train_loss, "captions_per_s": progress.captions_per_s * dist.world,
-                       "lr": lr}
+                row = {"epoch": epoch, "train_cider_d" if args.scst else "train_loss": train,
+                       "captions_per_s": progress.captions_per_s * dist.world, "lr": lr}
                 score = end_of_epoch(args, row, data, vocab, evaluator, loaders, logger)
                 state.history.append(row)
             score = dist.from_main(score)
@@ -553,10 +633,12 @@ def end_of_epoch(args, row, data, vocab, evaluator, loaders, logger):
     scores, generated = dev_scores(evaluator.model, loaders["score"], data, vocab, evaluator.device,
                                    evaluator.from_features, args.max_len)
     row.update({f"dev_{k}": v for k, v in scores.items()})
-    log.info("epoch %d: train loss %.3f, dev loss %.3f, dev BLEU-4 %.4f, dev CIDEr %.4f, %.0f captions/s, lr %.2g",
-             row["epoch"], row["train_loss"], row["dev_loss"], scores["Bleu_4"], scores["CIDEr"],
+    train = ("train CIDEr-D of samples", "cider_d/train") if "train_cider_d" in row else ("train loss", "loss/train")
+    value = row.get("train_cider_d", row.get("train_loss"))
+    log.info("epoch %d: %s %.3f, dev loss %.3f, dev BLEU-4 %.4f, dev CIDEr %.4f, %.0f captions/s, lr %.2g",
+             row["epoch"], train[0], value, row["dev_loss"], scores["Bleu_4"], scores["CIDEr"],
              row["captions_per_s"], row["lr"])
-    logger.epoch(row["epoch"], {"loss/train": row["train_loss"], "loss/dev": row["dev_loss"],
+    logger.epoch(row["epoch"], {train[1]: value, "loss/dev": row["dev_loss"],
                                 "bleu4/dev": scores["Bleu_4"], "cider/dev": scores["CIDEr"], "lr": row["lr"],
                                 "speed/captions_per_s": row["captions_per_s"]}, generated)
     return scores[SELECT_METRICS[args.select_metric]]

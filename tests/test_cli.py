@@ -8,7 +8,7 @@ import torch
 
 import image_training
 from image_intial_model import preprocessing
-from image_loader import Flickr8k
+from image_loader import Flickr8k, FlickrDataset, get_loader
 from tests.conftest import SAMPLE, run_script
 from utils import Dist, load_checkpoint
 
@@ -110,3 +110,32 @@ def test_feature_cache_key_changes_with_images_and_preprocessing(tmp_path, cache
     with open(images / names[0], "ab") as f:
         f.write(b"\0")  # the same name, other bytes
     assert key != image_training.cache_key(model.encoderCNN, preset, images, names, torch.device("cpu"))
+
+
+def test_self_critical_training_raises_the_reward():
+    """A few steps of --scst on four 'images' make their sampled captions score better against references."""
+    torch.manual_seed(0)
+    model = image_training.CNN_RNN(image_training.ModelArgs(vocab_size=12, encoder="efficientnet_lite0",
+                                                            embed_size=16, hidden_size=32), weights="random")
+    refs = {"a": [4, 5, 6], "b": [7, 8, 9, 10], "c": [11, 4, 5], "d": [9, 9, 8]}
+    items = [(n, [[1, *r, 2]] * 2) for n, r in refs.items()]
+    features = {n: torch.randn(1280) for n in refs}
+    loader = get_loader(FlickrDataset(".", items, None, features=features), batch_size=4, shuffle=False)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    trainer = image_training.Trainer(model, None, torch.device("cpu"), True, optimizer,
+                                     torch.amp.GradScaler("cuda", enabled=False),
+                                     scst=image_training.SelfCritical(items, samples=8, max_len=8))
+    rewards = [trainer.run(loader).loss for _ in range(60)]  # mean CIDEr-D of each step's 32 samples
+    assert sum(rewards[-5:]) / 5 > 2 * max(sum(rewards[:5]) / 5, 0.5), rewards
+
+
+def test_scst_fine_tunes_a_trained_model_from_the_command_line(demo_run, tmp_path, cache_dir):
+    start = demo_run / "checkpoints" / "best.pth.tar"
+    result = image_training.main(train_args(tmp_path, cache_dir, "--epochs", "1", "--init-from", str(start),
+                                            "--scst", "--scst-samples", "3", "--lr", "5e-5"))
+    assert [h["epoch"] for h in result["history"]] == [1] and result["history"][0]["train_cider_d"] > 0
+    tuned, before = load_checkpoint(tmp_path / "ck" / "last.pth.tar"), load_checkpoint(start)
+    assert tuned["model_args"] == before["model_args"] and tuned["vocab"] == before["vocab"]
+    assert any(not torch.equal(tuned["model"][k], v) for k, v in before["model"].items())  # it learned
+    with pytest.raises(image_training.DataError, match="give one of them"):
+        image_training.main(train_args(tmp_path, cache_dir, "--init-from", str(start), "--resume", str(start)))

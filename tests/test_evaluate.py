@@ -56,3 +56,17 @@ def test_evaluate_writes_results_and_gallery(demo_run, tmp_path, cache_dir, java
     gallery = (out / "gallery.html").read_text()
     assert gallery.count("<img") == 25 and results["images"][0]["caption"] in gallery
     assert (out / gallery.split('src="')[1].split('"')[0]).is_file()  # the images are found from the gallery
+
+
+def test_cider_d_reward_equals_pycocoevalcap_per_caption():
+    from pycocoevalcap.cider.cider import Cider
+
+    refs = [["a dog runs on the grass", "a brown dog is running", "the dog runs fast"],
+            ["two kids swim in a pool", "children swimming", "two children in a blue pool"],
+            ["a man rides a bike", "a cyclist on a road", "a man on a bicycle rides down the road"]]
+    hyps = ["a dog runs", "two kids in a pool", "a dog rides a bike on the road"]
+    _, expected = Cider().compute_score(dict(enumerate(refs)), {i: [h] for i, h in enumerate(hyps)})
+    cider = evaluate.CiderD([[r.split() for r in rs] for rs in refs])  # document frequencies of these refs
+    got = [cider.score(h.split(), [cider.vector(r.split()) for r in rs]) for h, rs in zip(hyps, refs)]
+    assert got == pytest.approx(list(expected), rel=1e-9)
+    assert got[0] > got[2] > 0  # a caption of another image's words scores less, but not nothing ("a", "the")

@@ -199,3 +199,25 @@ def test_seed_style_checkpoint_with_its_vocabulary(tmp_path, inception_state):
     assert vocab2.itos == vocab.itos and preset == SEED_PREPROCESSING
     x = torch.randn(1, 3, 299, 299)
     assert rebuilt.eval().generate(x, max_len=5) == model.generate(x, max_len=5)
+
+
+@pytest.mark.parametrize("attention", [False, True])
+def test_sampled_captions_log_probs_are_the_samplers(attention):
+    """caption_log_probs (teacher forcing, batched) scores a sampled caption as its steps did, one by one."""
+    torch.manual_seed(0)
+    model = CNN_RNN(ModelArgs(vocab_size=12, encoder="efficientnet_lite0", embed_size=16, hidden_size=24,
+                              attention=attention), weights="random").eval()
+    feats = model.features(torch.randn(3, 49, 1280) if attention else torch.randn(3, 1280), from_features=True)
+    with torch.no_grad():
+        words = M.sample_captions(model.decoderRNN, feats, max_len=6)  # [3, T]
+    tokens = torch.cat([torch.full_like(words[:, :1], M.SOS_IDX), words[:, :-1]], 1)
+    batched = M.caption_log_probs(model.decoderRNN(feats, tokens), words)
+    state, expected = model.decoderRNN.start(feats), torch.zeros(3)
+    for t in range(words.shape[1]):
+        logits, state = M._next_word_logits(model.decoderRNN, tokens[:, t], state)
+        step = logits.log_softmax(-1).gather(1, words[:, t:t + 1]).squeeze(1)
+        expected += step.masked_fill(words[:, t] == M.PAD_IDX, 0.0)
+    torch.testing.assert_close(batched, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.isin(words, torch.tensor([M.SOS_IDX, M.UNK_IDX])).any()
+    after_eos = (words == M.EOS_IDX).cumsum(1) - (words == M.EOS_IDX).long() > 0
+    assert (words[after_eos] == M.PAD_IDX).all()  # padding after the end
