@@ -380,7 +380,9 @@ class Trainer:
                    initial=progress.batches, total=len(loader))
         start = time.time()
         for batch in bar:
-            if batch is None:  # every image of the batch was unreadable; still a batch of the epoch
+            # Every image of this process's share was unreadable: the batch still counts in the epoch, and under
+            # torchrun all processes skip it together, or the others would wait for this one's gradients.
+            if self.dist.all_sum(batch is None):
                 progress.batches += 1
                 continue
             x, captions, _, image_index, names = batch

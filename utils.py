@@ -63,7 +63,8 @@ def init_distributed(device):
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # NCCL reduces CUDA tensors only: the small counts that processes agree on go through gloo
+    torch.distributed.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
     return Dist(rank, world, local_rank), device
 
 
