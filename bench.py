@@ -9,8 +9,8 @@ ratio says how much the data path costs:
   train_efficiency      = training epoch from the cache / decoder forward+backward on in-memory batches (captions/s)
   caption_latency_ratio = captioning one photo file at beam 3 / the encoder's forward on one image tensor
 Without --data, Flickr8k-shaped JPEGs (500x375) with five made-up captions each are generated in a temporary
-folder. The frozen-encoder epoch runs over 6,000 images x 5 captions whose cached features are random tensors
-(an epoch's cost does not depend on their values).
+folder. The frozen-encoder epoch runs over 6,000 images x 5 captions (1,200 with --quick, scaled) whose cached
+features are random tensors of the model's feature shape (an epoch's cost does not depend on their values).
 """
 
 import argparse
@@ -127,26 +127,33 @@ class Bench:
         self.sync()
         return len(names) / (time.perf_counter() - start)
 
-    def frozen_epoch(self, images=6000):
-        """One training epoch from a feature cache of `images` images with five captions each."""
+    def frozen_epoch(self, images):
+        """A training epoch from a feature cache, measured on `images` images with five captions each and
+        scaled to Flickr8k's 6,000. Returns (seconds, captions/s, bare decoder captions/s)."""
         real = self.data.items("train", self.vocab)
         items = [(f"img{i}", real[i % len(real)][1]) for i in range(images)]
-        features = {name: torch.randn(self.model.args.feature_dim) for name, _ in items}
-        loader = get_loader(FlickrDataset(".", items, self.vocab, features=features), self.args.batch_size,
-                            pin_memory=self.device.type == "cuda")
+        size = self.preset["crop"]
+        with torch.inference_mode():  # one feature's shape: [F] pooled, [R, F] regions for attention
+            shape = self.model.encoderCNN.extract(torch.zeros(1, 3, size, size, device=self.device)).shape[1:]
+        # random values (an epoch's cost does not depend on them), stored as the cache stores them
+        dtype = torch.float16 if self.model.encoderCNN.spatial else torch.float32
+        features = {name: torch.randn(shape).to(dtype) for name, _ in items}
+        loaders = [get_loader(FlickrDataset(".", subset, self.vocab, features=features), self.args.batch_size,
+                              pin_memory=self.device.type == "cuda")
+                   for subset in (items[:5 * self.args.batch_size], items)]  # warm-up, then the measured pass
         optimizer = make_optimizer(argparse.Namespace(lr=1e-3, train_cnn=False), self.model)
         criterion = torch.nn.CrossEntropyLoss(ignore_index=Vocab.pad_idx, reduction="sum")  # as training
         trainer = Trainer(self.model, criterion, self.device, True, optimizer, self._scaler(), 5.0)
-        trainer.run(loader, "warm-up")
+        trainer.run(loaders[0], "warm-up")
         self.sync()
         start = time.perf_counter()
-        trainer.run(loader, "frozen epoch")
+        trainer.run(loaders[1], "frozen epoch")
         self.sync()
         seconds = time.perf_counter() - start
         captions = sum(len(c) for _, c in items)
-        batches = [tuple(t.to(self.device) for t in b[:4]) for b in loader]  # the same batches, in memory
+        batches = [tuple(t.to(self.device) for t in b[:4]) for b in loaders[1]]  # the same batches, in memory
         bare_criterion = torch.nn.CrossEntropyLoss(ignore_index=Vocab.pad_idx)
-        return seconds, captions / seconds, self.decoder_bare(batches, optimizer, bare_criterion)
+        return seconds * 6000 / images, captions / seconds, self.decoder_bare(batches, optimizer, bare_criterion)
 
     def decoder_bare(self, batches, optimizer, criterion):
         """Captions/s of the training step alone, on batches already in memory on the device."""
@@ -226,7 +233,8 @@ def run(args, data_dir):
     r["feature_pass_images_per_s"] = bench.feature_pass(n_feature)
     r["feature_pass_images"] = n_feature
     r["feature_efficiency"] = r["feature_pass_images_per_s"] / r["encoder_forward_images_per_s"]
-    seconds, rate, bare = bench.frozen_epoch()
+    r["frozen_measured_images"] = 1200 if args.quick else 6000
+    seconds, rate, bare = bench.frozen_epoch(r["frozen_measured_images"])
     r.update(frozen_epoch_s=seconds, frozen_epoch_captions_per_s=rate, decoder_bare_captions_per_s=bare,
              train_efficiency=rate / bare)
     r["finetune_epoch_s"], r["finetune_measured_images"] = bench.finetune_epoch(3 if args.quick else 20)
@@ -242,7 +250,8 @@ def report(r):
     print(f"feature pass      {r['feature_pass_images_per_s']:8.1f} images/s over {r['feature_pass_images']} JPEGs; "
           f"bare encoder {r['encoder_forward_images_per_s']:.1f} images/s; efficiency {r['feature_efficiency']:.0%}")
     print(f"frozen epoch      {r['frozen_epoch_s']:8.2f} s for 6,000 images / 30,000 captions "
-          f"({r['frozen_epoch_captions_per_s']:.0f} captions/s); bare decoder step "
+          f"(measured on {r['frozen_measured_images']:,} images, {r['frozen_epoch_captions_per_s']:.0f} "
+          "captions/s); bare decoder step "
           f"{r['decoder_bare_captions_per_s']:.0f} captions/s; efficiency {r['train_efficiency']:.0%}")
     print(f"fine-tune epoch   {r['finetune_epoch_s']:8.1f} s for 6,000 images "
           f"(measured on {r['finetune_measured_images']} images, scaled)")
