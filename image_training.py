@@ -456,6 +456,10 @@ def build(args, device):
         ckpt = load_checkpoint(args.resume)
         if "optimizer" not in ckpt:
             raise DataError(f"{args.resume} holds no training state to resume from")
+        was_scst = bool(ckpt.get("train_args", {}).get("scst", False))
+        if was_scst != args.scst:  # a run goes on with the objective it started with
+            raise DataError(f"{args.resume} was trained {'with' if was_scst else 'without'} --scst: "
+                            "resume it the same way")
         model, vocab, preset = model_from_checkpoint(ckpt)
         log.info("resuming from %s (epoch %d)", args.resume, ckpt["epoch"])
     elif args.init_from:

@@ -139,3 +139,5 @@ def test_scst_fine_tunes_a_trained_model_from_the_command_line(demo_run, tmp_pat
     assert any(not torch.equal(tuned["model"][k], v) for k, v in before["model"].items())  # it learned
     with pytest.raises(image_training.DataError, match="give one of them"):
         image_training.main(train_args(tmp_path, cache_dir, "--init-from", str(start), "--resume", str(start)))
+    with pytest.raises(image_training.DataError, match="trained with --scst"):
+        image_training.main(train_args(tmp_path, cache_dir, "--resume", str(tmp_path / "ck" / "last.pth.tar")))
