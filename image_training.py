@@ -129,7 +129,7 @@ def get_args_parser(add_help=True):
     g.add_argument("--label-smoothing", type=_non_negative, default=0.0, help="label smoothing of the word loss")
     g.add_argument("--scst", action="store_true",
                    help="self-critical training: reward sampled captions by their CIDEr-D instead of the "
-                        "word loss; start it from a trained model with --init-from, at a small --lr (5e-5)")
+                        "word loss; start it from a trained model with --init-from, at a small --lr (1e-4)")
     g.add_argument("--scst-samples", type=_positive(int), default=5,
                    help="--scst: captions sampled per image; each one's baseline is the others' mean reward")
     g.add_argument("--seed", type=int, default=0, help="random seed (data split, initialisation, shuffling)")
@@ -409,6 +409,11 @@ def _check_finite(loss_sum):
 
 
 SELECT_METRICS = {"cider": "CIDEr", "bleu4": "Bleu_4"}
+# an epoch's training figure: the word loss, or with --scst the mean CIDEr-D of the sampled captions
+TRAIN_FIGURES = {
+    "train_loss": ("train loss", "loss/train"),
+    "train_cider_d": ("train CIDEr-D of samples", "cider_d/train"),
+}
 
 
 def dev_scores(model, loader, data, vocab, device, from_features, max_len):
@@ -639,12 +644,12 @@ def end_of_epoch(args, row, data, vocab, evaluator, loaders, logger):
     scores, generated = dev_scores(evaluator.model, loaders["score"], data, vocab, evaluator.device,
                                    evaluator.from_features, args.max_len)
     row.update({f"dev_{k}": v for k, v in scores.items()})
-    train = ("train CIDEr-D of samples", "cider_d/train") if "train_cider_d" in row else ("train loss", "loss/train")
-    value = row.get("train_cider_d", row.get("train_loss"))
+    key = "train_cider_d" if "train_cider_d" in row else "train_loss"
+    label, tag = TRAIN_FIGURES[key]
     log.info("epoch %d: %s %.3f, dev loss %.3f, dev BLEU-4 %.4f, dev CIDEr %.4f, %.0f captions/s, lr %.2g",
-             row["epoch"], train[0], value, row["dev_loss"], scores["Bleu_4"], scores["CIDEr"],
+             row["epoch"], label, row[key], row["dev_loss"], scores["Bleu_4"], scores["CIDEr"],
              row["captions_per_s"], row["lr"])
-    logger.epoch(row["epoch"], {train[1]: value, "loss/dev": row["dev_loss"],
+    logger.epoch(row["epoch"], {tag: row[key], "loss/dev": row["dev_loss"],
                                 "bleu4/dev": scores["Bleu_4"], "cider/dev": scores["CIDEr"], "lr": row["lr"],
                                 "speed/captions_per_s": row["captions_per_s"]}, generated)
     return scores[SELECT_METRICS[args.select_metric]]
