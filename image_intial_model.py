@@ -351,19 +351,25 @@ def _next_word_logits(decoder, tokens, state):
     return logits, state
 
 
-def greedy_search(decoder, feats, max_len):
+def _word_by_word(decoder, feats, max_len, choose):
+    """One caption per row of feats, each next word picked from the logits [N, V] by `choose`.
+    Returns word ids [N, steps], EOS included, PAD after it."""
     state = decoder.start(feats)
     tokens = torch.full((feats.shape[0],), SOS_IDX, dtype=torch.long, device=feats.device)
     done = torch.zeros_like(tokens, dtype=torch.bool)
     out = []
     for _ in range(max_len):
         logits, state = _next_word_logits(decoder, tokens, state)
-        tokens = logits.argmax(-1)
+        tokens = choose(logits).masked_fill(done, PAD_IDX)
         out.append(tokens)
         done |= tokens == EOS_IDX
         if done.all():
             break
-    seqs = torch.stack(out, 1).tolist()  # [B, steps]
+    return torch.stack(out, 1)
+
+
+def greedy_search(decoder, feats, max_len):
+    seqs = _word_by_word(decoder, feats, max_len, lambda logits: logits.argmax(-1)).tolist()  # [B, steps]
     return [_trim(s, EOS_IDX) for s in seqs]
 
 
@@ -414,18 +420,8 @@ def beam_search(decoder, feats, max_len, k, length_penalty=0.0):
 def sample_captions(decoder, feats, max_len):
     """One random caption per row of feats, each word drawn from the model's next-word distribution
     (self-critical training). Returns word ids [N, steps], EOS included, PAD after it."""
-    state = decoder.start(feats)
-    tokens = torch.full((feats.shape[0],), SOS_IDX, dtype=torch.long, device=feats.device)
-    done = torch.zeros_like(tokens, dtype=torch.bool)
-    out = []
-    for _ in range(max_len):
-        logits, state = _next_word_logits(decoder, tokens, state)
-        tokens = torch.multinomial(logits.float().softmax(-1), 1).squeeze(1).masked_fill(done, PAD_IDX)
-        out.append(tokens)
-        done |= tokens == EOS_IDX
-        if done.all():
-            break
-    return torch.stack(out, 1)
+    return _word_by_word(decoder, feats, max_len,
+                         lambda logits: torch.multinomial(logits.float().softmax(-1), 1).squeeze(1))
 
 
 def caption_log_probs(logits, words):
