@@ -410,9 +410,9 @@ def _check_finite(loss_sum):
 
 SELECT_METRICS = {"cider": "CIDEr", "bleu4": "Bleu_4"}
 # an epoch's training figure: the word loss, or with --scst the mean CIDEr-D of the sampled captions
-TRAIN_FIGURES = {
-    "train_loss": ("train loss", "loss/train"),
-    "train_cider_d": ("train CIDEr-D of samples", "cider_d/train"),
+TRAIN_FIGURES = {  # by args.scst: (history key, log label, TensorBoard tag)
+    False: ("train_loss", "train loss", "loss/train"),
+    True: ("train_cider_d", "train CIDEr-D of samples", "cider_d/train"),
 }
 
 
@@ -610,7 +610,7 @@ def main(args):
             lr = optimizer.param_groups[0]["lr"]
             score = 0.0
             if dist.main:
-                row = {"epoch": epoch, "train_cider_d" if args.scst else "train_loss": train,
+                row = {"epoch": epoch, TRAIN_FIGURES[args.scst][0]: train,
                        "captions_per_s": progress.captions_per_s * dist.world, "lr": lr}
                 score = end_of_epoch(args, row, data, vocab, evaluator, loaders, logger)
                 state.history.append(row)
@@ -644,8 +644,7 @@ def end_of_epoch(args, row, data, vocab, evaluator, loaders, logger):
     scores, generated = dev_scores(evaluator.model, loaders["score"], data, vocab, evaluator.device,
                                    evaluator.from_features, args.max_len)
     row.update({f"dev_{k}": v for k, v in scores.items()})
-    key = "train_cider_d" if "train_cider_d" in row else "train_loss"
-    label, tag = TRAIN_FIGURES[key]
+    key, label, tag = TRAIN_FIGURES[args.scst]
     log.info("epoch %d: %s %.3f, dev loss %.3f, dev BLEU-4 %.4f, dev CIDEr %.4f, %.0f captions/s, lr %.2g",
              row["epoch"], label, row[key], row["dev_loss"], scores["Bleu_4"], scores["CIDEr"],
              row["captions_per_s"], row["lr"])
