@@ -1,12 +1,16 @@
 """Measure how fast this machine extracts features, trains and captions; print what was measured.
 
-    python bench.py --quick                   # CPU: under 5 minutes
+    python bench.py --quick                   # CPU: a few minutes
     python bench.py --data flickr8k --json    # real Flickr8k images and captions; JSON on stdout
+    python bench.py --encoder inception_v3 --no-pretrained --attention   # a GPU box with no network
 
-Each pipeline figure comes with its bare ceiling, measured in the same run on in-memory tensors, so the
-ratio says how much the data path costs:
+Each pipeline figure comes with its ceiling, measured in the same run, so a ratio says where the time goes:
+  loader                = JPEG files decoded and resized by the loader alone, no model, --workers workers
+                          (images/s; on CUDA plain JPEGs are decoded on the GPU): the most a pass over files can do
   feature_efficiency    = feature pass over JPEG files  / encoder forward on in-memory tensors (images/s)
   train_efficiency      = training epoch from the cache / decoder forward+backward on in-memory batches (captions/s)
+  store_speedup         = images/s read from the image store / decoded from JPEG files and resized to the
+                          training size, in one process (per core): what decoding once saves each epoch
   caption_latency_ratio = captioning one photo file at beam 3 / the encoder's forward on one image tensor
 Without --data, Flickr8k-shaped JPEGs (500x375) with five made-up captions each are generated in a temporary
 folder. The frozen-encoder epoch runs over 6,000 images x 5 captions (1,200 with --quick, scaled) whose cached
@@ -26,14 +30,41 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from image_intial_model import CNN_RNN, ENCODERS, EncoderWeightsError, ModelArgs, preprocessing
-from image_loader import DataError, Flickr8k, FlickrDataset, Vocab, build_transform, get_loader, load_image
-from image_training import Trainer, extract_features, make_optimizer
-from utils import HelpFormatter, autocast, load_checkpoint, model_from_checkpoint, pick_device
+from image_intial_model import (
+    CNN_RNN,
+    ENCODERS,
+    PRECISIONS,
+    EncoderWeightsError,
+    ModelArgs,
+    autocast,
+    autocast_dtype,
+    preprocessing,
+)
+from image_loader import (
+    Batches,
+    CaptionTable,
+    DataError,
+    EvalTransform,
+    FeatureSource,
+    FileSource,
+    Flickr8k,
+    ImageStore,
+    StoreSource,
+    Vocab,
+    default_workers,
+    extract_features,
+    image_batches,
+    load_image,
+    train_size,
+)
+from image_training import Trainer, make_optimizer, positive
+from utils import HelpFormatter, load_checkpoint, model_from_checkpoint, pick_device
 
 FLICKR8K_VOCAB = 2548
 WORDS = ["a", "the", "dog", "man", "woman", "child", "runs", "jumps", "sits", "on", "in", "through", "water",
          "grass", "snow", "street", "red", "blue", "ball", "."]
+# per size of run: JPEGs generated, feature pass images, frozen epoch images, fine-tune batches, timing repeats
+SIZES = {"full": (2000, 2000, 6000, 20, 20), "quick": (240, 200, 1200, 3, 5), "smoke": (24, 16, 64, 1, 1)}
 
 
 def get_args_parser():
@@ -41,14 +72,24 @@ def get_args_parser():
                                 formatter_class=HelpFormatter)
     p.add_argument("--data", help="a Flickr8k folder to read images and captions from (default: generated JPEGs)")
     p.add_argument("--encoder", choices=sorted(ENCODERS), default="efficientnet_lite0", help="CNN encoder")
+    p.add_argument("--no-pretrained", action="store_true",
+                   help="random CNN weights: the same speed, no download (Inception-v3 on a machine with no network)")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
-    p.add_argument("--quick", action="store_true", help="fewer images and batches: a CPU run under 5 minutes")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="autocast dtype, as in training")
+    p.add_argument("--workers", type=positive(int),
+                   help="loader worker processes (default: the cores this process may use, at most 16)")
+    p.add_argument("--quick", action="store_true", help="fewer images and batches: a CPU run of a few minutes")
+    p.add_argument("--smoke", action="store_true",
+                   help="a handful of images: checks that every stage runs (the test suite's); its figures mean little")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     p.add_argument("--checkpoint", help="a trained checkpoint to time (default: a new decoder on the pretrained "
                                         "encoder; untrained, it writes all --max-len words of every caption)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per training batch, as in training")
-    p.add_argument("--embed-size", type=int, default=256, help="decoder shape, as in training")
-    p.add_argument("--hidden-size", type=int, default=256, help="decoder shape, as in training")
+    p.add_argument("--attention", action="store_true",
+                   help="time the attention decoder (hidden 512 unless --hidden-size says otherwise), the "
+                        "README's best recipe")
+    p.add_argument("--batch-size", type=positive(int), default=32, help="images per training batch, as in training")
+    p.add_argument("--embed-size", type=positive(int), default=256, help="decoder shape, as in training")
+    p.add_argument("--hidden-size", type=positive(int), help="decoder shape (default 256; 512 with --attention)")
     return p
 
 
@@ -95,118 +136,179 @@ class Bench:
             words = data.train_vocab(min_freq=1).itos
             self.vocab = Vocab(words + [f"<filler{i}>" for i in range(FLICKR8K_VOCAB - len(words))])
             margs = ModelArgs(vocab_size=len(self.vocab), encoder=args.encoder, embed_size=args.embed_size,
-                              hidden_size=args.hidden_size)
-            self.model = CNN_RNN(margs, weights="imagenet")
+                              hidden_size=args.hidden_size or (512 if args.attention else 256),
+                              attention=args.attention)
+            self.model = CNN_RNN(margs, weights="random" if args.no_pretrained else "imagenet")
         self.model.to(device)
         if device.type == "cuda":
             self.model.encoderCNN.backbone.to(memory_format=torch.channels_last)
         self.names = sorted(data.captions)
+        self.dtype = autocast_dtype(device, args.precision)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)  # as training
 
-    def _scaler(self):  # as training: a gradient scaler only for fp16 autocast
-        cuda = self.device.type == "cuda"
-        return torch.amp.GradScaler("cuda", enabled=cuda and not torch.cuda.is_bf16_supported())
+    def _autocast(self):
+        return autocast(self.device, self.args.precision)
 
-    def encoder_forward(self, batch=64, repeat=5):
+    def _trainer(self, optimizer):
+        criterion = torch.nn.CrossEntropyLoss(ignore_index=Vocab.pad_idx, reduction="sum")  # as training
+        return Trainer(self.model, criterion, self.device, optimizer, self.scaler, 5.0, precision=self.args.precision)
+
+    def _pass(self, batches, n, first=None):
+        """Images/s of one pass over `batches` of n images, with no model: what the data path alone does.
+        `first`, a list, receives the seconds to the first batch."""
+        self.sync()
+        start = time.perf_counter()
+        for _ in batches:
+            if first is not None and not first:
+                first.append(time.perf_counter() - start)
+        self.sync()
+        return n / (time.perf_counter() - start)
+
+    def encoder_forward(self, repeat, batch=64):
         size = self.preset["crop"]
         x = torch.randn(batch, 3, size, size, device=self.device)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
         enc = self.model.encoderCNN.eval()
 
         @torch.inference_mode()
         def forward():
-            with autocast(self.device):
+            with self._autocast():
                 enc.extract(x)
 
         return batch / timed(forward, repeat, sync=self.sync)
 
+    def loader(self, n):
+        """Images/s decoded and resized from JPEG files by the loader alone, over one pass that starts its
+        workers (as a feature pass does) and over a second pass with them running; and the seconds to the
+        first batch: the workers' start."""
+        self._pass(image_batches(self.data.images_dir, self.names[:64], self.preset["resize"], self.device,
+                                 self.args.workers), 64)  # warm-up: nvJPEG's start on CUDA
+        batches = image_batches(self.data.images_dir, self.names[:n], self.preset["resize"], self.device,
+                                self.args.workers)
+        first = []
+        return self._pass(batches, n, first), self._pass(batches, n), first[0]
+
     def feature_pass(self, n):
-        names = self.names[:n]
-        extract_features(self.model.encoderCNN, self.data.images_dir, names[:64], self.preset, self.device)  # warm
+        def extract(names):
+            return extract_features(self.model.encoderCNN, self.data.images_dir, names, self.preset, self.device,
+                                    self.args.precision, self.args.workers)
+
+        extract(self.names[:64])  # warm-up: cuDNN's choice of kernels
         self.sync()
         start = time.perf_counter()
-        extract_features(self.model.encoderCNN, self.data.images_dir, names, self.preset, self.device)
+        extract(self.names[:n])
         self.sync()
-        return len(names) / (time.perf_counter() - start)
+        return n / (time.perf_counter() - start)
 
     def frozen_epoch(self, images):
         """A training epoch from a feature cache, measured on `images` images with five captions each and
         scaled to Flickr8k's 6,000. Returns (seconds, captions/s, bare decoder captions/s)."""
         real = self.data.items("train", self.vocab)
-        items = [(f"img{i}", real[i % len(real)][1]) for i in range(images)]
+        captions = CaptionTable([real[i % len(real)][1] for i in range(images)], self.device)
         size = self.preset["crop"]
         with torch.inference_mode():  # one feature's shape: [F] pooled, [R, F] regions for attention
             shape = self.model.encoderCNN.extract(torch.zeros(1, 3, size, size, device=self.device)).shape[1:]
         # random values (an epoch's cost does not depend on them), stored as the cache stores them
         dtype = torch.float16 if self.model.encoderCNN.spatial else torch.float32
-        features = {name: torch.randn(shape).to(dtype) for name, _ in items}
-        loaders = [get_loader(FlickrDataset(".", subset, self.vocab, features=features), self.args.batch_size,
-                              pin_memory=self.device.type == "cuda")
-                   for subset in (items[:5 * self.args.batch_size], items)]  # warm-up, then the measured pass
+        features = torch.randn(images, *shape, device=self.device).to(dtype)
+
+        def batches(n):
+            return Batches(FeatureSource(features, list(range(n))), captions, [f"img{i}" for i in range(n)],
+                           self.device, batch_size=self.args.batch_size, shuffle=True)
+
         optimizer = make_optimizer(argparse.Namespace(lr=1e-3, train_cnn=False), self.model)
-        criterion = torch.nn.CrossEntropyLoss(ignore_index=Vocab.pad_idx, reduction="sum")  # as training
-        trainer = Trainer(self.model, criterion, self.device, True, optimizer, self._scaler(), 5.0)
-        trainer.run(loaders[0], "warm-up")
+        trainer = self._trainer(optimizer)
+        trainer.run(batches(min(images, 5 * self.args.batch_size)), "warm-up")
+        epoch = batches(images)
         self.sync()
         start = time.perf_counter()
-        trainer.run(loaders[1], "frozen epoch")
+        trainer.run(epoch, "frozen epoch")
         self.sync()
         seconds = time.perf_counter() - start
-        captions = sum(len(c) for _, c in items)
-        batches = [tuple(t.to(self.device) for t in b[:4]) for b in loaders[1]]  # the same batches, in memory
-        bare_criterion = torch.nn.CrossEntropyLoss(ignore_index=Vocab.pad_idx)
-        return seconds * 6000 / images, captions / seconds, self.decoder_bare(batches, optimizer, bare_criterion)
+        in_memory = list(epoch)  # the same batches, already on the device
+        return (seconds * 6000 / images, len(captions.lengths) / seconds,
+                self.decoder_bare(in_memory, optimizer))
 
-    def decoder_bare(self, batches, optimizer, criterion):
+    def decoder_bare(self, batches, optimizer):
         """Captions/s of the training step alone, on batches already in memory on the device."""
         model = self.model.train()
+        criterion = torch.nn.CrossEntropyLoss(ignore_index=Vocab.pad_idx)
 
         def epoch():
-            for x, captions, _, index in batches:
-                with autocast(self.device):
-                    logits = model(x, captions[:, :-1], index, from_features=True)
-                    loss = criterion(logits.float().reshape(-1, logits.shape[-1]), captions[:, 1:].reshape(-1))
+            for b in batches:
+                with self._autocast():
+                    logits = model(b.x, b.captions[:, :-1], b.image_index, from_features=True)
+                    loss = criterion(logits.float().reshape(-1, logits.shape[-1]), b.captions[:, 1:].reshape(-1))
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-                optimizer.step()
+                self.scaler.scale(loss).backward()
+                self.scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0, foreach=True)
+                self.scaler.step(optimizer)
+                self.scaler.update()
 
-        captions = sum(b[1].shape[0] for b in batches)
-        return captions / timed(epoch, 1, sync=self.sync)
+        return sum(b.captions.shape[0] for b in batches) / timed(epoch, 1, sync=self.sync)
 
-    def finetune_epoch(self, max_batches):
-        """Seconds per epoch over 6,000 images through the CNN (--train-cnn), from `max_batches` batches."""
+    def image_store(self, names, cache_dir):
+        """Build the image store of `names` at the training size (timed), then time reading them back as uint8
+        images at that size, from the store and from the JPEG files, in this process alone (per core). The
+        random crops and colour jitter that follow are the same work for both, batched on the device."""
+        size = train_size(self.preset)
+        start = time.perf_counter()
+        store = ImageStore.open(self.data.images_dir, names, size, self.device, cache_dir, self.args.workers)
+        build = len(names) / (time.perf_counter() - start)
+        captions = CaptionTable([[] for _ in store.names], self.device)
+        one_core = {"store": StoreSource(store, list(range(len(store.names))), workers=0),
+                    "jpeg": FileSource(self.data.images_dir, store.names, size, workers=0)}
+        rates = {k: self._pass(Batches(source, captions, store.names, self.device, self.preset, "raw",
+                                       self.args.batch_size), len(store.names)) for k, source in one_core.items()}
+        return store, build, rates
+
+    def finetune_epoch(self, store, n_batches):
+        """Seconds per epoch over 6,000 images through the CNN (--train-cnn) from the image store, timed on
+        `n_batches` batches after a warm-up of one."""
         self.model.encoderCNN.set_train_cnn(True)
         try:
-            items = self.data.items("train", self.vocab)[:max_batches * self.args.batch_size]
-            dataset = FlickrDataset(self.data.images_dir, items, self.vocab, build_transform(self.preset, train=True))
-            loader = get_loader(dataset, self.args.batch_size, num_workers=2, pin_memory=self.device.type == "cuda")
+            names = store.names[:n_batches * self.args.batch_size]
+            real = self.data.items("train", self.vocab)
+            captions = CaptionTable([real[i % len(real)][1] for i in range(len(names))], self.device)
+            source = StoreSource(store, list(range(len(names))), self.args.workers)
             optimizer = make_optimizer(argparse.Namespace(lr=1e-3, train_cnn=True, cnn_lr=1e-5), self.model)
-            criterion = torch.nn.CrossEntropyLoss(ignore_index=Vocab.pad_idx, reduction="sum")
-            trainer = Trainer(self.model, criterion, self.device, False, optimizer, self._scaler(), 5.0)
+            trainer = self._trainer(optimizer)
+
+            def batches(n):
+                return Batches(source, captions, names[:n], self.device, self.preset, "train",
+                               self.args.batch_size, shuffle=True)
+
+            trainer.run(batches(self.args.batch_size), "warm-up")  # cuDNN's choice of kernels
+            epoch = batches(len(names))
+            for _ in epoch:  # its workers started, as they stay from one epoch to the next
+                pass
             self.sync()
             start = time.perf_counter()
-            trainer.run(loader, "fine-tune")
+            trainer.run(epoch, "fine-tune")
             self.sync()
-            per_image = (time.perf_counter() - start) / len(items)
+            per_image = (time.perf_counter() - start) / len(names)
         finally:
             self.model.encoderCNN.set_train_cnn(False)
-        return per_image * 6000, len(items)
+        return per_image * 6000, len(names)
 
     @torch.no_grad()
     def caption_latency(self, repeat):
         """Seconds to caption one photo file (read, preprocess, encode, decode), greedy and beam 3, and the
         encoder's own forward on one image tensor."""
         model, path = self.model.eval(), self.data.images_dir / self.names[0]
-        transform = build_transform(self.preset)
+        transform = EvalTransform(self.preset)
 
         def caption(beam):
             x = transform(load_image(path)).unsqueeze(0).to(self.device)
-            with autocast(self.device):
+            with self._autocast():
                 return len(model.generate(x, beam=beam)[0])
 
         one = torch.randn(1, 3, self.preset["crop"], self.preset["crop"], device=self.device)
 
         def encode():
-            with autocast(self.device):
+            with self._autocast():
                 model.encoderCNN.extract(one)
 
         return (timed(lambda: caption(1), repeat, 2, self.sync), timed(lambda: caption(3), repeat, 2, self.sync),
@@ -216,45 +318,63 @@ class Bench:
 def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # macOS reports bytes, Linux KiB
 
 
-def run(args, data_dir):
+def size_of_run(args):
+    return SIZES["smoke" if args.smoke else "quick" if args.quick else "full"]
+
+
+def run(args, data_dir, cache_dir):
     device = pick_device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    args.workers = args.workers or default_workers()
     data = Flickr8k.load(data_dir)
     bench = Bench(args, device, data)
-    n_feature = 200 if args.quick else min(len(bench.names), 2000)
+    _, n_feature, n_frozen, n_finetune, repeat = size_of_run(args)
+    n_feature = min(len(bench.names), n_feature)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    r = {"device": name, "encoder": args.encoder,
-         "data": f"Flickr8k at {args.data}" if args.data else "generated JPEGs"}
-    r["encoder_forward_images_per_s"] = bench.encoder_forward(repeat=3 if args.quick else 10)
+    r = {"device": name, "encoder": args.encoder, "decoder": "attention" if bench.model.args.attention else "plain",
+         "hidden_size": bench.model.args.hidden_size, "precision": str(bench.dtype or "fp32").replace("torch.", ""),
+         "workers": args.workers, "data": f"Flickr8k at {args.data}" if args.data else "generated JPEGs"}
+    r["encoder_forward_images_per_s"] = bench.encoder_forward(repeat)
+    r["loader_images_per_s"], r["loader_warm_images_per_s"], r["loader_first_batch_s"] = bench.loader(n_feature)
     r["feature_pass_images_per_s"] = bench.feature_pass(n_feature)
     r["feature_pass_images"] = n_feature
     r["feature_efficiency"] = r["feature_pass_images_per_s"] / r["encoder_forward_images_per_s"]
-    r["frozen_measured_images"] = 1200 if args.quick else 6000
-    seconds, rate, bare = bench.frozen_epoch(r["frozen_measured_images"])
+    r["frozen_measured_images"] = n_frozen
+    seconds, rate, bare = bench.frozen_epoch(n_frozen)
     r.update(frozen_epoch_s=seconds, frozen_epoch_captions_per_s=rate, decoder_bare_captions_per_s=bare,
              train_efficiency=rate / bare)
-    r["finetune_epoch_s"], r["finetune_measured_images"] = bench.finetune_epoch(3 if args.quick else 20)
-    greedy, beam3, encode, words = bench.caption_latency(5 if args.quick else 20)
+    store, build, rates = bench.image_store(bench.names[:n_finetune * args.batch_size], cache_dir)
+    r.update(store_build_images_per_s=build, store_read_images_per_s=rates["store"],
+             jpeg_read_images_per_s=rates["jpeg"], store_speedup=rates["store"] / rates["jpeg"])
+    r["finetune_epoch_s"], r["finetune_measured_images"] = bench.finetune_epoch(store, n_finetune)
+    greedy, beam3, encode, words = bench.caption_latency(repeat)
     r.update(caption_greedy_s=greedy, caption_beam3_s=beam3, encoder_one_image_s=encode, caption_words=words,
-             checkpoint=args.checkpoint,
-             caption_latency_ratio=beam3 / encode, peak_memory_mb=peak_memory_mb(device))
+             checkpoint=args.checkpoint, caption_latency_ratio=beam3 / encode, peak_memory_mb=peak_memory_mb(device))
     return r
 
 
 def report(r):
-    print(f"device {r['device']}, encoder {r['encoder']}, data: {r['data']}")
+    print(f"device {r['device']}, encoder {r['encoder']}, {r['decoder']} decoder (hidden {r['hidden_size']}), "
+          f"{r['precision']}, {r['workers']} loader workers, data: {r['data']}")
+    print(f"loader alone      {r['loader_images_per_s']:8.1f} images/s decoded and resized from JPEG files, "
+          f"{r['loader_warm_images_per_s']:.1f} once its workers run; first batch after "
+          f"{r['loader_first_batch_s']:.2f} s")
     print(f"feature pass      {r['feature_pass_images_per_s']:8.1f} images/s over {r['feature_pass_images']} JPEGs; "
           f"bare encoder {r['encoder_forward_images_per_s']:.1f} images/s; efficiency {r['feature_efficiency']:.0%}")
     print(f"frozen epoch      {r['frozen_epoch_s']:8.2f} s for 6,000 images / 30,000 captions "
           f"(measured on {r['frozen_measured_images']:,} images, {r['frozen_epoch_captions_per_s']:.0f} "
           "captions/s); bare decoder step "
           f"{r['decoder_bare_captions_per_s']:.0f} captions/s; efficiency {r['train_efficiency']:.0%}")
-    print(f"fine-tune epoch   {r['finetune_epoch_s']:8.1f} s for 6,000 images "
-          f"(measured on {r['finetune_measured_images']} images, scaled)")
+    print(f"image store       built at {r['store_build_images_per_s']:.1f} images/s; one process reads "
+          f"{r['store_read_images_per_s']:.1f} images/s from it against {r['jpeg_read_images_per_s']:.1f} from "
+          f"JPEG files (x{r['store_speedup']:.1f})")
+    print(f"fine-tune epoch   {r['finetune_epoch_s']:8.1f} s for 6,000 images from the image store, loader "
+          f"workers running (measured on {r['finetune_measured_images']} images, scaled)")
     print(f"caption one photo {r['caption_greedy_s'] * 1000:8.1f} ms greedy, "
           f"{r['caption_beam3_s'] * 1000:.1f} ms beam 3; encoder forward alone "
           f"{r['encoder_one_image_s'] * 1000:.1f} ms; ratio {r['caption_latency_ratio']:.2f} "
@@ -263,10 +383,9 @@ def report(r):
 
 
 def main(args):
-    if args.data:
-        return run(args, args.data)
-    with tempfile.TemporaryDirectory() as tmp:
-        return run(args, make_jpegs(Path(tmp), 240 if args.quick else 2000))
+    with tempfile.TemporaryDirectory() as tmp:  # the image store goes here, and generated JPEGs
+        data = args.data or make_jpegs(Path(tmp) / "data", size_of_run(args)[0])
+        return run(args, data, Path(tmp) / "cache")
 
 
 def cli(argv=None):

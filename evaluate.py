@@ -25,9 +25,18 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from image_intial_model import EncoderWeightsError
-from image_loader import DataError, Flickr8k, FlickrDataset, build_transform, get_loader
-from utils import HelpFormatter, autocast, load_checkpoint, model_from_checkpoint, pick_device
+from image_intial_model import EncoderWeightsError, autocast
+from image_loader import (
+    Batches,
+    CaptionTable,
+    DataError,
+    FeatureSource,
+    FileSource,
+    Flickr8k,
+    cached_features,
+    default_workers,
+)
+from utils import HelpFormatter, load_checkpoint, model_from_checkpoint, pick_device
 
 # What pycocoevalcap's PTBTokenizer drops after tokenising (it lowercases first, so its brackets, written
 # -lrb- and so on, stay), plus the double quote, which PTB turns into `` or '' before dropping it.
@@ -141,19 +150,16 @@ class CiderD:
 
 
 @torch.no_grad()
-def caption_loader(model, loader, vocab, device, from_features, beam=3, length_penalty=0.0, max_len=40,
-                   desc="captioning"):
-    """Captions for every image of a loader of FlickrDataset batches: {image name: text}."""
+def caption_loader(model, batches, vocab, device, beam=3, length_penalty=0.0, max_len=40, desc="captioning",
+                   precision="auto"):
+    """Captions for every image of a Batches: {image name: text}."""
     model.eval()
     out = {}
-    for batch in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None):
-        if batch is None:  # no image of the batch could be read
-            continue
-        x, _, _, _, names = batch
-        with autocast(device):
-            ids = model.generate(x.to(device), max_len=max_len, beam=beam, length_penalty=length_penalty,
-                                 from_features=from_features)
-        out.update((n, vocab.decode(s)) for n, s in zip(names, ids))
+    for batch in tqdm(batches, desc=desc, unit="batch", leave=False, disable=None):
+        with autocast(device, precision):
+            ids = model.generate(batch.x, max_len=max_len, beam=beam, length_penalty=length_penalty,
+                                 from_features=batches.from_features)
+        out.update((n, vocab.decode(s)) for n, s in zip(batch.names, ids))
     return out
 
 
@@ -185,7 +191,8 @@ def get_args_parser():
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--cache-dir", default="cache", help="cached CNN features (shared with training)")
     p.add_argument("--no-cache", action="store_true", help="run the CNN on the images instead of the cache")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    p.add_argument("--workers", type=int, help="loader worker processes (default: the cores this process may use, "
+                                              "at most 16)")
     p.add_argument("--no-java", action="store_true", help="score as on a machine without Java (no METEOR)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split when the data has no split files")
     return p
@@ -193,8 +200,6 @@ def get_args_parser():
 
 def main(args):
     """Caption and score; returns the results dict that is written to results.json."""
-    from image_training import cached_features
-
     if args.beam < 1 or args.max_len < 1 or args.batch_size < 1:
         raise DataError("--beam, --max-len and --batch-size must be at least 1")
     device = pick_device(args.device)
@@ -202,17 +207,22 @@ def main(args):
                                                  Path(args.checkpoint).parent / "vocabulary.pkl")
     model.to(device).eval()
     data = Flickr8k.load(args.data, seed=args.seed)
-    names = data.splits[args.split]
-    features = None
-    if not args.no_cache:
-        all_names = sorted(set().union(*data.splits.values()))
-        features = cached_features(model, data.images_dir, all_names, preset, device, args.cache_dir, args.workers)
-    items = [(n, []) for n in names if features is None or n in features]
-    dataset = FlickrDataset(data.images_dir, items, vocab, build_transform(preset), features)
-    loader = get_loader(dataset, args.batch_size, shuffle=False, num_workers=0 if features else args.workers)
+    workers = args.workers or default_workers()
+    if args.no_cache:  # the images themselves, each read as inference reads it
+        names = data.splits[args.split]
+        source = FileSource(data.images_dir, names, preset["resize"], workers, device_decode=device.type == "cuda")
+        transform = "eval"
+    else:  # the cache that training filled, with every split in it
+        kept, features = cached_features(model, data.images_dir, sorted(set().union(*data.splits.values())),
+                                         preset, device, args.cache_dir, workers)
+        row = {n: i for i, n in enumerate(kept)}
+        names = [n for n in data.splits[args.split] if n in row]
+        source, transform = FeatureSource(features, [row[n] for n in names]), None
+    batches = Batches(source, CaptionTable([[] for _ in names], device), names, device, preset, transform,
+                      args.batch_size)
     start = time.time()
-    generated = caption_loader(model, loader, vocab, device, features is not None, args.beam, args.length_penalty,
-                               args.max_len, desc=f"captioning {args.split}")
+    generated = caption_loader(model, batches, vocab, device, args.beam, args.length_penalty, args.max_len,
+                               desc=f"captioning {args.split}")
     seconds = time.time() - start
     java = not args.no_java and java_available()
     references = [data.captions[n] for n in generated]

@@ -45,6 +45,25 @@ class ModelArgs:
         return ENCODERS[self.encoder]["features"]
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def autocast_dtype(device, precision="auto"):
+    """The dtype that autocast computes in, or None for full precision. auto: bf16 on CUDA cards that have
+    it, fp16 on older ones, full precision elsewhere; bf16 runs on CPUs too, so CI takes the GPU's dtype paths."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def autocast(device, precision="auto"):
+    """Mixed precision on any device (see autocast_dtype)."""
+    dtype = autocast_dtype(device, precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
 def preprocessing(encoder):
     """The preprocessing preset (plain types, stored in checkpoints) that an encoder's weights expect."""
     spec = ENCODERS[encoder]
@@ -226,7 +245,10 @@ class RNN_decoder(nn.Module):
 
         The image is step 0; its output is not scored, it only sets the LSTM's state."""
         x = torch.cat([features.unsqueeze(1), self.dropout(self.embed(tokens))], dim=1)  # [N, T+1, E]
-        hiddens, _ = self.lstm(x)
+        # cuDNN's LSTM has no backward in eval mode, which self-critical training uses (it learns with dropout
+        # off): there, PyTorch's own kernel, which has one.
+        with torch.backends.cudnn.flags(enabled=self.training or not torch.is_grad_enabled()):
+            hiddens, _ = self.lstm(x)
         return self.linear(self.dropout(hiddens[:, 1:]))
 
     def start(self, features):
@@ -330,11 +352,6 @@ class CNN_RNN(nn.Module):
         if beam == 1:
             return greedy_search(self.decoderRNN, feats, max_len)
         return beam_search(self.decoderRNN, feats, max_len, beam, length_penalty)
-
-    @torch.inference_mode()
-    def image_caption(self, image, vocab, max_len=40, beam=1):
-        """One image tensor [3, S, S] -> caption text."""
-        return vocab.decode(self.generate(image.unsqueeze(0), max_len, beam)[0])
 
 
 def _trim(seq, eos_idx):

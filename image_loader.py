@@ -11,22 +11,31 @@ learns from every caption of that image in the same step.
 
 import contextlib
 import csv
+import hashlib
+import io
+import json
 import logging
 import os
 import pickle
 import random
 import signal
+import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.nn import functional as nn_functional
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision import transforms
+from torchvision.io import ImageReadMode, decode_jpeg
+from tqdm import tqdm
+
+from image_intial_model import autocast, autocast_dtype
 
 log = logging.getLogger("captioner")
 
@@ -127,6 +136,21 @@ def split_images(data_dir, names, seed=0):
     return splits
 
 
+def save_atomic(obj, path, dump=torch.save, text=False):
+    """Write to a temporary file in the same folder, then rename: a crash leaves the old file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w" if text else "wb") as f:
+            dump(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 # ------------------------------------------------------------------------------------------ vocabulary
 
 def _tokenizer():
@@ -182,10 +206,7 @@ class Vocab:
 
     def save(self, path):
         """vocabulary.pkl: a dict of plain types only, so it loads with the safe unpickler below."""
-        tmp = f"{path}.tmp"
-        with open(tmp, "wb") as f:
-            pickle.dump({"itos": self.itos}, f)
-        os.replace(tmp, path)
+        save_atomic({"itos": self.itos}, path, pickle.dump)
 
 
 class _SeedVocabulary:
@@ -216,21 +237,84 @@ def load_vocab_file(path):
 
 
 # --------------------------------------------------------------------------------------- preprocessing
+# The one place where images become the CNN's input. A preset is the plain dict stored in checkpoints:
+# {"resize": int, "crop": int, "mean": [3 floats], "std": [3 floats]}. Every path goes through uint8 images
+# resized to a square (Flickr8k's captions describe the whole photo, so nothing is cropped away in
+# evaluation): Pillow resizes them (or the GPU, for plain JPEGs), then `normalize` (evaluation) or `augment`
+# (training a CNN) turns a batch of them into floats on the device.
 
-def build_transform(preset, train=False):
-    """The one place where images become tensors. `preset` is the plain dict stored in checkpoints:
-    {"resize": int, "crop": int, "mean": [3 floats], "std": [3 floats]}. Images are squashed to a square
-    (Flickr8k's captions describe the whole photo, so nothing is cropped away in evaluation); training
-    with a trainable CNN adds a random crop and mild colour jitter."""
-    interp = transforms.InterpolationMode.BILINEAR
-    if train:
-        size = preset["crop"]
-        steps = [transforms.Resize((round(size * 1.07),) * 2, interpolation=interp, antialias=True),
-                 transforms.RandomCrop(size), transforms.ColorJitter(0.1, 0.1, 0.1)]
-    else:
-        steps = [transforms.Resize((preset["resize"],) * 2, interpolation=interp, antialias=True),
-                 transforms.CenterCrop(preset["crop"])]
-    return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(preset["mean"], preset["std"])])
+def train_size(preset):
+    """The side of the images a trainable CNN's random crops are cut from."""
+    return round(preset["crop"] * 1.07)
+
+
+def resize_pil(im, size):
+    """PIL image -> uint8 tensor [3, size, size] (bilinear, antialiased: as torchvision's Resize on PIL)."""
+    im = im.resize((size, size), Image.Resampling.BILINEAR)
+    return torch.from_numpy(np.array(im)).permute(2, 0, 1)
+
+
+def resize_tensor(images, size):
+    """uint8 images [B, 3, h, w] -> uint8 [B, 3, size, size], resized as resize_pil does (to within rounding)."""
+    if images.shape[-2:] == (size, size):
+        return images
+    x = nn_functional.interpolate(images.float(), (size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _standardize(x, preset):
+    """Floats in [0, 1] [B, 3, s, s] -> normalised with the preset's mean and std, in place. Channel by
+    channel with Python numbers: a tensor of them would be copied to the device, and waited for."""
+    for c, (mean, std) in enumerate(zip(preset["mean"], preset["std"])):
+        x[:, c].sub_(mean).div_(std)
+    return x
+
+
+def _grey(x):
+    """Floats [B, 3, s, s] -> their luma [B, 1, s, s] (ITU-R 601, as torchvision's greyscale)."""
+    return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+
+
+def to_device(t, device):
+    """A CPU tensor to the device without waiting for it: a copy to CUDA from pageable memory waits until
+    the device has done all the work queued before it, so a batch's small index tensors go through pinned
+    memory, and the CPU keeps queueing work while the device computes."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def normalize(images, preset):
+    """The evaluation preset on a batch: uint8 [B, 3, resize, resize] -> float [B, 3, crop, crop], centre crop
+    (a no-op where resize == crop), scaled to [0, 1] and normalised."""
+    crop, (h, w) = preset["crop"], images.shape[-2:]
+    top, left = round((h - crop) / 2), round((w - crop) / 2)  # where torchvision's CenterCrop cuts
+    return _standardize(images[..., top:top + crop, left:left + crop].float().div_(255), preset)
+
+
+def augment(images, preset, generator):
+    """The training preset of a CNN that learns, on a batch: uint8 [B, 3, train_size, train_size] ->
+    float [B, 3, crop, crop]: a random crop per image, then brightness, contrast and saturation each scaled by
+    a factor in [0.9, 1.1] (ColorJitter(0.1, 0.1, 0.1), in a fixed order), normalised. The random numbers come
+    from `generator` (CPU), so a run is reproducible on any device."""
+    b, crop = images.shape[0], preset["crop"]
+    corners = torch.randint(images.shape[-1] - crop + 1, (b, 2), generator=generator).tolist()
+    factors = to_device(torch.empty(b, 3).uniform_(0.9, 1.1, generator=generator), images.device).view(b, 3, 1, 1, 1)
+    x = torch.stack([im[:, t:t + crop, s:s + crop] for im, (t, s) in zip(images, corners)]).float().div_(255)
+    x = (x * factors[:, 0]).clamp_(0, 1)  # brightness
+    x = (x * factors[:, 1] + _grey(x).mean((2, 3), keepdim=True) * (1 - factors[:, 1])).clamp_(0, 1)  # contrast
+    x = (x * factors[:, 2] + _grey(x) * (1 - factors[:, 2])).clamp_(0, 1)  # saturation
+    return _standardize(x, preset)
+
+
+class EvalTransform:
+    """PIL image -> float [3, crop, crop], the evaluation preset for one image (inference, logs)."""
+
+    def __init__(self, preset):
+        self.preset = preset
+
+    def __call__(self, im):
+        return normalize(resize_pil(im, self.preset["resize"]).unsqueeze(0), self.preset)[0]
 
 
 def _to_rgb(im):
@@ -304,48 +388,18 @@ class Flickr8k:
         return [(n, [vocab.numericalize(c) for c in self.captions[n]]) for n in self.splits[split]]
 
 
-def readable_images(images_dir, names):
-    """The names whose files open as images (a header check: fast); the others are counted in one warning."""
-    good, bad = [], []
-    for n in names:
-        try:
-            with _open_image(images_dir / n):
-                good.append(n)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning):
-            bad.append(n)
-    if bad:
-        log.warning("skipped %d unreadable images, e.g. %s", len(bad), images_dir / bad[0])
-    return good
+def default_workers(processes_per_node=1):
+    """Loader worker processes: the cores this process may use, shared among the node's processes, at most 16."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cores = os.cpu_count() or 1
+    return max(1, min(16, cores // processes_per_node))
 
 
-class FlickrDataset(Dataset):
-    """One item per image: (image tensor or cached feature, [caption id tensors], image name).
-
-    `features` maps image name -> cached encoder feature; without it images are read and transformed.
-    An image that fails to decode (say, a truncated file) gives None, which Collate leaves out.
-    """
-
-    def __init__(self, images_dir, items, vocab, transform=None, features=None):
-        self.images_dir, self.items, self.vocab = Path(images_dir), items, vocab
-        self.transform, self.features = transform, features
-        self.failed = set()
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        name, caps = self.items[i]
-        if self.features is not None:
-            x = self.features[name]
-        else:
-            try:
-                x = self.transform(load_image(self.images_dir / name))
-            except DataError as e:
-                if name not in self.failed:  # once per worker, not once per epoch
-                    self.failed.add(name)
-                    log.warning("skipping %s", e)
-                return None
-        return x, [torch.tensor(c) for c in caps], name
+def _ignore_sigint(worker_id):
+    """Loader workers leave Ctrl-C to the main process, which stops training cleanly."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class ShardedBatchSampler(Sampler):
@@ -369,38 +423,347 @@ class ShardedBatchSampler(Sampler):
         return full + (rest >= self.world if rest else 0)
 
 
-class Collate:
-    """Stack images, pad all captions of the batch, and say which image each caption belongs to.
+class CaptionTable:
+    """All captions of a split as one padded tensor on the device: tokens [M, T] (SOS ... EOS, then PAD);
+    image i's captions are rows first[i]:first[i+1]. A batch of images is an index into it."""
 
-    Returns images [B, ...], captions [N, T] padded with PAD, lengths [N], image_index [N], names [B];
-    or None when no image of the batch could be read."""
+    def __init__(self, captions, device):
+        """captions: per image, a list of caption id lists (maybe empty: images to caption, no references)."""
+        rows = [torch.tensor(c) for caps in captions for c in caps]
+        self.lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+        self.first = torch.tensor([0] + [len(caps) for caps in captions]).cumsum(0)
+        tokens = pad_sequence(rows, batch_first=True, padding_value=Vocab.pad_idx) if rows else torch.zeros(0, 0)
+        self.tokens, self.device = tokens.long().to(device), device
 
-    def __init__(self, pad_idx=0):
-        self.pad_idx = pad_idx
-
-    def __call__(self, batch):
-        batch = [b for b in batch if b is not None]
-        if not batch:
-            return None
-        images = torch.stack([b[0] for b in batch])
-        caps = [c for b in batch for c in b[1]]
-        image_index = torch.tensor([i for i, b in enumerate(batch) for _ in b[1]])
-        lengths = torch.tensor([len(c) for c in caps], dtype=torch.long)
-        captions = (pad_sequence(caps, batch_first=True, padding_value=self.pad_idx) if caps
-                    else torch.zeros((0, 0), dtype=torch.long))  # images to caption, no references
-        return images, captions, lengths, image_index, [b[2] for b in batch]
-
-
-def ignore_sigint(worker_id):
-    """DataLoader workers leave Ctrl-C to the main process, which stops training cleanly."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    def batch(self, images):
+        """Image indices [B] -> (captions [N, T] padded to the batch's longest, image_index [N]) on the device,
+        and the number of words to predict (known here, on the CPU: no wait for the device)."""
+        counts = self.first[images + 1] - self.first[images]
+        image_index = torch.arange(len(images)).repeat_interleave(counts)
+        rows = self.first[images].repeat_interleave(counts) + torch.arange(int(counts.sum())) - (
+            counts.cumsum(0) - counts).repeat_interleave(counts)
+        lengths = self.lengths[rows]
+        longest = int(lengths.max()) if len(rows) else 0
+        return (self.tokens[to_device(rows, self.device)][:, :longest], to_device(image_index, self.device),
+                int((lengths - 1).sum()))  # every word after SOS, EOS included
 
 
-def get_loader(dataset, batch_size=32, shuffle=True, num_workers=0, pin_memory=False, rank=0, world=1):
-    """A loader of Collate batches; its batch_sampler's generator decides the order (seed it per epoch)."""
-    sampler = ShardedBatchSampler(len(dataset), batch_size, rank, world, shuffle)
-    # The loader's own generator too: without one, each new iterator draws a seed from the global RNG, and
-    # whether a run had to fill the feature cache would change its dropout masks.
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=Collate(Vocab.pad_idx),
-                      pin_memory=pin_memory, generator=torch.Generator(), persistent_workers=num_workers > 0,
-                      worker_init_fn=ignore_sigint)
+# ------------------------------------------------------------------------------- where images come from
+# A source gives the pixels (or cached features) of images by index: `load(indices)` runs in a loader worker
+# and returns CPU data; `to_device(loaded, device)` runs in the main process and returns (the positions in
+# `indices` that were readable, a tensor on the device).
+
+class FeatureSource:
+    """Cached CNN features, all of them one tensor on the training device: a batch is an index into it."""
+    workers = 0  # indexing a tensor on the device needs no worker processes
+
+    def __init__(self, features, rows):
+        self.features, self.rows = features, torch.tensor(rows, dtype=torch.long)
+
+    def load(self, indices):
+        return self.rows[indices]
+
+    def to_device(self, rows, device):
+        return list(range(len(rows))), self.features[to_device(rows, self.features.device)]
+
+
+class StoreSource:
+    """Images from an ImageStore (uint8, resized once): an epoch reads no JPEG."""
+
+    def __init__(self, store, rows, workers):
+        self.store, self.rows, self.workers = store, rows, workers
+
+    def load(self, indices):
+        return self.store.read([self.rows[i] for i in indices])
+
+    def to_device(self, images, device):
+        return list(range(len(images))), to_device(images, device)  # pinned already by a loader with workers
+
+
+class FileSource:
+    """Image files, resized to `size`: by Pillow in the loader's workers, or, with `device_decode`, plain JPEGs
+    decoded and resized on the device in one call per batch (other files keep Pillow's path and rules).
+    Unreadable files are left out of their batch, each named in one warning."""
+
+    def __init__(self, images_dir, names, size, workers, device_decode=False):
+        self.images_dir, self.names, self.size, self.device_decode = Path(images_dir), names, size, device_decode
+        # With device decoding a worker only reads files and their headers: a few keep up, and each one more
+        # costs a fork of this (large, CUDA-holding) process when a pass starts.
+        self.workers = min(workers, 4) if device_decode else workers
+
+    def load(self, indices):
+        """A batch's files, packed as two tensors whatever its size, since each tensor that crosses from a
+        worker to the main process costs a shared-memory handle: the plain JPEGs' bytes end to end, and the
+        other images resized by Pillow [n, 3, size, size]. Errors come back as text, for the main process to
+        say (a worker's log may go nowhere)."""
+        jpegs, pillow, errors = [], [], []
+        for k, i in enumerate(indices):
+            try:
+                x = read_image(self.images_dir / self.names[i], self.size, self.device_decode)
+                (jpegs if x.dim() == 1 else pillow).append((k, x))
+            except DataError as e:
+                errors.append(str(e))
+        pack = {"jpeg_at": [k for k, _ in jpegs], "jpeg_lengths": [len(x) for _, x in jpegs],
+                "pillow_at": [k for k, _ in pillow], "errors": errors}
+        pack["jpeg"] = torch.cat([x for _, x in jpegs]) if jpegs else torch.zeros(0, dtype=torch.uint8)
+        pack["pillow"] = torch.stack([x for _, x in pillow]) if pillow else torch.zeros(0, dtype=torch.uint8)
+        return pack
+
+    def to_device(self, pack, device):
+        for e in pack["errors"]:
+            log.warning("skipping %s", e)
+        images = dict(zip(pack["pillow_at"], pack["pillow"]))
+        images.update(zip(pack["jpeg_at"], pack["jpeg"].split(pack["jpeg_lengths"])))
+        kept = sorted(images)
+        if not kept:
+            return [], None
+        return kept, decode_batch([images[k] for k in kept], self.size, device)
+
+
+def _is_plain_jpeg(im, data):
+    """Files the device decodes exactly as Pillow would: baseline 8-bit RGB JPEGs, upright, complete."""
+    return (im.format == "JPEG" and im.mode == "RGB" and not im.info.get("progressive")
+            and not im.info.get("progression") and im.getexif().get(0x0112, 1) == 1
+            and data.endswith(b"\xff\xd9"))  # no end marker: truncated, and Pillow's rules apply
+
+
+def read_image(path, size, raw_jpeg=False):
+    """One image for a batch: uint8 [3, size, size] resized by Pillow, or with raw_jpeg, for a plain JPEG, its
+    bytes (uint8 [n]) for decode_batch to decode on the device. Raises DataError, as load_image."""
+    if raw_jpeg:
+        try:
+            data = Path(path).read_bytes()
+            with _open_image(io.BytesIO(data)) as im:
+                if _is_plain_jpeg(im, data):
+                    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+            pass  # load_image says what is wrong, in one line
+    return resize_pil(load_image(path), size)
+
+
+def decode_batch(images, size, device):
+    """read_image results -> uint8 [B, 3, size, size] on the device. JPEG bytes are decoded there in one call
+    (torchvision.io.decode_jpeg: nvJPEG on CUDA) and resized there, images of one shape together."""
+    jpegs = [i for i, x in enumerate(images) if x.dim() == 1]
+    out = list(images)
+    if jpegs:
+        decoded = decode_jpeg([images[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
+        by_shape = {}
+        for i, im in zip(jpegs, decoded):
+            by_shape.setdefault(tuple(im.shape), []).append((i, im))
+        for group in by_shape.values():
+            for (i, _), im in zip(group, resize_tensor(torch.stack([im for _, im in group]), size)):
+                out[i] = im
+    return torch.stack([to_device(x, device) for x in out])
+
+
+class _Loadable(Dataset):
+    """A source as a Dataset whose items are whole batches (lists of indices), for the DataLoader's workers."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __getitem__(self, indices):
+        return indices, self.source.load(indices)
+
+
+class _Plan:
+    """The batches of this pass, as the DataLoader's sampler: set before each pass (a resumed epoch skips
+    some), while persistent workers live on."""
+    batches = ()
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
+class Batch(NamedTuple):
+    x: torch.Tensor  # features [B, F] / [B, R, F], or images [B, 3, S, S]
+    captions: torch.Tensor  # [N, T]: SOS w1 .. wn EOS, padded with PAD
+    image_index: torch.Tensor  # [N]: the image (row of x) of each caption
+    words: int  # words to predict in `captions`
+    names: list  # [B] image names
+
+
+class Batches:
+    """The batches of one split, ready on the device: each a Batch.
+
+    x is what the model's forward takes: cached features [B, F] or [B, R, F] (`from_features`), or images
+    [B, 3, S, S], normalised (evaluation preset) or augmented (training preset) on the device. `transform`
+    is None (features), "eval", "train" or "raw" (uint8, as resized: what the image store keeps)."""
+
+    def __init__(self, source, captions, names, device, preset=None, transform=None, batch_size=32,
+                 shuffle=False, rank=0, world=1):
+        self.source, self.captions, self.names, self.device = source, captions, names, device
+        self.preset, self.transform = preset, transform
+        self.sampler = ShardedBatchSampler(len(names), batch_size, rank, world, shuffle)
+        self.from_features = transform is None
+        self._plan, self._loader = _Plan(), None
+
+    def __len__(self):
+        return len(self.sampler)
+
+    def __iter__(self):
+        return self.iterate()
+
+    def iterate(self, skip=0):
+        """This pass's batches after the first `skip` (a resumed epoch): the order, and each batch's random
+        augmentation, depend only on the sampler's generator, so skipped batches are never read."""
+        self._plan.batches = list(self.sampler)[skip:]
+        seed = int(torch.randint(2**62, (1,), generator=self.sampler.generator))
+        for k, (indices, loaded) in enumerate(self._loaded(), start=skip):
+            kept, x = self.source.to_device(loaded, self.device)
+            if not kept:  # every image of the batch was unreadable
+                continue
+            indices = [indices[i] for i in kept]
+            x = self._transform(x, torch.Generator().manual_seed(seed + k))
+            yield Batch(x, *self.captions.batch(torch.tensor(indices)), [self.names[i] for i in indices])
+
+    def _loaded(self):
+        if self.source.workers == 0:
+            return ((b, self.source.load(b)) for b in self._plan)
+        if self._loader is None:
+            # The loader's own generator: without one, it seeds its workers from the global RNG, and whether a
+            # run had to fill a cache would change its dropout masks.
+            self._loader = DataLoader(_Loadable(self.source), sampler=self._plan, batch_size=None,
+                                      num_workers=self.source.workers, pin_memory=self.device.type == "cuda",
+                                      persistent_workers=True, worker_init_fn=_ignore_sigint,
+                                      generator=torch.Generator())
+        return iter(self._loader)
+
+    def _transform(self, x, generator):
+        if self.transform == "eval":
+            x = normalize(x, self.preset)
+        elif self.transform == "train":
+            x = augment(x, self.preset, generator)
+        return cnn_layout(x) if x.dim() == 4 and x.is_floating_point() else x
+
+
+def cnn_layout(images):
+    """Images [B, 3, S, S] in the layout of the CNN's weights: channels-last on CUDA (tensor cores want NHWC)."""
+    return images.contiguous(memory_format=torch.channels_last) if images.is_cuda else images
+
+
+# ------------------------------------------------------------------------------------------------ caches
+# Decoding JPEGs is the slow part of every pass over images, so it is done once: a frozen CNN's features are
+# computed once per image (FeatureCache), and a CNN that learns reads images resized once (ImageStore). Each
+# file's name is a hash of everything that changes its content, so a stale one is never used.
+
+def files_key(h, images_dir, names):
+    """Add each image file's name, size and modification time to the hash `h`."""
+    for n in names:
+        st = (Path(images_dir) / n).stat()
+        h.update(f"{n}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h
+
+
+def feature_cache_key(encoder, preset, images_dir, names, precision):
+    """Hash of everything that changes the features: the CNN's weights, the preprocessing, the precision,
+    pooled or regions, and each image file's name, size and modification time."""
+    h = hashlib.sha256(json.dumps([preset, str(precision), encoder.spatial], sort_keys=True).encode())
+    for k, t in encoder.backbone.state_dict().items():
+        h.update(k.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return files_key(h, images_dir, names).hexdigest()[:24]
+
+
+def image_batches(images_dir, names, size, device, workers, batch_size=64, transform="raw", preset=None):
+    """Batches of image files with no captions: the feature pass and the image store read them so; on CUDA
+    plain JPEGs are decoded on the GPU."""
+    source = FileSource(images_dir, names, size, workers, device_decode=device.type == "cuda")
+    return Batches(source, CaptionTable([[] for _ in names], device), names, device, preset, transform,
+                   batch_size)
+
+
+@torch.inference_mode()
+def extract_features(encoder, images_dir, names, preset, device, precision="auto", workers=2, batch_size=64):
+    """Run the CNN once over the images (evaluation preset): (names kept, features [N, F] or regions [N, R, F]
+    on the device); unreadable images are left out, each named in one warning."""
+    encoder.eval()
+    kept, out = [], []
+    batches = image_batches(images_dir, names, preset["resize"], device, workers, batch_size, "eval", preset)
+    for batch in tqdm(batches, desc="extracting CNN features", unit="batch", leave=False, disable=None):
+        x, n = batch.x, len(batch.names)
+        if n < batch_size:  # cuDNN (benchmark mode) would tune its kernels anew for this shape: seconds
+            x = cnn_layout(torch.cat([x, x.new_zeros((batch_size - n, *x.shape[1:]))]))
+        with autocast(device, precision):
+            f = encoder.extract(x)[:n]
+        # region maps are R times larger than pooled features: half precision keeps the cache in memory
+        out.append(f.half() if encoder.spatial else f.float())  # on the device: no wait for it per batch
+        kept += batch.names
+    if len(kept) < len(names):
+        log.warning("skipped %d unreadable images", len(names) - len(kept))
+    return kept, torch.cat(out) if out else torch.zeros(0)
+
+
+def cached_features(model, images_dir, names, preset, device, cache_dir, workers, precision="auto"):
+    """The frozen CNN's features of `names`, from the cache or computed and cached: (names kept, features on
+    the device, all of them one tensor)."""
+    encoder = model.encoderCNN
+    key = feature_cache_key(encoder, preset, images_dir, names, autocast_dtype(device, precision))
+    path = Path(cache_dir) / f"features-{model.args.encoder}-{key}.pt"
+    if path.is_file():
+        cache = torch.load(path, map_location="cpu", weights_only=True)
+        log.info("CNN features from cache %s", path)
+        return cache["names"], cache["features"].to(device)
+    start = time.time()
+    kept, features = extract_features(encoder, images_dir, names, preset, device, precision, workers)
+    seconds = max(time.time() - start, 1e-9)
+    log.info("extracted %d CNN features in %.0f s (%.1f images/s) -> %s", len(kept), seconds, len(kept) / seconds,
+             path)
+    save_atomic({"names": kept, "features": features.cpu()}, path)
+    return kept, features
+
+
+class ImageStore:
+    """Images decoded and resized once to size x size, kept as one memory-mapped uint8 file
+    [N, 3, size, size] under the cache folder with an index of their names: a pass over it reads no JPEG, and
+    its pages come from the OS's cache, not from a Python list in memory."""
+
+    def __init__(self, path, names, size):
+        self.path, self.names, self.size = Path(path), names, size
+        self._array = None
+
+    @classmethod
+    def open(cls, images_dir, names, size, device, cache_dir, workers):
+        """The store of these images at this size, built now if there is none for exactly these files."""
+        decoder = "device" if device.type == "cuda" else "pillow"  # nvJPEG and libjpeg differ by a level or so
+        h = hashlib.sha256(json.dumps([size, decoder]).encode())
+        path = Path(cache_dir) / f"images-{size}px-{files_key(h, images_dir, names).hexdigest()[:24]}.npy"
+        index = path.with_suffix(".json")
+        if not index.is_file():
+            start = time.time()
+            kept = cls._build(path, images_dir, names, size, device, workers)
+            log.info("stored %d images at %d px in %.0f s -> %s", len(kept), size, time.time() - start, path)
+            save_atomic(kept, index, json.dump, text=True)  # written last: the store is complete
+        else:
+            log.info("images from store %s", path)
+        return cls(path, json.loads(index.read_text()), size)
+
+    @staticmethod
+    def _build(path, images_dir, names, size, device, workers):
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        array = np.lib.format.open_memmap(tmp, "w+", np.uint8, (len(names), 3, size, size)) if names else None
+        kept = []
+        try:
+            for batch in tqdm(image_batches(images_dir, names, size, device, workers),
+                              desc=f"storing images at {size} px", unit="batch", leave=False, disable=None):
+                array[len(kept):len(kept) + len(batch.names)] = batch.x.cpu().numpy()
+                kept += batch.names
+            if len(kept) < len(names):
+                log.warning("skipped %d unreadable images", len(names) - len(kept))
+            if array is not None:
+                array.flush()
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        return kept
+
+    def read(self, rows):
+        """uint8 [len(rows), 3, size, size] for these rows of the store, as a tensor."""
+        if self._array is None:  # opened in each loader worker, not pickled into it
+            self._array = np.load(self.path, mmap_mode="r")
+        return torch.from_numpy(self._array[rows])

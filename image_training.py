@@ -11,11 +11,9 @@ decoder trains from the cache. Checkpoints go to --checkpoint-dir, TensorBoard l
 import argparse
 import contextlib
 import functools
-import hashlib
-import itertools
-import json
 import logging
 import math
+import os
 import random
 import signal
 import sys
@@ -32,26 +30,33 @@ from evaluate import CiderD, caption_loader, score_captions
 from image_intial_model import (
     CNN_RNN,
     ENCODERS,
+    PRECISIONS,
     EncoderWeightsError,
     ModelArgs,
+    autocast,
+    autocast_dtype,
     caption_log_probs,
     preprocessing,
     sample_captions,
 )
 from image_loader import (
+    Batches,
+    CaptionTable,
     DataError,
+    EvalTransform,
+    FeatureSource,
     Flickr8k,
-    FlickrDataset,
+    ImageStore,
+    StoreSource,
     Vocab,
-    build_transform,
-    get_loader,
+    cached_features,
+    default_workers,
     load_image,
-    readable_images,
+    train_size,
 )
 from utils import (
     Dist,
     HelpFormatter,
-    autocast,
     checkpoint_state,
     init_distributed,
     load_checkpoint,
@@ -67,7 +72,7 @@ log = logging.getLogger("captioner")
 SAMPLE_DATA = Path(__file__).resolve().parent / "data" / "flickr8k_sample"
 
 
-def _positive(kind):
+def positive(kind):
     def parse(text):
         value = kind(text)
         if value <= 0:
@@ -92,35 +97,38 @@ def get_args_parser(add_help=True):
     g.add_argument("--demo", action="store_true",
                    help=f"quick run on the bundled sample ({SAMPLE_DATA.name}) with the offline "
                         "efficientnet_lite0 encoder, unless --data/--encoder/--epochs say otherwise")
-    g.add_argument("--min-freq", type=_positive(int), help="keep words seen this often in training captions "
+    g.add_argument("--min-freq", type=positive(int), help="keep words seen this often in training captions "
                                                           "(default 5; 3 with --demo)")
-    g.add_argument("--max-images", type=_positive(int), help="smoke test: use only about this many images")
-    g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    g.add_argument("--max-images", type=positive(int), help="smoke test: use only about this many images")
+    g.add_argument("--workers", type=positive(int),
+                   help="loader worker processes (default: the cores this process may use, shared by torchrun's "
+                        "processes, at most 16)")
     g.add_argument("--no-cache", action="store_true",
-                   help="run the frozen CNN on every batch instead of caching its features")
-    g.add_argument("--cache-dir", default="cache", help="where cached CNN features are kept")
+                   help="run the frozen CNN on every batch (from the image store) instead of caching its features")
+    g.add_argument("--cache-dir", default="cache",
+                   help="where cached CNN features and image stores (images resized once) are kept")
     g = p.add_argument_group("model")
     g.add_argument("--encoder", choices=sorted(ENCODERS), help="CNN encoder (default inception_v3; "
                                                                "efficientnet_lite0 with --demo)")
     g.add_argument("--no-pretrained", action="store_true", help="start the CNN from random weights")
     g.add_argument("--encoder-weights", metavar="FILE", help="local ImageNet state_dict for the encoder (offline use)")
-    g.add_argument("--embed-size", type=_positive(int), default=256, help="word and image embedding size")
-    g.add_argument("--hidden-size", type=_positive(int), default=256, help="LSTM hidden size")
-    g.add_argument("--num-layers", type=_positive(int), default=1, help="LSTM layers")
+    g.add_argument("--embed-size", type=positive(int), default=256, help="word and image embedding size")
+    g.add_argument("--hidden-size", type=positive(int), default=256, help="LSTM hidden size")
+    g.add_argument("--num-layers", type=positive(int), default=1, help="LSTM layers")
     g.add_argument("--dropout", type=float, default=0.5, help="dropout on embeddings and LSTM outputs")
     g.add_argument("--attention", action="store_true",
                    help="Show-Attend-Tell decoder: soft attention over the CNN's feature map at every word")
-    g.add_argument("--attention-dim", type=_positive(int), default=256, help="size of the attention layer")
+    g.add_argument("--attention-dim", type=positive(int), default=256, help="size of the attention layer")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=_positive(int), help="epochs to train (default 30; 40 with --demo)")
-    g.add_argument("--batch-size", type=_positive(int), default=32,
+    g.add_argument("--epochs", type=positive(int), help="epochs to train (default 30; 40 with --demo)")
+    g.add_argument("--batch-size", type=positive(int), default=32,
                    help="images per batch, each with all its captions")
-    g.add_argument("--lr", type=_positive(float), help="Adam learning rate of the decoder and projection "
+    g.add_argument("--lr", type=positive(float), help="Adam learning rate of the decoder and projection "
                                                        "(default 3e-4; 2e-3 with --demo)")
     g.add_argument("--train-cnn", action="store_true", help="fine-tune the CNN too (disables the feature cache)")
-    g.add_argument("--cnn-lr", type=_positive(float), default=1e-5, help="learning rate of the CNN with --train-cnn")
+    g.add_argument("--cnn-lr", type=positive(float), default=1e-5, help="learning rate of the CNN with --train-cnn")
     g.add_argument("--grad-clip", type=_non_negative, default=5.0, help="clip the gradient norm to this (0: off)")
-    g.add_argument("--lr-decay", type=_positive(float),
+    g.add_argument("--lr-decay", type=positive(float),
                    help="multiply the learning rates by this when the dev score stalls; 1: never "
                         "(default 0.5; 1 with --demo, whose 25 dev images score too noisily to steer by)")
     g.add_argument("--lr-patience", type=int, default=2, help="epochs without a better dev score before --lr-decay")
@@ -130,23 +138,25 @@ def get_args_parser(add_help=True):
     g.add_argument("--scst", action="store_true",
                    help="self-critical training: reward sampled captions by their CIDEr-D instead of the "
                         "word loss; start it from a trained model with --init-from, at a small --lr (1e-4)")
-    g.add_argument("--scst-samples", type=_positive(int), default=5,
+    g.add_argument("--scst-samples", type=positive(int), default=5,
                    help="--scst: captions sampled per image; each one's baseline is the others' mean reward")
     g.add_argument("--seed", type=int, default=0, help="random seed (data split, initialisation, shuffling)")
     g.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    g.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="autocast dtype; auto: bf16 on CUDA (fp16 on cards without bf16), fp32 elsewhere")
     g = p.add_argument_group("checkpoints and logs")
     g.add_argument("--checkpoint-dir", default="checkpoints", help="where checkpoints and vocabulary.pkl go")
-    g.add_argument("--save-every", type=_positive(int), default=5, help="keep checkpoint_epoch_N every N epochs")
+    g.add_argument("--save-every", type=positive(int), default=5, help="keep checkpoint_epoch_N every N epochs")
     g.add_argument("--resume", metavar="PATH", help="continue from this checkpoint (model, optimizer, epoch, RNG)")
     g.add_argument("--init-from", metavar="PATH",
                    help="start from this checkpoint's model and vocabulary (its shape and encoder too), with a "
                         "new optimizer at epoch 0: how --scst fine-tunes a model trained on the word loss")
     g.add_argument("--log-dir", default="runs", help="TensorBoard log folder")
-    g.add_argument("--dev-images", type=_positive(int), default=1000,
+    g.add_argument("--dev-images", type=positive(int), default=1000,
                    help="dev images captioned (greedy) and scored after each epoch")
     g.add_argument("--select-metric", choices=sorted(SELECT_METRICS), default="cider",
                    help="dev score that picks best.pth.tar and drives --lr-decay and --early-stop")
-    g.add_argument("--max-len", type=_positive(int), default=40, help="longest generated caption, in words")
+    g.add_argument("--max-len", type=positive(int), default=40, help="longest generated caption, in words")
     return p
 
 
@@ -175,68 +185,8 @@ def resolve_defaults(args):
         raise DataError("--resume continues a run and --init-from starts one: give one of them")
     if args.scst and args.scst_samples < 2:
         raise DataError("--scst-samples must be at least 2: each sample's baseline is the other samples' mean")
+    args.workers = args.workers or default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return args
-
-
-# -------------------------------------------------------------------------------------- feature cache
-
-def to_device(x, device):
-    """A batch to the device; images (4-D) in channels-last layout on CUDA, as the CNN's weights are."""
-    if device.type == "cuda" and x.dim() == 4:
-        return x.to(device, non_blocking=True, memory_format=torch.channels_last)
-    return x.to(device, non_blocking=True)
-
-
-@torch.inference_mode()
-def extract_features(encoder, images_dir, names, preset, device, batch_size=64, workers=2):
-    """Run the CNN once over the images: {name: feature [F] (float32, on the CPU)}, unreadable ones left out."""
-    # The training dataset and loader, with no captions: unreadable images come out as None and are left out.
-    dataset = FlickrDataset(images_dir, [(n, []) for n in names], None, build_transform(preset))
-    loader = get_loader(dataset, batch_size, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda")
-    encoder.eval()
-    features = {}
-    for batch in tqdm(loader, desc="extracting CNN features", unit="batch", leave=False, disable=None):
-        if batch is None:
-            continue
-        images, _, _, _, batch_names = batch
-        with autocast(device):
-            out = encoder.extract(to_device(images, device))
-        # region maps are R times larger than pooled features: half precision keeps the cache in memory
-        out = out.half().cpu() if encoder.spatial else out.float().cpu()
-        features.update(zip(batch_names, out))
-    bad = [n for n in names if n not in features]
-    if bad:
-        log.warning("skipped %d unreadable images, e.g. %s", len(bad), bad[0])
-    return features
-
-
-def cache_key(encoder, preset, images_dir, names, device):
-    """Hash of everything that changes the features: the CNN's weights, the preprocessing, the precision,
-    pooled or regions, and each image file's name, size and modification time."""
-    h = hashlib.sha256(json.dumps([preset, device.type == "cuda", encoder.spatial], sort_keys=True).encode())
-    for k, t in encoder.backbone.state_dict().items():
-        h.update(k.encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    for n in names:
-        st = (images_dir / n).stat()
-        h.update(f"{n}:{st.st_size}:{st.st_mtime_ns};".encode())
-    return h.hexdigest()[:24]
-
-
-def cached_features(model, images_dir, names, preset, device, cache_dir, workers):
-    encoder = model.encoderCNN
-    path = Path(cache_dir) / f"features-{model.args.encoder}-{cache_key(encoder, preset, images_dir, names, device)}.pt"
-    if path.is_file():
-        cache = torch.load(path, map_location="cpu", weights_only=True)
-        log.info("CNN features from cache %s", path)
-        return dict(zip(cache["names"], cache["features"]))
-    t = time.time()
-    features = extract_features(encoder, images_dir, names, preset, device, workers=workers)
-    log.info("extracted %d CNN features in %.0f s (%.1f images/s) -> %s", len(features), time.time() - t,
-             len(features) / max(time.time() - t, 1e-9), path)
-    kept = list(features)
-    save_checkpoint({"names": kept, "features": torch.stack([features[n] for n in kept])}, path)
-    return features
 
 
 # ----------------------------------------------------------------------------------------- training
@@ -316,44 +266,42 @@ class Trainer:
     model: nn.Module
     criterion: nn.Module
     device: torch.device
-    from_features: bool
     optimizer: torch.optim.Optimizer = None
     scaler: torch.amp.GradScaler = None
     grad_clip: float = 0.0
     dist: Dist = field(default_factory=Dist)
     scst: SelfCritical = None
+    precision: str = "auto"
+    settle_every: int = 25  # steps between reading the loss back from the device (each read waits for it)
 
-    def step(self, x, captions, image_index):
-        """One batch: returns (summed loss over its words, words). `criterion` sums over words."""
-        x, captions = to_device(x, self.device), captions.to(self.device, non_blocking=True)
-        tokens, targets = captions[:, :-1], captions[:, 1:]  # [N, T-1] each: predict the next word
+    def step(self, batch, from_features):
+        """One batch: returns (summed loss over its words, as a tensor on the device; words)."""
+        tokens, targets = batch.captions[:, :-1], batch.captions[:, 1:]  # [N, T-1] each: predict the next word
         training = self.optimizer is not None
-        words = int((targets != Vocab.pad_idx).sum())
-        with torch.set_grad_enabled(training), autocast(self.device):
-            logits = self.model(x, tokens, image_index.to(self.device), from_features=self.from_features)
+        with torch.set_grad_enabled(training), autocast(self.device, self.precision):
+            logits = self.model(batch.x, tokens, batch.image_index, from_features=from_features)
             loss_sum = self.criterion(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
-        _check_finite(loss_sum)
         if training:
-            self._update(loss_sum, words)
-        return loss_sum.item(), words
+            self._update(loss_sum, batch.words)
+        return loss_sum.detach(), batch.words
 
-    def self_critical_step(self, x, names):
+    def self_critical_step(self, batch, from_features):
         """One batch of self-critical training: returns (summed reward of its samples, samples)."""
         model = self.model.module if isinstance(self.model, nn.parallel.DistributedDataParallel) else self.model
-        x, k = to_device(x, self.device), self.scst.samples
+        x, k = batch.x, self.scst.samples
         rows = torch.arange(x.shape[0], device=self.device).repeat_interleave(k)  # [B*K]: each sample's image
-        with torch.no_grad(), autocast(self.device):
-            feats = model.features(x, self.from_features)[rows]
+        with torch.no_grad(), autocast(self.device, self.precision):
+            feats = model.features(x, from_features)[rows]
             words = sample_captions(model.decoderRNN, feats, self.scst.max_len)  # [B*K, T]
-        reward = self.scst.rewards(words, names).to(self.device)  # [B, K]
+        reward = self.scst.rewards(words, batch.names).to(self.device)  # [B, K]
         advantage = (reward - (reward.sum(1, keepdim=True) - reward) / (k - 1)).view(-1)  # [B*K]
         tokens = torch.cat([torch.full_like(words[:, :1], Vocab.sos_idx), words[:, :-1]], 1)  # SOS w1 .. w(T-1)
-        with autocast(self.device):  # the samples' probabilities again, now with gradients (through DDP)
-            logits = self.model(x, tokens, rows, from_features=self.from_features)
+        with autocast(self.device, self.precision):  # the samples' probabilities again, with gradients (DDP)
+            logits = self.model(x, tokens, rows, from_features=from_features)
         loss_sum = -(advantage * caption_log_probs(logits, words)).sum()
         _check_finite(loss_sum)
         self._update(loss_sum, words.shape[0])
-        return reward.sum().item(), words.shape[0]
+        return reward.sum(), words.shape[0]
 
     def _update(self, loss_sum, count):
         # The mean over the whole batch (words or samples), on all processes together: DDP averages gradients
@@ -363,43 +311,46 @@ class Trainer:
         self.scaler.scale(loss).backward()
         if self.grad_clip:
             self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip, foreach=True)
         self.scaler.step(self.optimizer)
         self.scaler.update()
 
-    def run(self, loader, desc="train", progress=None, stop=None):
-        """One pass over a loader (training when there is an optimizer), continuing `progress` if given:
+    def run(self, batches, desc="train", progress=None, stop=None):
+        """One pass over a Batches (training when there is an optimizer), continuing `progress` if given:
         its first `progress.batches` batches are skipped. Ends early when `stop` is requested.
         With `scst`, progress.loss is the mean reward of the samples."""
         # Self-critical training samples with dropout off, so that the captions it rewards are the ones whose
         # probabilities it then raises.
         self.model.train(self.optimizer is not None and self.scst is None)
         progress = progress or Progress()
-        batches = itertools.islice(loader, progress.batches, None)
-        bar = tqdm(batches, desc=desc, unit="batch", leave=False, disable=None,
-                   initial=progress.batches, total=len(loader))
-        start = time.time()
+        bar = tqdm(batches.iterate(progress.batches), desc=desc, unit="batch", leave=False, disable=None,
+                   initial=progress.batches, total=len(batches))
+        start, pending = time.time(), []
         for batch in bar:
-            # Every image of this process's share was unreadable: the batch still counts in the epoch, and under
-            # torchrun all processes skip it together, or the others would wait for this one's gradients.
-            if self.dist.all_sum(batch is None):
-                progress.batches += 1
-                continue
-            x, captions, _, image_index, names = batch
-            if self.scst is not None:
-                loss_sum, words = self.self_critical_step(x, names)
-            else:
-                loss_sum, words = self.step(x, captions, image_index)
+            step = self.self_critical_step if self.scst is not None else self.step
+            loss_sum, count = step(batch, batches.from_features)
+            pending.append(loss_sum)
             progress.batches += 1
-            progress.loss_sum += loss_sum
-            progress.words += words
-            progress.captions += captions.shape[0]
-            bar.set_postfix({"CIDEr-D" if self.scst else "loss": f"{progress.loss:.3f}"})
+            progress.words += count
+            progress.captions += batch.captions.shape[0]
+            if len(pending) == self.settle_every:
+                self._settle(progress, pending, bar)
             # all processes must stop after the same step, or the others wait for its gradients forever
             if stop is not None and self.dist.all_sum(stop.requested):
                 break
+        self._settle(progress, pending, bar)
         progress.seconds += time.time() - start
         return progress
+
+    def _settle(self, progress, pending, bar):
+        """Add the losses still on the device to `progress`: one wait for the device every few steps, not one
+        per step, so that the CPU queues the next steps while the device computes."""
+        if pending:
+            total = torch.stack(pending).sum()
+            _check_finite(total)
+            progress.loss_sum += total.item()
+            pending.clear()
+            bar.set_postfix({"CIDEr-D" if self.scst else "loss": f"{progress.loss:.3f}"})
 
 
 def _check_finite(loss_sum):
@@ -416,10 +367,10 @@ TRAIN_FIGURES = {  # by args.scst: (history key, log label, TensorBoard tag)
 }
 
 
-def dev_scores(model, loader, data, vocab, device, from_features, max_len):
+def dev_scores(model, batches, data, vocab, device, max_len, precision="auto"):
     """Greedy captions for the dev sample, scored with BLEU and CIDEr (Python tokenisation: fast, no Java)."""
-    generated = caption_loader(model, loader, vocab, device, from_features, beam=1, max_len=max_len,
-                               desc="captioning dev")
+    generated = caption_loader(model, batches, vocab, device, beam=1, max_len=max_len, desc="captioning dev",
+                               precision=precision)
     scores = score_captions([data.captions[n] for n in generated], list(generated.values()), java=False,
                             metrics=("bleu", "cider"))
     return scores, generated
@@ -443,7 +394,7 @@ class Logger:
             text = f"**generated:** {generated.get(n, '')}  \n**references:**  \n{refs}"
             self.writer.add_text(f"dev/{n}", text, epoch)
             if not self.images_logged:
-                image = build_transform({"resize": 224, "crop": 224, "mean": [0] * 3, "std": [1] * 3})(
+                image = EvalTransform({"resize": 224, "crop": 224, "mean": [0] * 3, "std": [1] * 3})(
                     load_image(self.data.images_dir / n))
                 self.writer.add_image(f"dev/{n}", image, epoch)
         self.images_logged = True
@@ -487,29 +438,39 @@ def build(args, device):
     return data, vocab, model, preset, ckpt
 
 
-def make_loaders(args, data, vocab, model, preset, device, dist):
+def make_batches(args, data, vocab, model, preset, device, dist):
+    """Batches of the training split, the dev split (dev loss) and the first --dev-images dev images (scores).
+    A frozen CNN's features come from the feature cache; a CNN that learns (or --no-cache) reads images from
+    image stores: the training split at train_size (random crops) with --train-cnn, else at the evaluation
+    size. Under torchrun, rank 0 fills the caches once; the others then read them."""
     from_features = not args.train_cnn and not args.no_cache
-    names = sorted(set().union(*data.splits.values()))  # test too: evaluate.py then finds them cached
-    features = None
-    if from_features:
-        if not dist.main:
-            dist.barrier()  # rank 0 fills the cache once; the others then read it
-        features = cached_features(model, data.images_dir, names, preset, device, args.cache_dir, args.workers)
-        if dist.main:
-            dist.barrier()
-    train_tf = build_transform(preset, train=args.train_cnn)  # augment only a CNN that learns
-    eval_tf = build_transform(preset)
-    usable = set(features) if features is not None else set(readable_images(data.images_dir, names))
-    items = {s: [it for it in data.items(s, vocab) if it[0] in usable] for s in ("train", "dev")}
-    train_set = FlickrDataset(data.images_dir, items["train"], vocab, train_tf, features)
-    dev_set = FlickrDataset(data.images_dir, items["dev"], vocab, eval_tf, features)
-    score_set = FlickrDataset(data.images_dir, items["dev"][:args.dev_images], vocab, eval_tf, features)
-    workers = 0 if from_features else args.workers  # cached features need no worker processes
-    pin = device.type == "cuda"
-    loaders = {"train": get_loader(train_set, args.batch_size, True, workers, pin, dist.rank, dist.world),
-               "dev": get_loader(dev_set, args.batch_size, False, workers, pin),
-               "score": get_loader(score_set, args.batch_size, False, workers, pin)}
-    return loaders, from_features
+    with dist.main_first():
+        if from_features:
+            names = sorted(set().union(*data.splits.values()))  # test too: evaluate.py then finds them cached
+            kept, features = cached_features(model, data.images_dir, names, preset, device, args.cache_dir,
+                                             args.workers, args.precision)
+            row = {n: i for i, n in enumerate(kept)}
+            sources = {s: (FeatureSource(features, [row[n] for n in data.splits[s] if n in row]),
+                           [n for n in data.splits[s] if n in row]) for s in ("train", "dev")}
+        else:
+            sizes = {"train": train_size(preset) if args.train_cnn else preset["resize"], "dev": preset["resize"]}
+            sources = {}
+            for s, size in sizes.items():
+                store = ImageStore.open(data.images_dir, data.splits[s], size, device, args.cache_dir, args.workers)
+                sources[s] = StoreSource(store, list(range(len(store.names))), args.workers), store.names
+    transforms = {"train": None if from_features else "train" if args.train_cnn else "eval",
+                  "dev": None if from_features else "eval"}
+
+    captions = {s: CaptionTable([[vocab.numericalize(c) for c in data.captions[n]] for n in names], device)
+                for s, (_, names) in sources.items()}
+
+    def batches(split, limit=None, **sharding):  # the scoring sample is a prefix of dev: the same caption rows
+        source, names = sources[split]
+        return Batches(source, captions[split], names[:limit], device, preset, transforms[split], args.batch_size,
+                       **sharding)
+
+    return {"train": batches("train", shuffle=True, rank=dist.rank, world=dist.world), "dev": batches("dev"),
+            "score": batches("dev", limit=args.dev_images)}
 
 
 def make_optimizer(args, model):
@@ -517,7 +478,8 @@ def make_optimizer(args, model):
                "lr": args.lr}]
     if args.train_cnn:
         groups.append({"params": model.encoderCNN.backbone.parameters(), "lr": args.cnn_lr})
-    return torch.optim.Adam(groups)
+    # fused: one kernel for all parameters' updates (CUDA and CPU alike), not several per parameter
+    return torch.optim.Adam(groups, fused=True)
 
 
 def make_schedule(args, optimizer):
@@ -559,10 +521,11 @@ def main(args):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     data, vocab, model, preset, ckpt = build(args, device)
-    loaders, from_features = make_loaders(args, data, vocab, model, preset, device, dist)
+    batches = make_batches(args, data, vocab, model, preset, device, dist)
     optimizer = make_optimizer(args, model)
     schedule = make_schedule(args, optimizer)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
+    # fp16 needs its gradients scaled up, or small ones flush to zero; bf16 has fp32's range and needs none
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(device, args.precision) == torch.float16)
     criterion = nn.CrossEntropyLoss(ignore_index=Vocab.pad_idx, label_smoothing=args.label_smoothing,
                                     reduction="sum")
     state = TrainState()
@@ -574,9 +537,13 @@ def main(args):
         set_rng_state(ckpt["rng"])
     ckpt_dir = Path(args.checkpoint_dir)
     trained = model if dist.world == 1 else nn.parallel.DistributedDataParallel(model)
-    scst = SelfCritical(loaders["train"].dataset.items, args.scst_samples, args.max_len) if args.scst else None
-    trainer = Trainer(trained, criterion, device, from_features, optimizer, scaler, args.grad_clip, dist, scst)
-    evaluator = Trainer(model, criterion, device, from_features)
+    scst = None
+    if args.scst:
+        train_names = set(batches["train"].names)
+        scst = SelfCritical([it for it in data.items("train", vocab) if it[0] in train_names], args.scst_samples,
+                            args.max_len)
+    trainer = Trainer(trained, criterion, device, optimizer, scaler, args.grad_clip, dist, scst, args.precision)
+    evaluator = Trainer(model, criterion, device, precision=args.precision)
     save = functools.partial(save_state, ckpt_dir, model=model, vocab=vocab, preset=preset, state=state,
                              optimizer=optimizer, schedule=schedule, scaler=scaler, args=args)
     logger = None
@@ -585,20 +552,20 @@ def main(args):
         vocab.save(ckpt_dir / "vocabulary.pkl")
         logger = Logger(Path(args.log_dir) / time.strftime("%Y%m%d-%H%M%S"), data, data.splits["dev"][:3])
     first = len(state.history)
-    log.info("training %d images (%d captions) on %s%s, %s, epochs %d..%d", len(loaders["train"].dataset),
-             sum(len(c) for _, c in loaders["train"].dataset.items), device,
-             f" x {dist.world} processes" if dist.world > 1 else "",
-             "from cached features" if from_features else "through the CNN", state.epoch + 1, args.epochs)
+    log.info("training %d images (%d captions) on %s%s, %s, epochs %d..%d", len(batches["train"].names),
+             len(batches["train"].captions.lengths), device, f" x {dist.world} processes" if dist.world > 1 else "",
+             "from cached features" if batches["train"].from_features else "through the CNN", state.epoch + 1,
+             args.epochs)
     stop = StopFlag()
     with stop.installed():
         for epoch in range(state.epoch + 1, args.epochs + 1):
             # the shuffle order depends on the seed and the epoch alone
-            loaders["train"].batch_sampler.generator.manual_seed(args.seed * 100003 + epoch)
+            batches["train"].sampler.generator.manual_seed(args.seed * 100003 + epoch)
             resumed = Progress(**state.progress) if state.progress else Progress()
             done_before = resumed.batches
-            progress = trainer.run(loaders["train"], f"epoch {epoch}/{args.epochs}", resumed, stop)
+            progress = trainer.run(batches["train"], f"epoch {epoch}/{args.epochs}", resumed, stop)
             state.step += progress.batches - done_before
-            if progress.batches < len(loaders["train"]):  # stopped mid-epoch: keep the place, not the epoch
+            if progress.batches < len(batches["train"]):  # stopped mid-epoch: keep the place, not the epoch
                 state.progress = asdict(progress)
                 if dist.main:
                     save("last.pth.tar")
@@ -612,7 +579,7 @@ def main(args):
             if dist.main:
                 row = {"epoch": epoch, TRAIN_FIGURES[args.scst][0]: train,
                        "captions_per_s": progress.captions_per_s * dist.world, "lr": lr}
-                score = end_of_epoch(args, row, data, vocab, evaluator, loaders, logger)
+                score = end_of_epoch(args, row, data, vocab, evaluator, batches, logger)
                 state.history.append(row)
             score = dist.from_main(score)
             schedule.step(score)  # on every process, so that all keep the same learning rate
@@ -629,7 +596,7 @@ def main(args):
     if logger is not None:
         logger.close()
         if len(state.history) > first and not stop.requested:
-            print_examples(model, device, loaders["score"].dataset)
+            print_examples(model, batches["score"], vocab)
     if dist.world > 1:
         dist.barrier()
         torch.distributed.destroy_process_group()
@@ -637,12 +604,12 @@ def main(args):
             "stopped": stop.requested}
 
 
-def end_of_epoch(args, row, data, vocab, evaluator, loaders, logger):
+def end_of_epoch(args, row, data, vocab, evaluator, batches, logger):
     """Rank 0: dev loss and scores into the epoch's history row, the log line, TensorBoard.
     Returns the dev score that selects models."""
-    row["dev_loss"] = evaluator.run(loaders["dev"], "dev loss").loss
-    scores, generated = dev_scores(evaluator.model, loaders["score"], data, vocab, evaluator.device,
-                                   evaluator.from_features, args.max_len)
+    row["dev_loss"] = evaluator.run(batches["dev"], "dev loss").loss
+    scores, generated = dev_scores(evaluator.model, batches["score"], data, vocab, evaluator.device, args.max_len,
+                                   args.precision)
     row.update({f"dev_{k}": v for k, v in scores.items()})
     key, label, tag = TRAIN_FIGURES[args.scst]
     log.info("epoch %d: %s %.3f, dev loss %.3f, dev BLEU-4 %.4f, dev CIDEr %.4f, %.0f captions/s, lr %.2g",

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from image_intial_model import EncoderWeightsError
-from image_loader import DataError, build_transform, list_images, load_image, load_vocab_file
+from image_loader import DataError, EvalTransform, list_images, load_image, load_vocab_file
 from utils import HelpFormatter, load_checkpoint, model_from_checkpoint, pick_device
 
 DEFAULT_CHECKPOINTS = ("checkpoints/best.pth.tar", "checkpoints/last.pth.tar")
@@ -60,7 +60,7 @@ class Captioner:
             ckpt, vocab_path or checkpoint.parent / "vocabulary.pkl")
         self.device = torch.device(device)
         self.model.to(self.device).eval()
-        self.transform = build_transform(self.preset)
+        self.transform = EvalTransform(self.preset)
 
     @torch.no_grad()
     def caption(self, path, beam=3, max_len=40, length_penalty=0.0):

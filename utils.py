@@ -2,6 +2,7 @@
 and printed examples."""
 
 import argparse
+import contextlib
 import os
 import random
 from dataclasses import asdict, dataclass, fields
@@ -10,7 +11,7 @@ from pathlib import Path
 import torch
 
 from image_intial_model import CNN_RNN, ModelArgs
-from image_loader import DataError, Vocab, load_vocab_file
+from image_loader import DataError, Vocab, load_vocab_file, save_atomic
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -37,6 +38,15 @@ class Dist:
         if self.world > 1:
             torch.distributed.barrier()
 
+    @contextlib.contextmanager
+    def main_first(self):
+        """Rank 0 runs the block first (filling caches, say); the others then run it (and read them)."""
+        if not self.main:
+            self.barrier()
+        yield
+        if self.main:
+            self.barrier()
+
     def all_sum(self, value):
         """The sum of a number over all processes."""
         if self.world == 1:
@@ -61,6 +71,10 @@ def init_distributed(device):
         return Dist(), device
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
+        gpus, per_node = torch.cuda.device_count(), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if per_node > gpus:  # every process would fail on its own, some with a CUDA error
+            raise DataError(f"torchrun started {per_node} processes on a node with {gpus} GPU(s): use "
+                            f"--nproc_per_node={gpus}, or --device cpu")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     # NCCL reduces CUDA tensors only: the small counts that processes agree on go through gloo
@@ -82,28 +96,11 @@ def pick_device(name="auto"):
     return torch.device("cpu")
 
 
-def autocast(device):
-    """bf16 autocast on CUDA cards that have it, fp16 on older ones, full precision elsewhere."""
-    if device.type != "cuda":
-        return torch.autocast("cpu", enabled=False)
-    return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-
-
 # ---------------------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(state, path):
-    """Write to a temporary file in the same folder, then rename: a crash leaves the old file intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write atomically: a crash, even mid-write, leaves the last complete checkpoint loadable."""
+    save_atomic(state, path)
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -179,12 +176,12 @@ def checkpoint_state(model, vocab, preset, **extra):
 
 
 @torch.no_grad()
-def print_examples(model, device, dataset, n=3):
-    """Print reference vs generated captions for the first n images of a FlickrDataset."""
+def print_examples(model, batches, vocab, n=3):
+    """Print generated vs first reference captions for the first n images of a Batches' first batch."""
     was_training = model.training
     model.eval()
-    for i in range(min(n, len(dataset))):
-        x, caps, name = dataset[i]
-        ids = model.generate(x.unsqueeze(0).to(device), from_features=dataset.features is not None)[0]
-        print(f"{name}\n  generated: {dataset.vocab.decode(ids)}\n  reference: {dataset.vocab.decode(caps[0][1:])}")
+    batch = next(iter(batches))
+    for i, ids in enumerate(model.generate(batch.x[:n], from_features=batches.from_features)):
+        reference = batch.captions[batch.image_index == i][0, 1:].tolist()
+        print(f"{batch.names[i]}\n  generated: {vocab.decode(ids)}\n  reference: {vocab.decode(reference)}")
     model.train(was_training)

@@ -8,10 +8,9 @@ import torch
 
 from image_loader import (
     SPECIALS,
-    Collate,
+    CaptionTable,
     DataError,
     Flickr8k,
-    FlickrDataset,
     Vocab,
     load_captions,
     load_vocab_file,
@@ -119,15 +118,13 @@ def test_tokenizer_numericalize_decode():
     assert vocab.decode([vocab.stoi["dog"], vocab.eos_idx, vocab.stoi["ball"]]) == "dog"
 
 
-def test_collate_pads_and_maps_captions_to_images():
-    vocab = Vocab(SPECIALS + ["x"])
-    items = [("a", [[1, 4, 2], [1, 4, 4, 4, 2]]), ("b", [[1, 2]])]
-    features = {"a": torch.ones(6), "b": torch.zeros(6)}
-    images, caps, lengths, index, names = Collate()([FlickrDataset(".", items, vocab, features=features)[i]
-                                                     for i in range(2)])
-    assert images.shape == (2, 6) and names == ["a", "b"]
-    assert caps.shape == (3, 5) and lengths.tolist() == [3, 5, 2] and index.tolist() == [0, 0, 1]
-    assert caps[0].tolist() == [1, 4, 2, 0, 0] and caps[2].tolist() == [1, 2, 0, 0, 0]
+def test_caption_table_pads_a_batch_to_its_longest_and_maps_captions_to_images():
+    table = CaptionTable([[[1, 4, 2], [1, 4, 4, 4, 2]], [[1, 2]], [[1, 5, 5, 5, 5, 5, 5, 2]]], torch.device("cpu"))
+    caps, index, words = table.batch(torch.tensor([1, 0]))  # the longest caption (image 2) is not in the batch
+    assert caps.tolist() == [[1, 2, 0, 0, 0], [1, 4, 2, 0, 0], [1, 4, 4, 4, 2]]
+    assert index.tolist() == [0, 1, 1] and words == 1 + 2 + 4  # each caption's words after SOS, EOS included
+    caps, index, words = table.batch(torch.tensor([2]))
+    assert caps.shape == (1, 8) and index.tolist() == [0] and words == 7
 
 
 def test_vocabulary_file_round_trip_and_seed_format(tmp_path, monkeypatch):

@@ -3,13 +3,14 @@
 import pytest
 import torch
 
-from tests.conftest import SAMPLE, run_script
-from utils import load_checkpoint
+from image_loader import DataError
+from tests.conftest import copy_sample, run_script
+from utils import init_distributed, load_checkpoint
 
 
 def test_two_processes_with_gloo_match_one_process(tmp_path, cache_dir):
     # dropout 0: each process draws its own dropout masks, so only a run without dropout can match exactly
-    flags = ["image_training.py", "--demo", "--epochs", "2", "--dropout", "0", "--dev-images", "5",
+    flags = ["image_training.py", "--demo", "--device", "cpu", "--epochs", "2", "--dropout", "0", "--dev-images", "5",
              "--cache-dir", str(cache_dir)]
     one = run_script(*flags, "--checkpoint-dir", tmp_path / "one", "--log-dir", tmp_path / "runs1")
     assert one.returncode == 0, one.stderr[-2000:]
@@ -26,24 +27,28 @@ def test_two_processes_with_gloo_match_one_process(tmp_path, cache_dir):
     assert len(list((tmp_path / "runs2").rglob("events.out.tfevents.*"))) == 1  # rank 0 alone logs
 
 
-def test_a_process_whose_share_of_a_batch_is_unreadable_does_not_hang_the_others(tmp_path):
-    """Through the CNN (--no-cache), batches of 2 images: one process gets the truncated JPEG alone, so its
-    share of that batch is empty while the other's is not. Both must skip it, not wait for each other."""
-    data = tmp_path / "data"
-    (data / "Images").mkdir(parents=True)
-    for f in SAMPLE.iterdir():
-        if f.is_file():
-            (data / f.name).write_bytes(f.read_bytes())
-    train = (SAMPLE / "Flickr_8k.trainImages.txt").read_text().split()[:4]
-    for name in train + (SAMPLE / "Flickr_8k.devImages.txt").read_text().split()[:2]:
-        (data / "Images" / name).write_bytes((SAMPLE / "Images" / name).read_bytes())
+def test_an_unreadable_image_is_left_out_before_two_processes_train(tmp_path):
+    """Through the CNN (--no-cache), batches of 2 images, one of the 4 training images truncated: the image store,
+    which rank 0 fills once, leaves it out, so no process's share of a batch is ever empty mid-epoch."""
+    data, train = copy_sample(tmp_path / "data", train=4)
     whole = (data / "Images" / train[1]).read_bytes()
     (data / "Images" / train[1]).write_bytes(whole[:len(whole) // 4])  # opens, fails while decoding
     proc = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "image_training.py",
-                      "--demo", "--data", data, "--epochs", "1", "--batch-size", "2", "--no-cache", "--workers", "0",
-                      "--dev-images", "2", "--checkpoint-dir", tmp_path / "ck", "--log-dir", tmp_path / "runs",
-                      timeout=300)
+                      "--demo", "--device", "cpu", "--data", data, "--epochs", "1", "--batch-size", "2", "--no-cache",
+                      "--workers", "1", "--dev-images", "2", "--checkpoint-dir", tmp_path / "ck",
+                      "--log-dir", tmp_path / "runs", "--cache-dir", tmp_path / "cache", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"skipping {data / 'Images' / train[1]}" in proc.stderr
     ckpt = load_checkpoint(tmp_path / "ck" / "last.pth.tar")
-    assert ckpt["epoch"] == 1 and ckpt["step"] == 2  # two batches of two images: the epoch ran to its end
+    # 3 readable images in batches of 2: one step; the last batch, 1 image for 2 processes, is left out
+    assert ckpt["epoch"] == 1 and ckpt["step"] == 1
+
+
+def test_more_processes_than_gpus_is_one_clear_line(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(DataError, match="torchrun started 2 processes on a node with 1 GPU"):
+        init_distributed(torch.device("cuda"))

@@ -8,7 +8,7 @@ from torch import nn
 
 import image_intial_model as M
 from image_intial_model import CNN_RNN, EncoderWeightsError, ModelArgs, build_backbone, preprocessing
-from image_loader import SPECIALS, Vocab, build_transform, load_image
+from image_loader import SPECIALS, EvalTransform, Vocab, load_image
 from tests.conftest import SAMPLE
 from utils import SEED_PREPROCESSING, model_from_checkpoint, save_checkpoint
 
@@ -135,7 +135,7 @@ def test_frozen_cnn_keeps_batchnorm_in_eval_mode(lite0):
                                   "2183967273_d182e18cf6.jpg"])
 def test_offline_pretrained_encoder_recognises_a_dog(name):
     net = M.efficientnet_lite0(num_classes=1000, weights="imagenet").eval()
-    x = build_transform(preprocessing("efficientnet_lite0"))(load_image(SAMPLE / "Images" / name))
+    x = EvalTransform(preprocessing("efficientnet_lite0"))(load_image(SAMPLE / "Images" / name))
     with torch.no_grad():
         top = net(x.unsqueeze(0)).argmax().item()
     assert 151 <= top <= 268, f"ImageNet class {top} is not a dog"  # classes 151-268 are dog breeds

@@ -14,7 +14,7 @@ from PIL import Image
 
 import image_training
 from image_loader import SPECIALS, DataError, Vocab, load_image
-from tests.conftest import ROOT, SAMPLE, run_script
+from tests.conftest import ROOT, SAMPLE, copy_sample, run_script, train_args
 from utils import load_checkpoint
 
 PHOTO = SAMPLE / "Images" / "2364096157_eb7970a69a.jpg"
@@ -82,34 +82,18 @@ def test_inference_refuses_bad_flags_up_front(demo_run, tmp_path, flags, message
     assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr
 
 
-def demo_args(tmp_path, cache_dir, *extra):
-    return image_training.get_args_parser().parse_args(
-        ["--demo", "--dev-images", "5", "--checkpoint-dir", str(tmp_path / "ck"), "--log-dir", str(tmp_path / "runs"),
-         "--cache-dir", str(cache_dir), *extra])
-
-
-@pytest.mark.parametrize("cached", [True, False])
-def test_training_skips_unreadable_images(tmp_path, cache_dir, caplog, cached):
-    data = tmp_path / "data"
-    data.mkdir()
-    for f in SAMPLE.iterdir():
-        if f.is_file():
-            (data / f.name).write_bytes(f.read_bytes())
-    (data / "Images").mkdir()
-    train = (SAMPLE / "Flickr_8k.trainImages.txt").read_text().split()[:12]
-    for name in train + (SAMPLE / "Flickr_8k.devImages.txt").read_text().split()[:2]:
-        (data / "Images" / name).write_bytes((SAMPLE / "Images" / name).read_bytes())
+@pytest.mark.parametrize("through", [[], ["--no-cache"], ["--train-cnn"]])
+def test_training_skips_unreadable_images(tmp_path, caplog, through):
+    data, train = copy_sample(tmp_path / "data")
     (data / "Images" / train[0]).write_text("not a photo")
     whole = (data / "Images" / train[1]).read_bytes()
     (data / "Images" / train[1]).write_bytes(whole[:len(whole) // 4])  # opens, fails while decoding
-    extra = [] if cached else ["--no-cache", "--workers", "0"]
-    result = image_training.main(demo_args(tmp_path, tmp_path / "cache", "--data", str(data), "--epochs", "1",
-                                           *extra))
+    result = image_training.main(train_args(tmp_path, tmp_path / "cache", "--data", str(data), "--epochs", "1",
+                                            *through))
     assert len(result["history"]) == 1 and np.isfinite(result["history"][0]["train_loss"])
-    if cached:  # the feature pass decodes every image: both are found there
-        assert "skipped 2 unreadable images" in caplog.text
-    else:  # the header check finds the text file; the truncated one fails while decoding, mid-epoch
-        assert "skipped 1 unreadable images" in caplog.text and f"skipping {data / 'Images' / train[1]}" in caplog.text
+    # the feature pass, or the image store, decodes every image once, before training: both are found there
+    assert "skipped 2 unreadable images" in caplog.text
+    assert f"skipping {data / 'Images' / train[1]}: unreadable image" in caplog.text
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path, cache_dir, monkeypatch,
@@ -170,8 +154,8 @@ def assert_same_as_uninterrupted(final, demo_run):
 
 def demo_cmd(tmp_path, cache_dir):
     """The demo_run fixture's training, into another folder."""
-    return ["image_training.py", "--demo", "--epochs", "2", "--dev-images", "10", "--save-every", "1",
-            "--checkpoint-dir", str(tmp_path / "ck"), "--log-dir", str(tmp_path / "runs"),
+    return ["image_training.py", "--demo", "--device", "cpu", "--epochs", "2", "--dev-images", "10",
+            "--save-every", "1", "--checkpoint-dir", str(tmp_path / "ck"), "--log-dir", str(tmp_path / "runs"),
             "--cache-dir", str(cache_dir)]
 
 

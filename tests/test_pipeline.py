@@ -1,0 +1,229 @@
+"""The data path that feeds the model: JPEG decoding on the device, the image store, batches as indices into
+tensors, mixed precision on the CPU, and bench.py."""
+
+import json
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms
+
+import image_intial_model as M
+from image_loader import (
+    Batches,
+    CaptionTable,
+    DataError,
+    EvalTransform,
+    FeatureSource,
+    FileSource,
+    ImageStore,
+    StoreSource,
+    augment,
+    default_workers,
+    load_image,
+    normalize,
+    read_image,
+    resize_pil,
+)
+from image_training import Trainer
+from tests.conftest import SAMPLE, copy_sample, run_script, train_args
+from tests.test_robustness import make_bad_and_odd_images
+from utils import SEED_PREPROCESSING
+
+CPU = torch.device("cpu")
+LITE0 = M.preprocessing("efficientnet_lite0")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Eight sample photos at Flickr8k's original size (500x375), so that every path resizes them."""
+    folder = tmp_path_factory.mktemp("photos")
+    names = sorted(p.name for p in (SAMPLE / "Images").iterdir())[:8]
+    for n in names:
+        Image.open(SAMPLE / "Images" / n).resize((500, 375)).save(folder / n, quality=90)
+    return folder, names
+
+
+def images_of(source, indices):
+    return source.to_device(source.load(indices), CPU)[1]
+
+
+def test_jpegs_decoded_on_the_device_give_pillows_pixels_and_features(photos):
+    """The device path (torchvision.io.decode_jpeg, here on CPU tensors; nvJPEG on CUDA) against Pillow's."""
+    folder, names = photos
+    for size in (224, 299):
+        device = images_of(FileSource(folder, names, size, 0, device_decode=True), range(8)).float()
+        pillow = images_of(FileSource(folder, names, size, 0), range(8)).float()
+        assert device.shape == pillow.shape == (8, 3, size, size)
+        # measured: mean 0.15 / 0.17 levels, max 1
+        assert (device - pillow).abs().max() <= 2 and (device - pillow).abs().mean() < 0.5
+    encoder = M.CNN_RNN(M.ModelArgs(10, "efficientnet_lite0"), weights="imagenet").encoderCNN.eval()
+    with torch.no_grad():
+        features = [encoder.extract(normalize(images_of(FileSource(folder, names, 224, 0, device_decode=d),
+                                                        range(8)), LITE0)) for d in (True, False)]
+    # measured: 0.046 at most, cosine 0.999; noise of +-1 level on Pillow's own pixels moves them by 0.23
+    relative = (features[0] - features[1]).norm(dim=1) / features[1].norm(dim=1)
+    assert relative.max() < 0.1
+
+
+def test_only_plain_jpegs_go_to_the_device_and_odd_files_keep_pillows_rules(tmp_path, photos):
+    folder, names = photos
+    expected = make_bad_and_odd_images(tmp_path / "odd")
+    Image.open(folder / names[0]).save(tmp_path / "odd" / "progressive.jpg", progressive=True)
+    assert read_image(folder / names[0], 224, raw_jpeg=True).dim() == 1  # bytes, for the device to decode
+    for name in ("cmyk.jpg", "grey.jpg", "rotated.jpg", "progressive.jpg", "palette.png", "rgba.png"):
+        assert read_image(tmp_path / "odd" / name, 224, raw_jpeg=True).shape == (3, 224, 224), name
+    for name in ("truncated.jpg", "text.jpg", "empty.jpg", "huge.png"):
+        with pytest.raises(DataError, match=expected[name]):
+            read_image(tmp_path / "odd" / name, 224, raw_jpeg=True)
+    # a batch of both kinds, with an unreadable file left out
+    source = FileSource(tmp_path / "odd", ["cmyk.jpg", "truncated.jpg", "rotated.jpg"], 224, 0, device_decode=True)
+    kept, images = source.to_device(source.load([0, 1, 2]), CPU)
+    assert kept == [0, 2] and images.shape == (2, 3, 224, 224) and images.dtype == torch.uint8  # positions
+    upright = np.asarray(load_image(tmp_path / "odd" / "rotated.jpg").resize((224, 224), Image.BILINEAR))
+    assert np.array_equal(images[1].permute(1, 2, 0).numpy(), upright)
+
+
+@pytest.mark.parametrize("preset", [LITE0, M.preprocessing("inception_v3"), SEED_PREPROCESSING])
+def test_evaluation_preset_is_torchvisions_resize_crop_and_normalize(photos, preset):
+    folder, names = photos
+    im = load_image(folder / names[0])
+    reference = transforms.Compose([
+        transforms.Resize((preset["resize"],) * 2, interpolation=transforms.InterpolationMode.BILINEAR,
+                          antialias=True),
+        transforms.CenterCrop(preset["crop"]), transforms.ToTensor(), transforms.Normalize(preset["mean"],
+                                                                                           preset["std"])])
+    torch.testing.assert_close(EvalTransform(preset)(im), reference(im), rtol=0, atol=1e-6)
+
+
+def test_augmentation_crops_and_jitters_each_image_reproducibly(photos):
+    folder, names = photos
+    images = torch.stack([resize_pil(load_image(folder / n), 240) for n in names[:4]])
+    a = augment(images, LITE0, torch.Generator().manual_seed(1))
+    assert a.shape == (4, 3, 224, 224)
+    torch.testing.assert_close(a, augment(images, LITE0, torch.Generator().manual_seed(1)))
+    assert not torch.equal(a, augment(images, LITE0, torch.Generator().manual_seed(2)))
+    pixels = a * 0.5 + 0.5  # back to [0, 1]
+    assert pixels.min() >= -1e-6 and pixels.max() <= 1 + 1e-6
+    # jitter is mild: each image stays close to some 224-px crop of itself
+    plain = normalize(images[:, :, 8:232, 8:232], LITE0)
+    assert (a - plain).abs().mean() < (a - plain.roll(1, 0)).abs().mean()
+
+
+def test_image_store_is_built_once_read_back_exactly_and_never_stale(tmp_path, caplog):
+    data, train = copy_sample(tmp_path / "data", train=5, dev=0)
+    (data / "Images" / train[4]).write_text("not a photo")
+    images = data / "Images"
+    with caplog.at_level(logging.INFO, logger="captioner"):
+        store = ImageStore.open(images, train, 64, CPU, tmp_path / "cache", workers=1)
+        assert "stored 4 images at 64 px" in caplog.text and "skipped 1 unreadable images" in caplog.text
+        assert store.names == train[:4]
+        expected = torch.stack([resize_pil(load_image(images / n), 64) for n in store.names])
+        assert torch.equal(store.read([0, 1, 2, 3]), expected)
+        caplog.clear()
+        again = ImageStore.open(images, train, 64, CPU, tmp_path / "cache", workers=1)
+        assert "images from store" in caplog.text and again.path == store.path
+        os.utime(images / train[0], ns=(0, 0))  # a changed file: a new store, never the stale one
+        assert ImageStore.open(images, train, 64, CPU, tmp_path / "cache", workers=1).path != store.path
+
+
+def test_batches_from_tensors_give_the_losses_of_each_caption_scored_alone():
+    """A batch is an index into one features tensor and one padded caption tensor; the summed loss must be
+    what each caption of each image gives on its own."""
+    torch.manual_seed(0)
+    model = M.CNN_RNN(M.ModelArgs(vocab_size=20, encoder="efficientnet_lite0", embed_size=8, hidden_size=16,
+                                  dropout=0.0), weights="random")
+    captions = [[[1, 5, 6, 2], [1, 7, 2]], [[1, 8, 9, 10, 11, 12, 2]], [[1, 4, 2]] * 5, [[1, 13, 14, 2]]]
+    features = torch.randn(6, 1280)
+    rows = [5, 0, 3, 1]  # the split's images are rows of a larger cache
+    batches = Batches(FeatureSource(features, rows), CaptionTable(captions, CPU), list("abcd"), CPU, batch_size=3,
+                      shuffle=True)
+    criterion = torch.nn.CrossEntropyLoss(ignore_index=0, reduction="sum")
+    progress = Trainer(model, criterion, CPU).run(batches)
+    expected, words = 0.0, 0
+    with torch.no_grad():
+        for row, caps in zip(rows, captions):
+            for c in caps:
+                c = torch.tensor([c])
+                logits = model(features[row:row + 1], c[:, :-1], from_features=True)
+                expected += criterion(logits[0], c[0, 1:]).item()
+                words += c.shape[1] - 1
+    assert progress.batches == 2 and progress.words == words and progress.captions == 9
+    assert progress.loss_sum == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_resumed_pass_skips_batches_unread_and_augments_the_rest_the_same(tmp_path):
+    data, train = copy_sample(tmp_path / "data", train=8, dev=0)
+    store = ImageStore.open(data / "Images", train, 240, CPU, tmp_path / "cache", workers=1)
+    read = []
+
+    class Counting(StoreSource):
+        def load(self, indices):
+            read.append(list(indices))
+            return super().load(indices)
+
+    batches = Batches(Counting(store, list(range(8)), workers=0), CaptionTable([[[1, 2]]] * 8, CPU), train, CPU,
+                      LITE0, "train", batch_size=2, shuffle=True)
+    batches.sampler.generator.manual_seed(7)
+    whole = list(batches)
+    read.clear()
+    batches.sampler.generator.manual_seed(7)
+    resumed = list(batches.iterate(skip=2))
+    assert len(read) == 2 and len(resumed) == 2
+    for a, b in zip(whole[2:], resumed):
+        assert a.names == b.names
+        torch.testing.assert_close(a.x, b.x)
+
+
+def test_mixed_precision_runs_on_the_cpu_as_on_a_gpu(tmp_path, cache_dir):
+    model = M.CNN_RNN(M.ModelArgs(vocab_size=30, encoder="efficientnet_lite0"), weights="random")
+    with M.autocast(CPU, "bf16"):
+        logits = model(torch.randn(2, 1280), torch.ones(2, 5, dtype=torch.long), from_features=True)
+    assert logits.dtype == torch.bfloat16
+    assert M.autocast_dtype(CPU) is None and M.autocast_dtype(CPU, "fp16") == torch.float16
+    import image_training
+
+    result = image_training.main(train_args(tmp_path, cache_dir, "--epochs", "1", "--max-images", "40",
+                                            "--precision", "bf16", "--attention"))
+    assert np.isfinite(result["history"][0]["train_loss"])
+
+
+def test_self_critical_learning_in_eval_mode_keeps_the_lstm_off_cudnn(monkeypatch):
+    """cuDNN's LSTM has no backward in eval mode (self-critical training learns with dropout off): the
+    decoder must not ask it for one. Recorded on any device: the flag it runs the LSTM under."""
+    seen = []
+    real = torch.nn.LSTM.forward
+
+    def forward(self, *args, **kwargs):
+        seen.append(torch.backends.cudnn.enabled)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.LSTM, "forward", forward)
+    decoder = M.RNN_decoder(M.ModelArgs(vocab_size=10, embed_size=4, hidden_size=4))
+    tokens = torch.ones(2, 3, dtype=torch.long)
+    decoder.eval()(torch.randn(2, 4), tokens).sum().backward()
+    decoder.train()(torch.randn(2, 4), tokens)
+    with torch.no_grad():
+        decoder.eval()(torch.randn(2, 4), tokens)
+    assert seen == [False, torch.backends.cudnn.enabled, torch.backends.cudnn.enabled]
+
+
+def test_loader_workers_follow_the_cores_this_process_may_use(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+    assert default_workers() == 6 and default_workers(processes_per_node=4) == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(96)), raising=False)
+    assert default_workers() == 16
+
+
+def test_bench_smoke_run_prints_every_figure(tmp_path):
+    proc = run_script("bench.py", "--smoke", "--json", "--batch-size", "8", "--device", "cpu", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout)
+    for key in ("encoder_forward_images_per_s", "loader_images_per_s", "feature_pass_images_per_s",
+                "decoder_bare_captions_per_s", "frozen_epoch_captions_per_s", "store_read_images_per_s",
+                "jpeg_read_images_per_s", "finetune_epoch_s", "caption_beam3_s", "peak_memory_mb"):
+        assert r[key] > 0, key
+    assert r["finetune_measured_images"] == 8 and r["decoder"] == "plain" and r["workers"] >= 1
