@@ -258,7 +258,7 @@ class Bench:
         store = ImageStore.open(self.data.images_dir, names, size, self.device, cache_dir, self.args.workers)
         build = len(names) / (time.perf_counter() - start)
         captions = CaptionTable([[] for _ in store.names], self.device)
-        one_core = {"store": StoreSource(store, list(range(len(store.names))), workers=0),
+        one_core = {"store": StoreSource(store, workers=0),
                     "jpeg": FileSource(self.data.images_dir, store.names, size, workers=0)}
         rates = {k: self._pass(Batches(source, captions, store.names, self.device, self.preset, "raw",
                                        self.args.batch_size), len(store.names)) for k, source in one_core.items()}
@@ -272,7 +272,7 @@ class Bench:
             names = store.names[:n_batches * self.args.batch_size]
             real = self.data.items("train", self.vocab)
             captions = CaptionTable([real[i % len(real)][1] for i in range(len(names))], self.device)
-            source = StoreSource(store, list(range(len(names))), self.args.workers)
+            source = StoreSource(store, self.args.workers)
             optimizer = make_optimizer(argparse.Namespace(lr=1e-3, train_cnn=True, cnn_lr=1e-5), self.model)
             trainer = self._trainer(optimizer)
 

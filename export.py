@@ -99,7 +99,7 @@ def _graphs(model):
 # ------------------------------------------------------------------------------- runner (no PyTorch)
 
 def preprocess(path, preset):
-    """The evaluation preset in NumPy: what image_loader.load_image + build_transform do, for one image."""
+    """The evaluation preset in NumPy: what image_loader.load_image + EvalTransform do, for one image."""
     with Image.open(path) as im:  # as image_loader.load_image, which this runner cannot import (it needs torch)
         im = ImageOps.exif_transpose(im)
         if im.mode.startswith("I"):  # 16-bit greyscale: scale, do not clip

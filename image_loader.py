@@ -468,13 +468,13 @@ class FeatureSource:
 
 
 class StoreSource:
-    """Images from an ImageStore (uint8, resized once): an epoch reads no JPEG."""
+    """Images from an ImageStore (uint8, resized once), image i its row i: an epoch reads no JPEG."""
 
-    def __init__(self, store, rows, workers):
-        self.store, self.rows, self.workers = store, rows, workers
+    def __init__(self, store, workers):
+        self.store, self.workers = store, workers
 
     def load(self, indices):
-        return self.store.read([self.rows[i] for i in indices])
+        return self.store.read(indices)
 
     def to_device(self, images, device):
         return list(range(len(images))), to_device(images, device)  # pinned already by a loader with workers
@@ -686,7 +686,7 @@ def extract_features(encoder, images_dir, names, preset, device, precision="auto
     batches = image_batches(images_dir, names, preset["resize"], device, workers, batch_size, "eval", preset)
     for batch in tqdm(batches, desc="extracting CNN features", unit="batch", leave=False, disable=None):
         x, n = batch.x, len(batch.names)
-        if n < batch_size:  # cuDNN (benchmark mode) would tune its kernels anew for this shape: seconds
+        if n < batch_size and x.is_cuda:  # cuDNN (benchmark mode) would tune its kernels anew: seconds
             x = cnn_layout(torch.cat([x, x.new_zeros((batch_size - n, *x.shape[1:]))]))
         with autocast(device, precision):
             f = encoder.extract(x)[:n]

@@ -457,7 +457,7 @@ def make_batches(args, data, vocab, model, preset, device, dist):
             sources = {}
             for s, size in sizes.items():
                 store = ImageStore.open(data.images_dir, data.splits[s], size, device, args.cache_dir, args.workers)
-                sources[s] = StoreSource(store, list(range(len(store.names))), args.workers), store.names
+                sources[s] = StoreSource(store, args.workers), store.names
     transforms = {"train": None if from_features else "train" if args.train_cnn else "eval",
                   "dev": None if from_features else "eval"}
 

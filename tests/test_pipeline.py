@@ -165,7 +165,7 @@ def test_a_resumed_pass_skips_batches_unread_and_augments_the_rest_the_same(tmp_
             read.append(list(indices))
             return super().load(indices)
 
-    batches = Batches(Counting(store, list(range(8)), workers=0), CaptionTable([[[1, 2]]] * 8, CPU), train, CPU,
+    batches = Batches(Counting(store, workers=0), CaptionTable([[[1, 2]]] * 8, CPU), train, CPU,
                       LITE0, "train", batch_size=2, shuffle=True)
     batches.sampler.generator.manual_seed(7)
     whole = list(batches)
