@@ -22,15 +22,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-SOS_IDX, EOS_IDX = 1, 2
-
-
 # ------------------------------------------------------------------------------------------- export
 
 def export(checkpoint, fmt, out):
     import torch
 
-    from image_intial_model import NEVER_SAY
+    from image_intial_model import NEVER_SAY, SOS_IDX, SPECIALS
     from utils import load_checkpoint, model_from_checkpoint
 
     checkpoint = Path(checkpoint)
@@ -64,7 +61,8 @@ def export(checkpoint, fmt, out):
             torch.jit.trace(encoder, (image,)).save(str(out / "encoder.pt"))
             torch.jit.trace(step, (tokens, *state)).save(str(out / "decoder_step.pt"))
     config = {"format": fmt, "vocab": vocab.itos, "preprocessing": preset, "state_batch_axes": axes,
-              "never_say": list(NEVER_SAY), "encoder": model.args.encoder, "attention": model.args.attention}
+              "never_say": list(NEVER_SAY), "specials": SPECIALS, "encoder": model.args.encoder,
+              "attention": model.args.attention}
     (out / "captioner.json").write_text(json.dumps(config))
     sizes = {p.name: p.stat().st_size for p in sorted(out.iterdir())}
     for name, n in sizes.items():
@@ -121,6 +119,9 @@ class Runner:
         folder = Path(folder)
         self.config = json.loads((folder / "captioner.json").read_text())
         self.axes = self.config["state_batch_axes"]
+        # the vocabulary's special words, as the export names them (exports before this key: the same four)
+        self.specials = self.config.get("specials", ["<PAD>", "<SOS>", "<EOS>", "<UNK>"])
+        self.sos, self.eos = self.specials.index("<SOS>"), self.specials.index("<EOS>")
         if self.config["format"] == "onnx":
             import onnxruntime as ort
 
@@ -163,14 +164,14 @@ class Runner:
         state = self.start(preprocess(path, self.config["preprocessing"]))
         ids = self._greedy(state, max_len) if beam == 1 else self._beam(state, max_len, beam, length_penalty)
         words = self.config["vocab"]
-        return " ".join(words[i] for i in ids if i >= 4)
+        return " ".join(words[i] for i in ids if i >= len(self.specials))
 
     def _greedy(self, state, max_len):
-        tokens, out = np.array([SOS_IDX], dtype=np.int64), []
+        tokens, out = np.array([self.sos], dtype=np.int64), []
         for _ in range(max_len):
             logits, state = self.step(tokens, state)
             tokens = logits.argmax(-1)
-            if tokens[0] == EOS_IDX:
+            if tokens[0] == self.eos:
                 break
             out.append(int(tokens[0]))
         return out
@@ -180,26 +181,26 @@ class Runner:
         state = self.select(state, np.zeros(k, dtype=np.int64))
         scores = np.full(k, -np.inf)
         scores[0] = 0.0
-        tokens = np.full(k, SOS_IDX, dtype=np.int64)
+        tokens = np.full(k, self.sos, dtype=np.int64)
         seqs, done, lengths = np.zeros((k, 0), dtype=np.int64), np.zeros(k, dtype=bool), np.zeros(k)
         for _ in range(max_len):
             logits, state = self.step(tokens, state)
             logp = logits - logits.max(-1, keepdims=True)
             logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
             logp[done] = -np.inf
-            logp[done, EOS_IDX] = 0.0
+            logp[done, self.eos] = 0.0
             flat = (scores[:, None] + logp).reshape(-1)
             top = np.argsort(-flat, kind="stable")[:k]
             beam, word = top // logp.shape[1], top % logp.shape[1]
             scores = flat[top]
             seqs = np.concatenate([seqs[beam], word[:, None]], 1)
             lengths = lengths[beam] + (~done[beam])
-            done = done[beam] | (word == EOS_IDX)
+            done = done[beam] | (word == self.eos)
             state, tokens = self.select(state, beam), word
             if done.all():
                 break
         best = seqs[int(np.argmax(scores / np.maximum(lengths, 1) ** length_penalty))].tolist()
-        return best[:best.index(EOS_IDX)] if EOS_IDX in best else best
+        return best[:best.index(self.eos)] if self.eos in best else best
 
 
 def timed_caption(caption, path, repeat=3):

@@ -14,6 +14,10 @@ from torch import nn
 from torchvision.models.inception import Inception3
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+# Every vocabulary starts with these words, in this order. PAD must be 0: padding and the loss's ignore_index
+# rely on it.
+SPECIALS = ["<PAD>", "<SOS>", "<EOS>", "<UNK>"]
+PAD_IDX, SOS_IDX, EOS_IDX, UNK_IDX = range(len(SPECIALS))
 
 # Per encoder: input size, the normalisation its ImageNet weights were trained with, and its feature width.
 ENCODERS = {
@@ -354,11 +358,11 @@ class CNN_RNN(nn.Module):
         return beam_search(self.decoderRNN, feats, max_len, beam, length_penalty)
 
 
-def _trim(seq, eos_idx):
-    return seq[:seq.index(eos_idx)] if eos_idx in seq else seq
+def trim_at_eos(ids):
+    """Word ids up to the first EOS (or all of them)."""
+    return ids[:ids.index(EOS_IDX)] if EOS_IDX in ids else ids
 
 
-PAD_IDX, SOS_IDX, EOS_IDX, UNK_IDX = range(4)  # image_loader.SPECIALS order
 NEVER_SAY = [PAD_IDX, SOS_IDX, UNK_IDX]  # generation never emits these: "<UNK>" is no word to read out
 
 
@@ -387,7 +391,7 @@ def _word_by_word(decoder, feats, max_len, choose):
 
 def greedy_search(decoder, feats, max_len):
     seqs = _word_by_word(decoder, feats, max_len, lambda logits: logits.argmax(-1)).tolist()  # [B, steps]
-    return [_trim(s, EOS_IDX) for s in seqs]
+    return [trim_at_eos(s) for s in seqs]
 
 
 def beam_search(decoder, feats, max_len, k, length_penalty=0.0):
@@ -431,7 +435,7 @@ def beam_search(decoder, feats, max_len, k, length_penalty=0.0):
         seq.append(word.gather(1, at))
         at = beam.gather(1, at)
     seqs = torch.cat(seq[::-1], 1).tolist()  # [B, steps]
-    return [_trim(s, EOS_IDX) for s in seqs]
+    return [trim_at_eos(s) for s in seqs]
 
 
 def sample_captions(decoder, feats, max_len):

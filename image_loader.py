@@ -35,12 +35,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.io import ImageReadMode, decode_jpeg
 from tqdm import tqdm
 
-from image_intial_model import autocast, autocast_dtype
+from image_intial_model import EOS_IDX, PAD_IDX, SOS_IDX, SPECIALS, UNK_IDX, autocast, autocast_dtype
 
 log = logging.getLogger("captioner")
 
-PAD, SOS, EOS, UNK = "<PAD>", "<SOS>", "<EOS>", "<UNK>"
-SPECIALS = [PAD, SOS, EOS, UNK]  # PAD must stay index 0: pad_sequence and ignore_index rely on it
 IMAGE_DIRS = ("Images", "Flicker8k_Dataset", "Flickr8k_Dataset")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPLIT_FRACTIONS = {"train": 6000 / 8000, "dev": 1000 / 8000, "test": 1000 / 8000}
@@ -169,7 +167,7 @@ class Vocab:
         self.stoi = {w: i for i, w in enumerate(self.itos)}
         self._tok = None
 
-    pad_idx, sos_idx, eos_idx, unk_idx = range(4)
+    pad_idx, sos_idx, eos_idx, unk_idx = PAD_IDX, SOS_IDX, EOS_IDX, UNK_IDX
 
     def __len__(self):
         return len(self.itos)

@@ -38,6 +38,7 @@ from image_intial_model import (
     caption_log_probs,
     preprocessing,
     sample_captions,
+    trim_at_eos,
 )
 from image_loader import (
     Batches,
@@ -254,8 +255,7 @@ class SelfCritical:
         """Sampled word ids [B*K, T] (EOS, then PAD) of the images `names` -> CIDEr-D [B, K]."""
         out = []
         for i, row in enumerate(words.tolist()):
-            caption = row[:row.index(Vocab.eos_idx)] if Vocab.eos_idx in row else row
-            out.append(self.cider.score(caption, self.refs[names[i // self.samples]]))
+            out.append(self.cider.score(trim_at_eos(row), self.refs[names[i // self.samples]]))
         return torch.tensor(out).view(len(names), self.samples)
 
 
