@@ -57,8 +57,8 @@ from image_loader import (
     load_image,
     train_size,
 )
-from image_training import Trainer, make_optimizer, positive
-from utils import HelpFormatter, load_checkpoint, model_from_checkpoint, pick_device
+from image_training import Trainer, make_optimizer
+from utils import HelpFormatter, load_checkpoint, model_from_checkpoint, pick_device, positive
 
 FLICKR8K_VOCAB = 2548
 WORDS = ["a", "the", "dog", "man", "woman", "child", "runs", "jumps", "sits", "on", "in", "through", "water",

@@ -36,7 +36,7 @@ from image_loader import (
     cached_features,
     default_workers,
 )
-from utils import HelpFormatter, load_checkpoint, model_from_checkpoint, pick_device
+from utils import HelpFormatter, load_checkpoint, model_from_checkpoint, non_negative, pick_device, positive
 
 # What pycocoevalcap's PTBTokenizer drops after tokenising (it lowercases first, so its brackets, written
 # -lrb- and so on, stay), plus the double quote, which PTB turns into `` or '' before dropping it.
@@ -183,16 +183,16 @@ def get_args_parser():
     p.add_argument("--checkpoint", required=True, help="checkpoint to evaluate")
     p.add_argument("--data", required=True, help="Flickr8k folder (either layout, as for training)")
     p.add_argument("--split", choices=["test", "dev", "train"], default="test", help="which images to caption")
-    p.add_argument("--beam", type=int, default=3, help="beam width; 1 is greedy decoding")
-    p.add_argument("--length-penalty", type=float, default=0.0, help="beam search: divide by length**this")
-    p.add_argument("--max-len", type=int, default=40, help="longest caption, in words")
-    p.add_argument("--batch-size", type=int, default=64, help="images captioned at once")
+    p.add_argument("--beam", type=positive(int), default=3, help="beam width; 1 is greedy decoding")
+    p.add_argument("--length-penalty", type=non_negative, default=0.0, help="beam search: divide by length**this")
+    p.add_argument("--max-len", type=positive(int), default=40, help="longest caption, in words")
+    p.add_argument("--batch-size", type=positive(int), default=64, help="images captioned at once")
     p.add_argument("--out", default="eval", help="folder for results.json and gallery.html")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--cache-dir", default="cache", help="cached CNN features (shared with training)")
     p.add_argument("--no-cache", action="store_true", help="run the CNN on the images instead of the cache")
-    p.add_argument("--workers", type=int, help="loader worker processes (default: the cores this process may use, "
-                                              "at most 16)")
+    p.add_argument("--workers", type=positive(int),
+                   help="loader worker processes (default: the cores this process may use, at most 16)")
     p.add_argument("--no-java", action="store_true", help="score as on a machine without Java (no METEOR)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split when the data has no split files")
     return p
@@ -200,8 +200,6 @@ def get_args_parser():
 
 def main(args):
     """Caption and score; returns the results dict that is written to results.json."""
-    if args.beam < 1 or args.max_len < 1 or args.batch_size < 1:
-        raise DataError("--beam, --max-len and --batch-size must be at least 1")
     device = pick_device(args.device)
     model, vocab, preset = model_from_checkpoint(load_checkpoint(args.checkpoint),
                                                  Path(args.checkpoint).parent / "vocabulary.pkl")

@@ -230,13 +230,20 @@ def check(folder, images, beam, compare=None):
     return rows
 
 
+def _positive_int(text):
+    """utils.positive(int), which cannot be imported here: it brings PyTorch, which --check must not need."""
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return int(text)
+
+
 def get_args_parser():
     p = argparse.ArgumentParser(description="Export the captioner to ONNX or TorchScript, or caption with an export.")
     p.add_argument("--checkpoint", help="checkpoint to export")
     p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx", help="export format")
     p.add_argument("--out", default="export", help="folder for the exported files")
     p.add_argument("--check", nargs="+", metavar=("DIR", "IMAGE"), help="caption IMAGEs with the export in DIR")
-    p.add_argument("--beam", type=int, default=3, help="beam width for --check; 1 is greedy")
+    p.add_argument("--beam", type=_positive_int, default=3, help="beam width for --check; 1 is greedy")
     p.add_argument("--compare", metavar="CHECKPOINT", help="with --check: caption with PyTorch too and time both")
     return p
 

@@ -62,7 +62,9 @@ from utils import (
     init_distributed,
     load_checkpoint,
     model_from_checkpoint,
+    non_negative,
     pick_device,
+    positive,
     print_examples,
     rng_state,
     save_checkpoint,
@@ -71,22 +73,6 @@ from utils import (
 
 log = logging.getLogger("captioner")
 SAMPLE_DATA = Path(__file__).resolve().parent / "data" / "flickr8k_sample"
-
-
-def positive(kind):
-    def parse(text):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    return parse
-
-
-def _non_negative(text):
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
 
 
 def get_args_parser(add_help=True):
@@ -128,14 +114,14 @@ def get_args_parser(add_help=True):
                                                        "(default 3e-4; 2e-3 with --demo)")
     g.add_argument("--train-cnn", action="store_true", help="fine-tune the CNN too (disables the feature cache)")
     g.add_argument("--cnn-lr", type=positive(float), default=1e-5, help="learning rate of the CNN with --train-cnn")
-    g.add_argument("--grad-clip", type=_non_negative, default=5.0, help="clip the gradient norm to this (0: off)")
+    g.add_argument("--grad-clip", type=non_negative, default=5.0, help="clip the gradient norm to this (0: off)")
     g.add_argument("--lr-decay", type=positive(float),
                    help="multiply the learning rates by this when the dev score stalls; 1: never "
                         "(default 0.5; 1 with --demo, whose 25 dev images score too noisily to steer by)")
     g.add_argument("--lr-patience", type=int, default=2, help="epochs without a better dev score before --lr-decay")
     g.add_argument("--early-stop", type=int, default=0,
                    help="stop after this many epochs without a better dev score (0: never)")
-    g.add_argument("--label-smoothing", type=_non_negative, default=0.0, help="label smoothing of the word loss")
+    g.add_argument("--label-smoothing", type=non_negative, default=0.0, help="label smoothing of the word loss")
     g.add_argument("--scst", action="store_true",
                    help="self-critical training: reward sampled captions by their CIDEr-D instead of the "
                         "word loss; start it from a trained model with --init-from, at a small --lr (1e-4)")

@@ -16,7 +16,7 @@ import torch
 
 from image_intial_model import EncoderWeightsError
 from image_loader import DataError, EvalTransform, list_images, load_image, load_vocab_file
-from utils import HelpFormatter, load_checkpoint, model_from_checkpoint, pick_device
+from utils import HelpFormatter, load_checkpoint, model_from_checkpoint, non_negative, pick_device, positive
 
 DEFAULT_CHECKPOINTS = ("checkpoints/best.pth.tar", "checkpoints/last.pth.tar")
 
@@ -29,10 +29,10 @@ def get_args_parser():
     p.add_argument("--vocab", help="vocabulary.pkl, for seed-style checkpoints that do not hold their vocabulary "
                                    "(default: the one next to the checkpoint)")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
-    p.add_argument("--beam", type=int, default=3, help="beam width; 1 is greedy decoding")
-    p.add_argument("--length-penalty", type=float, default=0.0,
+    p.add_argument("--beam", type=positive(int), default=3, help="beam width; 1 is greedy decoding")
+    p.add_argument("--length-penalty", type=non_negative, default=0.0,
                    help="beam search: divide log-probabilities by length**this (0: none)")
-    p.add_argument("--max-len", type=int, default=40, help="longest caption, in words")
+    p.add_argument("--max-len", type=positive(int), default=40, help="longest caption, in words")
     p.add_argument("--json", action="store_true", help="print one JSON list of {image, caption} / {image, error}")
     return p
 
@@ -71,8 +71,6 @@ class Captioner:
 
 def main(args):
     """Caption every image; returns the list of {"image", "caption"} or {"image", "error"} results."""
-    if args.beam < 1 or args.max_len < 1:
-        raise DataError("--beam and --max-len must be at least 1")
     captioner = Captioner(find_checkpoint(args.checkpoint), pick_device(args.device), args.vocab)
     results = []
     for arg in args.images:

@@ -23,6 +23,24 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def positive(kind):
+    """An argparse type: a number of `kind` (int, float) above 0, or one clear line."""
+    def parse(text):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
+def non_negative(text):
+    """An argparse type: a float of at least 0, or one clear line."""
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 @dataclass
 class Dist:
     """This process's place under torchrun (rank 0 of 1 without it). Rank 0 writes logs and checkpoints."""

@@ -73,13 +73,21 @@ def test_odd_images_load_as_the_photo_a_person_sees(tmp_path):
         load_image(tmp_path)
 
 
-@pytest.mark.parametrize("flags, message", [(["--beam", "0"], "--beam and --max-len must be at least 1"),
-                                            (["--vocab", "OTHER"], "is not the vocabulary")])
-def test_inference_refuses_bad_flags_up_front(demo_run, tmp_path, flags, message):
+@pytest.mark.parametrize("script, flags, message", [
+    ("inference.py", ["--beam", "0"], "argument --beam: must be > 0, got 0"),
+    ("inference.py", ["--max-len", "-3"], "argument --max-len: must be > 0, got -3"),
+    ("inference.py", ["--vocab", "OTHER"], "is not the vocabulary"),
+    ("evaluate.py", ["--batch-size", "0", "--data", str(SAMPLE)], "argument --batch-size: must be > 0, got 0"),
+    ("export.py", ["--beam", "0", "--check", "x"], "argument --beam: must be > 0, got 0"),
+    ("bench.py", ["--workers", "0"], "argument --workers: must be > 0, got 0"),
+])
+def test_scripts_refuse_bad_flags_up_front(demo_run, tmp_path, script, flags, message):
     Vocab(SPECIALS + ["other", "words"]).save(tmp_path / "other.pkl")
     flags = [str(tmp_path / "other.pkl") if f == "OTHER" else f for f in flags]
-    proc = run_script("inference.py", PHOTO, "--checkpoint", demo_run / "checkpoints" / "last.pth.tar", *flags)
-    assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr
+    checkpoint = demo_run / "checkpoints" / "last.pth.tar"
+    args = {"inference.py": [PHOTO, "--checkpoint", checkpoint], "evaluate.py": ["--checkpoint", checkpoint]}
+    proc = run_script(script, *args.get(script, []), *flags)
+    assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("through", [[], ["--no-cache"], ["--train-cnn"]])
