@@ -118,7 +118,8 @@ def get_args_parser(add_help=True):
     g.add_argument("--lr-decay", type=positive(float),
                    help="multiply the learning rates by this when the dev score stalls; 1: never "
                         "(default 0.5; 1 with --demo, whose 25 dev images score too noisily to steer by)")
-    g.add_argument("--lr-patience", type=int, default=2, help="epochs without a better dev score before --lr-decay")
+    g.add_argument("--lr-patience", type=positive(int), default=2,
+                   help="multiply the learning rates by --lr-decay after this many epochs without a better dev score")
     g.add_argument("--early-stop", type=int, default=0,
                    help="stop after this many epochs without a better dev score (0: never)")
     g.add_argument("--label-smoothing", type=non_negative, default=0.0, help="label smoothing of the word loss")
@@ -472,8 +473,9 @@ def make_schedule(args, optimizer):
     """Multiply the learning rates by --lr-decay after --lr-patience epochs without a better dev score
     (--lr-decay 1: never; the scheduler insists on a factor below 1, so it gets endless patience instead)."""
     never = args.lr_decay >= 1
+    # The scheduler acts once its count of epochs without a better score exceeds `patience`: N - 1 acts on the Nth.
     return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5 if never else args.lr_decay,
-                                                      patience=math.inf if never else args.lr_patience)
+                                                      patience=math.inf if never else args.lr_patience - 1)
 
 
 @dataclass

@@ -221,3 +221,21 @@ def test_sampled_captions_log_probs_are_the_samplers(attention):
     assert not torch.isin(words, torch.tensor([M.SOS_IDX, M.UNK_IDX])).any()
     after_eos = (words == M.EOS_IDX).cumsum(1) - (words == M.EOS_IDX).long() > 0
     assert (words[after_eos] == M.PAD_IDX).all()  # padding after the end
+
+
+def test_learning_rate_decays_after_exactly_lr_patience_epochs_without_a_better_score():
+    import argparse
+
+    from image_training import make_schedule
+
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = make_schedule(argparse.Namespace(lr_decay=0.5, lr_patience=2), optimizer)
+    lrs = []
+    for score in (0.3, 0.5, 0.4, 0.4, 0.6, 0.6):  # better, better, worse, worse (2nd), better, worse
+        schedule.step(score)
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs == [1.0, 1.0, 1.0, 0.5, 0.5, 0.5]
+    never = make_schedule(argparse.Namespace(lr_decay=1.0, lr_patience=1), optimizer)
+    for _ in range(5):
+        never.step(0.0)
+    assert optimizer.param_groups[0]["lr"] == 0.5
