@@ -8,9 +8,8 @@ import torch
 
 import image_training
 from image_intial_model import preprocessing
-from image_loader import Batches, CaptionTable, FeatureSource, Flickr8k, feature_cache_key
 from tests.conftest import SAMPLE, run_script, train_args
-from utils import Dist, load_checkpoint
+from utils import load_checkpoint
 
 PHOTO = SAMPLE / "Images" / "2364096157_eb7970a69a.jpg"
 
@@ -74,54 +73,6 @@ def test_resume_continues_exactly_where_the_run_stopped(demo_run, tmp_path, cach
     assert resumed["history"][-1]["train_loss"] == pytest.approx(straight["history"][-1]["train_loss"], abs=1e-6)
     for k, v in straight["model"].items():
         torch.testing.assert_close(resumed["model"][k], v, msg=k)
-
-
-def test_cached_features_give_the_same_loss_as_the_cnn_on_the_image_store(tmp_path, cache_dir):
-    args = image_training.resolve_defaults(train_args(tmp_path, cache_dir, "--max-images", "16", "--device", "cpu"))
-    device = torch.device("cpu")
-    data, vocab, model, preset, _ = image_training.build(args, device)
-    cached = image_training.make_batches(args, data, vocab, model, preset, device, Dist())
-    args.no_cache = True
-    direct = image_training.make_batches(args, data, vocab, model, preset, device, Dist())
-    assert cached["dev"].from_features and not direct["dev"].from_features
-    assert list(cache_dir.glob("images-224px-*.npy"))  # --no-cache read the images from a store
-    criterion = torch.nn.CrossEntropyLoss(ignore_index=0, reduction="sum")
-    with_cache = image_training.Trainer(model, criterion, device).run(cached["dev"]).loss
-    without = image_training.Trainer(model, criterion, device).run(direct["dev"]).loss
-    assert with_cache == pytest.approx(without, rel=1e-5)
-
-
-def test_feature_cache_key_changes_with_images_and_preprocessing(tmp_path, cache_dir):
-    args = image_training.resolve_defaults(train_args(tmp_path, cache_dir, "--max-images", "8"))
-    data = Flickr8k.load(args.data, max_images=8)
-    images = tmp_path / "Images"
-    shutil.copytree(data.images_dir, images)
-    names = data.splits["train"]
-    _, _, model, preset, _ = image_training.build(args, torch.device("cpu"))
-    key = feature_cache_key(model.encoderCNN, preset, images, names, None)
-    assert key == feature_cache_key(model.encoderCNN, preset, images, names, None)
-    assert key != feature_cache_key(model.encoderCNN, {**preset, "resize": 256}, images, names, None)
-    assert key != feature_cache_key(model.encoderCNN, preset, images, names, torch.bfloat16)
-    with open(images / names[0], "ab") as f:
-        f.write(b"\0")  # the same name, other bytes
-    assert key != feature_cache_key(model.encoderCNN, preset, images, names, None)
-
-
-def test_self_critical_training_raises_the_reward():
-    """A few steps of --scst on four 'images' make their sampled captions score better against references."""
-    torch.manual_seed(0)
-    model = image_training.CNN_RNN(image_training.ModelArgs(vocab_size=12, encoder="efficientnet_lite0",
-                                                            embed_size=16, hidden_size=32), weights="random")
-    refs = {"a": [4, 5, 6], "b": [7, 8, 9, 10], "c": [11, 4, 5], "d": [9, 9, 8]}
-    items = [(n, [[1, *r, 2]] * 2) for n, r in refs.items()]
-    cpu = torch.device("cpu")
-    batches = Batches(FeatureSource(torch.randn(4, 1280), range(4)), CaptionTable([c for _, c in items], cpu),
-                      list(refs), cpu, batch_size=4)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    trainer = image_training.Trainer(model, None, cpu, optimizer, torch.amp.GradScaler("cpu", enabled=False),
-                                     scst=image_training.SelfCritical(items, samples=8, max_len=8))
-    rewards = [trainer.run(batches).loss for _ in range(60)]  # mean CIDEr-D of each step's 32 samples
-    assert sum(rewards[-5:]) / 5 > 2 * max(sum(rewards[:5]) / 5, 0.5), rewards
 
 
 def test_scst_fine_tunes_a_trained_model_from_the_command_line(demo_run, tmp_path, cache_dir):

@@ -11,6 +11,7 @@ from image_loader import (
     CaptionTable,
     DataError,
     Flickr8k,
+    ShardedBatchSampler,
     Vocab,
     load_captions,
     load_vocab_file,
@@ -159,3 +160,18 @@ def test_crafted_vocabulary_pickle_runs_no_code(tmp_path):
     with pytest.raises(DataError, match="refusing"):
         load_vocab_file(tmp_path / "evil.pkl")
     assert not target.exists()
+
+
+def test_sharded_batches_give_each_process_its_share_of_every_batch():
+    one = ShardedBatchSampler(10, 4, shuffle=False)
+    assert list(one) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]] and len(one) == 3
+    shares = [list(ShardedBatchSampler(10, 4, rank=r, world=3, shuffle=False)) for r in range(3)]
+    # batches of 4 split 2/1/1; the last batch (2 images) has fewer images than processes and is left out
+    assert shares == [[[0, 1], [4, 5]], [[2], [6]], [[3], [7]]]
+    assert all(len(ShardedBatchSampler(10, 4, rank=r, world=3)) == 2 for r in range(3))
+    assert len(ShardedBatchSampler(10, 4, world=2)) == 3  # a last batch of 2 images still feeds 2 processes
+    a, b = ShardedBatchSampler(10, 4), ShardedBatchSampler(10, 4, rank=1, world=2)
+    a.generator.manual_seed(5)
+    b.generator.manual_seed(5)
+    whole, half = list(a), list(b)
+    assert [batch[len(batch) - len(h):] for batch, h in zip(whole, half)] == half  # same order, rank 1's part

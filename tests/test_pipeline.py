@@ -4,6 +4,7 @@ tensors, mixed precision on the CPU, and bench.py."""
 import json
 import logging
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from PIL import Image
 from torchvision import transforms
 
 import image_intial_model as M
+import image_training
 from image_loader import (
     Batches,
     CaptionTable,
@@ -19,10 +21,12 @@ from image_loader import (
     EvalTransform,
     FeatureSource,
     FileSource,
+    Flickr8k,
     ImageStore,
     StoreSource,
     augment,
     default_workers,
+    feature_cache_key,
     load_image,
     normalize,
     read_image,
@@ -31,7 +35,7 @@ from image_loader import (
 from image_training import Trainer
 from tests.conftest import SAMPLE, copy_sample, run_script, train_args
 from tests.test_robustness import make_bad_and_odd_images
-from utils import SEED_PREPROCESSING
+from utils import SEED_PREPROCESSING, Dist
 
 CPU = torch.device("cpu")
 LITE0 = M.preprocessing("efficientnet_lite0")
@@ -227,3 +231,34 @@ def test_bench_smoke_run_prints_every_figure(tmp_path):
                 "jpeg_read_images_per_s", "finetune_epoch_s", "caption_beam3_s", "peak_memory_mb"):
         assert r[key] > 0, key
     assert r["finetune_measured_images"] == 8 and r["decoder"] == "plain" and r["workers"] >= 1
+
+
+def test_cached_features_give_the_same_loss_as_the_cnn_on_the_image_store(tmp_path, cache_dir):
+    args = image_training.resolve_defaults(train_args(tmp_path, cache_dir, "--max-images", "16", "--device", "cpu"))
+    device = torch.device("cpu")
+    data, vocab, model, preset, _ = image_training.build(args, device)
+    cached = image_training.make_batches(args, data, vocab, model, preset, device, Dist())
+    args.no_cache = True
+    direct = image_training.make_batches(args, data, vocab, model, preset, device, Dist())
+    assert cached["dev"].from_features and not direct["dev"].from_features
+    assert list(cache_dir.glob("images-224px-*.npy"))  # --no-cache read the images from a store
+    criterion = torch.nn.CrossEntropyLoss(ignore_index=0, reduction="sum")
+    with_cache = image_training.Trainer(model, criterion, device).run(cached["dev"]).loss
+    without = image_training.Trainer(model, criterion, device).run(direct["dev"]).loss
+    assert with_cache == pytest.approx(without, rel=1e-5)
+
+
+def test_feature_cache_key_changes_with_images_and_preprocessing(tmp_path, cache_dir):
+    args = image_training.resolve_defaults(train_args(tmp_path, cache_dir, "--max-images", "8"))
+    data = Flickr8k.load(args.data, max_images=8)
+    images = tmp_path / "Images"
+    shutil.copytree(data.images_dir, images)
+    names = data.splits["train"]
+    _, _, model, preset, _ = image_training.build(args, torch.device("cpu"))
+    key = feature_cache_key(model.encoderCNN, preset, images, names, None)
+    assert key == feature_cache_key(model.encoderCNN, preset, images, names, None)
+    assert key != feature_cache_key(model.encoderCNN, {**preset, "resize": 256}, images, names, None)
+    assert key != feature_cache_key(model.encoderCNN, preset, images, names, torch.bfloat16)
+    with open(images / names[0], "ab") as f:
+        f.write(b"\0")  # the same name, other bytes
+    assert key != feature_cache_key(model.encoderCNN, preset, images, names, None)
