@@ -73,6 +73,12 @@ from utils import (
 
 log = logging.getLogger("captioner")
 SAMPLE_DATA = Path(__file__).resolve().parent / "data" / "flickr8k_sample"
+DEMO = {  # --demo's defaults
+    "data": str(SAMPLE_DATA), "encoder": "efficientnet_lite0", "epochs": 40,
+    "lr": 2e-3,  # 200 images: few steps per epoch, so larger steps
+    "min_freq": 3,
+    "lr_decay": 1.0,  # never: 25 dev images score too noisily to steer by
+}
 
 
 def get_args_parser(add_help=True):
@@ -82,10 +88,9 @@ def get_args_parser(add_help=True):
     g.add_argument("--data", help="Flickr8k folder: Images/ + captions.txt (Kaggle) or Flicker8k_Dataset/ + "
                                   "Flickr8k.token.txt (original); official split files are used when present")
     g.add_argument("--demo", action="store_true",
-                   help=f"quick run on the bundled sample ({SAMPLE_DATA.name}) with the offline "
-                        "efficientnet_lite0 encoder, unless --data/--encoder/--epochs say otherwise")
-    g.add_argument("--min-freq", type=positive(int), help="keep words seen this often in training captions "
-                                                          "(default 5; 3 with --demo)")
+                   help="a quick run on the bundled sample, with these defaults (flags given still win): "
+                        + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO.items()))
+    g.add_argument("--min-freq", type=positive(int), default=5, help="keep words seen this often in training captions")
     g.add_argument("--max-images", type=positive(int), help="smoke test: use only about this many images")
     g.add_argument("--workers", type=positive(int),
                    help="loader worker processes (default: the cores this process may use, shared by torchrun's "
@@ -95,8 +100,7 @@ def get_args_parser(add_help=True):
     g.add_argument("--cache-dir", default="cache",
                    help="where cached CNN features and image stores (images resized once) are kept")
     g = p.add_argument_group("model")
-    g.add_argument("--encoder", choices=sorted(ENCODERS), help="CNN encoder (default inception_v3; "
-                                                               "efficientnet_lite0 with --demo)")
+    g.add_argument("--encoder", choices=sorted(ENCODERS), default="inception_v3", help="CNN encoder")
     g.add_argument("--no-pretrained", action="store_true", help="start the CNN from random weights")
     g.add_argument("--encoder-weights", metavar="FILE", help="local ImageNet state_dict for the encoder (offline use)")
     g.add_argument("--embed-size", type=positive(int), default=256, help="word and image embedding size")
@@ -107,17 +111,15 @@ def get_args_parser(add_help=True):
                    help="Show-Attend-Tell decoder: soft attention over the CNN's feature map at every word")
     g.add_argument("--attention-dim", type=positive(int), default=256, help="size of the attention layer")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=positive(int), help="epochs to train (default 30; 40 with --demo)")
+    g.add_argument("--epochs", type=positive(int), default=30, help="epochs to train")
     g.add_argument("--batch-size", type=positive(int), default=32,
                    help="images per batch, each with all its captions")
-    g.add_argument("--lr", type=positive(float), help="Adam learning rate of the decoder and projection "
-                                                       "(default 3e-4; 2e-3 with --demo)")
+    g.add_argument("--lr", type=positive(float), default=3e-4, help="Adam learning rate of the decoder and projection")
     g.add_argument("--train-cnn", action="store_true", help="fine-tune the CNN too (disables the feature cache)")
     g.add_argument("--cnn-lr", type=positive(float), default=1e-5, help="learning rate of the CNN with --train-cnn")
     g.add_argument("--grad-clip", type=non_negative, default=5.0, help="clip the gradient norm to this (0: off)")
-    g.add_argument("--lr-decay", type=positive(float),
-                   help="multiply the learning rates by this when the dev score stalls; 1: never "
-                        "(default 0.5; 1 with --demo, whose 25 dev images score too noisily to steer by)")
+    g.add_argument("--lr-decay", type=positive(float), default=0.5,
+                   help="multiply the learning rates by this when the dev score stalls; 1: never")
     g.add_argument("--lr-patience", type=positive(int), default=2,
                    help="multiply the learning rates by --lr-decay after this many epochs without a better dev score")
     g.add_argument("--early-stop", type=int, default=0,
@@ -148,21 +150,18 @@ def get_args_parser(add_help=True):
     return p
 
 
-def resolve_defaults(args):
-    if args.demo:
-        args.data = args.data or str(SAMPLE_DATA)
-        args.encoder = args.encoder or "efficientnet_lite0"
-        args.epochs = args.epochs or 40
-        args.lr = args.lr or 2e-3  # 200 images: few steps per epoch, so larger steps
-        args.min_freq = args.min_freq or 3
-        args.lr_decay = args.lr_decay or 1.0
-    args.lr_decay = args.lr_decay or 0.5
+def parse_args(argv=None):
+    """The command line, with --demo's defaults where --demo is given."""
+    parser = get_args_parser()
+    if parser.parse_known_args(argv)[0].demo:
+        parser.set_defaults(**DEMO)
+    return parser.parse_args(argv)
+
+
+def check_args(args):
+    """Refuse what the parser cannot see is wrong, in one line; fill in the loader's workers."""
     if args.lr_decay > 1:
         raise DataError(f"--lr-decay must be in (0, 1], got {args.lr_decay}")
-    args.encoder = args.encoder or "inception_v3"
-    args.epochs = args.epochs or 30
-    args.lr = args.lr or 3e-4
-    args.min_freq = args.min_freq or 5
     if not args.data:
         raise DataError("say where Flickr8k is with --data DIR, or try --demo")
     if args.attention and args.num_layers > 1:
@@ -502,7 +501,7 @@ def save_state(ckpt_dir, name, model, vocab, preset, state, optimizer, schedule,
 def main(args):
     """Train; returns {"history": [this run's per-epoch dicts], "best_score": float, "checkpoint_dir": Path,
     "stopped": whether SIGINT/SIGTERM ended it}. Under torchrun, rank 0 writes logs and checkpoints."""
-    args = resolve_defaults(args)
+    args = check_args(args)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     dist, device = init_distributed(pick_device(args.device))
@@ -623,7 +622,7 @@ def _plain(d):
 
 def cli(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = get_args_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         main(args)
     except (DataError, EncoderWeightsError, FloatingPointError) as e:

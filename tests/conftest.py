@@ -24,7 +24,7 @@ def train_args(tmp_path, cache_dir, *extra):
     """image_training's arguments for a short run on the sample, writing under tmp_path."""
     import image_training
 
-    return image_training.get_args_parser().parse_args(
+    return image_training.parse_args(
         ["--demo", "--dev-images", "5", "--checkpoint-dir", str(tmp_path / "ck"), "--log-dir", str(tmp_path / "runs"),
          "--cache-dir", str(cache_dir), *extra])
 

@@ -234,7 +234,7 @@ def test_bench_smoke_run_prints_every_figure(tmp_path):
 
 
 def test_cached_features_give_the_same_loss_as_the_cnn_on_the_image_store(tmp_path, cache_dir):
-    args = image_training.resolve_defaults(train_args(tmp_path, cache_dir, "--max-images", "16", "--device", "cpu"))
+    args = image_training.check_args(train_args(tmp_path, cache_dir, "--max-images", "16", "--device", "cpu"))
     device = torch.device("cpu")
     data, vocab, model, preset, _ = image_training.build(args, device)
     cached = image_training.make_batches(args, data, vocab, model, preset, device, Dist())
@@ -249,7 +249,7 @@ def test_cached_features_give_the_same_loss_as_the_cnn_on_the_image_store(tmp_pa
 
 
 def test_feature_cache_key_changes_with_images_and_preprocessing(tmp_path, cache_dir):
-    args = image_training.resolve_defaults(train_args(tmp_path, cache_dir, "--max-images", "8"))
+    args = image_training.check_args(train_args(tmp_path, cache_dir, "--max-images", "8"))
     data = Flickr8k.load(args.data, max_images=8)
     images = tmp_path / "Images"
     shutil.copytree(data.images_dir, images)
