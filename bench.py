@@ -57,7 +57,7 @@ from image_loader import (
     load_image,
     train_size,
 )
-from image_training import Trainer, make_optimizer
+from image_training import Trainer, WordLoss, make_optimizer
 from utils import HelpFormatter, load_checkpoint, model_from_checkpoint, pick_device, positive
 
 FLICKR8K_VOCAB = 2548
@@ -150,8 +150,7 @@ class Bench:
         return autocast(self.device, self.args.precision)
 
     def _trainer(self, optimizer):
-        criterion = torch.nn.CrossEntropyLoss(ignore_index=Vocab.pad_idx, reduction="sum")  # as training
-        return Trainer(self.model, criterion, self.device, optimizer, self.scaler, 5.0, precision=self.args.precision)
+        return Trainer(self.model, WordLoss(), self.device, optimizer, self.scaler, 5.0, precision=self.args.precision)
 
     def _pass(self, batches, n, first=None):
         """Images/s of one pass over `batches` of n images, with no model: what the data path alone does.

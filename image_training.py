@@ -10,7 +10,6 @@ decoder trains from the cache. Checkpoints go to --checkpoint-dir, TensorBoard l
 
 import argparse
 import contextlib
-import functools
 import logging
 import math
 import os
@@ -30,7 +29,9 @@ from evaluate import CiderD, caption_loader, score_captions
 from image_intial_model import (
     CNN_RNN,
     ENCODERS,
+    PAD_IDX,
     PRECISIONS,
+    SOS_IDX,
     EncoderWeightsError,
     ModelArgs,
     autocast,
@@ -49,7 +50,6 @@ from image_loader import (
     Flickr8k,
     ImageStore,
     StoreSource,
-    Vocab,
     cached_features,
     default_workers,
     load_image,
@@ -180,21 +180,26 @@ def check_args(args):
 
 @dataclass
 class Progress:
-    """Running totals of one pass over a loader; saved in a checkpoint taken mid-epoch, so a resumed run
-    skips the batches already done and reports the same epoch loss."""
+    """Running totals of one training pass; saved in a checkpoint taken mid-epoch, so that a resumed run skips
+    the batches already done and reports the same figure for the epoch."""
     batches: int = 0
-    loss_sum: float = 0.0
-    words: int = 0
+    total: float = 0.0  # the objective's figure, summed: the word loss, or with --scst the samples' CIDEr-D
+    count: int = 0  # what `total` sums over: words, or sampled captions
     captions: int = 0
     seconds: float = 0.0
 
     @property
-    def loss(self):
-        return self.loss_sum / max(self.words, 1)
+    def mean(self):
+        return self.total / max(self.count, 1)
 
     @property
     def captions_per_s(self):
         return self.captions / max(self.seconds, 1e-9)
+
+    @classmethod
+    def from_dict(cls, saved):
+        renamed = {"loss_sum": "total", "words": "count"}  # their names in checkpoints of earlier versions
+        return cls(**{renamed.get(k, k): v for k, v in saved.items()})
 
 
 class StopFlag:
@@ -224,11 +229,30 @@ class StopFlag:
                     signal.Signals(signum).name)
 
 
+class WordLoss:
+    """The word loss: the cross-entropy of each next word of the reference captions (teacher forcing)."""
+    figure, history_key, tag = "train loss", "train_loss", "loss/train"  # how an epoch reports it
+    dropout = True
+
+    def __init__(self, label_smoothing=0.0):
+        self.criterion = nn.CrossEntropyLoss(ignore_index=PAD_IDX, label_smoothing=label_smoothing, reduction="sum")
+
+    def __call__(self, model, batch, from_features):
+        """-> (what to minimise, summed over the batch; the figure to report, summed; what both sum over)."""
+        tokens, targets = batch.captions[:, :-1], batch.captions[:, 1:]  # [N, T-1] each: predict the next word
+        logits = model(batch.x, tokens, batch.image_index, from_features=from_features)
+        loss = self.criterion(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        return loss, loss.detach(), batch.words
+
+
 class SelfCritical:
     """Self-critical sequence training (Rennie et al. 2017) with CIDEr-D as the reward: the word loss only
     teaches the next word of a reference, this teaches whole captions that score well. Each image gets K
     sampled captions; a sample's baseline is the mean reward of the image's other K-1 (Luo 2020), so captions
     better than their siblings become more likely and worse ones less, with no greedy pass needed."""
+    figure, history_key, tag = "train CIDEr-D of samples", "train_cider_d", "cider_d/train"
+    dropout = False  # it samples with dropout off, so the captions it rewards are the ones whose probabilities
+    # it then raises
 
     def __init__(self, items, samples, max_len):
         """items: the training set's [(image name, [caption ids with SOS and EOS]), ...]."""
@@ -244,55 +268,43 @@ class SelfCritical:
             out.append(self.cider.score(trim_at_eos(row), self.refs[names[i // self.samples]]))
         return torch.tensor(out).view(len(names), self.samples)
 
+    def __call__(self, model, batch, from_features):
+        """-> (minus the samples' log-probabilities weighted by their advantage, summed; their rewards,
+        summed; the number of samples)."""
+        inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        x, k = batch.x, self.samples
+        rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(k)  # [B*K]: each sample's image
+        with torch.no_grad():
+            words = sample_captions(inner.decoderRNN, inner.features(x, from_features)[rows], self.max_len)  # [B*K, T]
+        reward = self.rewards(words, batch.names).to(x.device)  # [B, K]
+        advantage = (reward - (reward.sum(1, keepdim=True) - reward) / (k - 1)).view(-1)  # [B*K]
+        tokens = torch.cat([torch.full_like(words[:, :1], SOS_IDX), words[:, :-1]], 1)  # SOS w1 .. w(T-1)
+        logits = model(x, tokens, rows, from_features=from_features)  # the samples again, with gradients (DDP)
+        loss = -(advantage * caption_log_probs(logits, words)).sum()
+        _check_finite(loss)  # here, not every few steps: a NaN here would make the next samples fail first
+        return loss, reward.sum(), words.shape[0]
+
 
 @dataclass
 class Trainer:
-    """What a training or evaluation pass needs; `optimizer` None means evaluate only; `scst` set means
-    self-critical training instead of the word loss."""
+    """Training passes: `objective` (WordLoss or SelfCritical) says what each batch minimises."""
     model: nn.Module
-    criterion: nn.Module
+    objective: WordLoss
     device: torch.device
-    optimizer: torch.optim.Optimizer = None
-    scaler: torch.amp.GradScaler = None
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
     grad_clip: float = 0.0
     dist: Dist = field(default_factory=Dist)
-    scst: SelfCritical = None
     precision: str = "auto"
-    settle_every: int = 25  # steps between reading the loss back from the device (each read waits for it)
+    settle_every: int = 25  # steps between reading the figure back from the device (each read waits for it)
 
     def step(self, batch, from_features):
-        """One batch: returns (summed loss over its words, as a tensor on the device; words)."""
-        tokens, targets = batch.captions[:, :-1], batch.captions[:, 1:]  # [N, T-1] each: predict the next word
-        training = self.optimizer is not None
-        with torch.set_grad_enabled(training), autocast(self.device, self.precision):
-            logits = self.model(batch.x, tokens, batch.image_index, from_features=from_features)
-            loss_sum = self.criterion(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
-        if training:
-            self._update(loss_sum, batch.words)
-        return loss_sum.detach(), batch.words
-
-    def self_critical_step(self, batch, from_features):
-        """One batch of self-critical training: returns (summed reward of its samples, samples)."""
-        model = self.model.module if isinstance(self.model, nn.parallel.DistributedDataParallel) else self.model
-        x, k = batch.x, self.scst.samples
-        rows = torch.arange(x.shape[0], device=self.device).repeat_interleave(k)  # [B*K]: each sample's image
-        with torch.no_grad(), autocast(self.device, self.precision):
-            feats = model.features(x, from_features)[rows]
-            words = sample_captions(model.decoderRNN, feats, self.scst.max_len)  # [B*K, T]
-        reward = self.scst.rewards(words, batch.names).to(self.device)  # [B, K]
-        advantage = (reward - (reward.sum(1, keepdim=True) - reward) / (k - 1)).view(-1)  # [B*K]
-        tokens = torch.cat([torch.full_like(words[:, :1], Vocab.sos_idx), words[:, :-1]], 1)  # SOS w1 .. w(T-1)
-        with autocast(self.device, self.precision):  # the samples' probabilities again, with gradients (DDP)
-            logits = self.model(x, tokens, rows, from_features=from_features)
-        loss_sum = -(advantage * caption_log_probs(logits, words)).sum()
-        _check_finite(loss_sum)
-        self._update(loss_sum, words.shape[0])
-        return reward.sum(), words.shape[0]
-
-    def _update(self, loss_sum, count):
+        """One batch: returns (the objective's figure summed over it, as a tensor on the device; what it sums)."""
+        with autocast(self.device, self.precision):
+            loss, figure, count = self.objective(self.model, batch, from_features)
         # The mean over the whole batch (words or samples), on all processes together: DDP averages gradients
         # over processes, so each scales its sum by world / (all counts) and N processes equal one.
-        loss = loss_sum * (self.dist.world / self.dist.all_sum(count))
+        loss = loss * (self.dist.world / self.dist.all_sum(count))
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.grad_clip:
@@ -300,57 +312,63 @@ class Trainer:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip, foreach=True)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        return figure, count
 
     def run(self, batches, desc="train", progress=None, stop=None):
-        """One pass over a Batches (training when there is an optimizer), continuing `progress` if given:
-        its first `progress.batches` batches are skipped. Ends early when `stop` is requested.
-        With `scst`, progress.loss is the mean reward of the samples."""
-        # Self-critical training samples with dropout off, so that the captions it rewards are the ones whose
-        # probabilities it then raises.
-        self.model.train(self.optimizer is not None and self.scst is None)
+        """One pass over a Batches, continuing `progress` if given: its first `progress.batches` batches are
+        skipped. Ends early when `stop` is requested."""
+        self.model.train(self.objective.dropout)
         progress = progress or Progress()
         bar = tqdm(batches.iterate(progress.batches), desc=desc, unit="batch", leave=False, disable=None,
                    initial=progress.batches, total=len(batches))
         start, pending = time.time(), []
         for batch in bar:
-            step = self.self_critical_step if self.scst is not None else self.step
-            loss_sum, count = step(batch, batches.from_features)
-            pending.append(loss_sum)
+            figure, count = self.step(batch, batches.from_features)
+            pending.append(figure)
             progress.batches += 1
-            progress.words += count
+            progress.count += count
             progress.captions += batch.captions.shape[0]
             if len(pending) == self.settle_every:
-                self._settle(progress, pending, bar)
+                progress.total += _settle(pending, bar, self.objective)
             # all processes must stop after the same step, or the others wait for its gradients forever
             if stop is not None and self.dist.all_sum(stop.requested):
                 break
-        self._settle(progress, pending, bar)
+        progress.total += _settle(pending, bar, self.objective)
         progress.seconds += time.time() - start
         return progress
 
-    def _settle(self, progress, pending, bar):
-        """Add the losses still on the device to `progress`: one wait for the device every few steps, not one
-        per step, so that the CPU queues the next steps while the device computes."""
-        if pending:
-            total = torch.stack(pending).sum()
-            _check_finite(total)
-            progress.loss_sum += total.item()
-            pending.clear()
-            bar.set_postfix({"CIDEr-D" if self.scst else "loss": f"{progress.loss:.3f}"})
+
+def _settle(pending, bar, objective):
+    """The sum of the figures still on the device, read back at once: one wait for the device every few steps,
+    not one per step, so that the CPU queues the next steps while the device computes."""
+    if not pending:
+        return 0.0
+    total = torch.stack(pending).sum()
+    _check_finite(total)
+    pending.clear()
+    bar.set_postfix({objective.figure: f"{total.item():.4g}"})
+    return total.item()
 
 
-def _check_finite(loss_sum):
-    if not torch.isfinite(loss_sum):
-        raise FloatingPointError(f"the loss became {loss_sum.item()}: stopped, and the last checkpoint kept; "
+@torch.no_grad()
+def dev_loss(model, batches, objective, device, precision="auto"):
+    """The word loss on dev, per word, teacher forced, with dropout off."""
+    model.eval()
+    totals, words = [], 0
+    for batch in tqdm(batches, desc="dev loss", unit="batch", leave=False, disable=None):
+        with autocast(device, precision):
+            totals.append(objective(model, batch, batches.from_features)[1])
+        words += batch.words
+    return float(torch.stack(totals).sum()) / max(words, 1) if totals else 0.0
+
+
+def _check_finite(loss):
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"the loss became {loss.item()}: stopped, and the last checkpoint kept; "
                                  "lower --lr or check the data")
 
 
 SELECT_METRICS = {"cider": "CIDEr", "bleu4": "Bleu_4"}
-# an epoch's training figure: the word loss, or with --scst the mean CIDEr-D of the sampled captions
-TRAIN_FIGURES = {  # by args.scst: (history key, log label, TensorBoard tag)
-    False: ("train_loss", "train loss", "loss/train"),
-    True: ("train_cider_d", "train CIDEr-D of samples", "cider_d/train"),
-}
 
 
 def dev_scores(model, batches, data, vocab, device, max_len, precision="auto"):
@@ -492,12 +510,6 @@ class TrainState:
         return cls(**{f: ckpt[f] for f in cls.__dataclass_fields__ if f in ckpt})
 
 
-def save_state(ckpt_dir, name, model, vocab, preset, state, optimizer, schedule, scaler, args):
-    save_checkpoint(checkpoint_state(model, vocab, preset, optimizer=optimizer.state_dict(),
-                                     schedule=schedule.state_dict(), scaler=scaler.state_dict(), rng=rng_state(),
-                                     train_args=_plain(vars(args)), **asdict(state)), ckpt_dir / name)
-
-
 def main(args):
     """Train; returns {"history": [this run's per-epoch dicts], "best_score": float, "checkpoint_dir": Path,
     "stopped": whether SIGINT/SIGTERM ended it}. Under torchrun, rank 0 writes logs and checkpoints."""
@@ -509,50 +521,34 @@ def main(args):
         torch.backends.cudnn.benchmark = True
     data, vocab, model, preset, ckpt = build(args, device)
     batches = make_batches(args, data, vocab, model, preset, device, dist)
-    optimizer = make_optimizer(args, model)
-    schedule = make_schedule(args, optimizer)
-    # fp16 needs its gradients scaled up, or small ones flush to zero; bf16 has fp32's range and needs none
-    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(device, args.precision) == torch.float16)
-    criterion = nn.CrossEntropyLoss(ignore_index=Vocab.pad_idx, label_smoothing=args.label_smoothing,
-                                    reduction="sum")
-    state = TrainState()
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        schedule.load_state_dict(ckpt["schedule"])
-        scaler.load_state_dict(ckpt["scaler"])
-        state = TrainState.from_checkpoint(ckpt)
-        set_rng_state(ckpt["rng"])
-    ckpt_dir = Path(args.checkpoint_dir)
-    trained = model if dist.world == 1 else nn.parallel.DistributedDataParallel(model)
-    scst = None
-    if args.scst:
-        train_names = set(batches["train"].names)
-        scst = SelfCritical([it for it in data.items("train", vocab) if it[0] in train_names], args.scst_samples,
-                            args.max_len)
-    trainer = Trainer(trained, criterion, device, optimizer, scaler, args.grad_clip, dist, scst, args.precision)
-    evaluator = Trainer(model, criterion, device, precision=args.precision)
-    save = functools.partial(save_state, ckpt_dir, model=model, vocab=vocab, preset=preset, state=state,
-                             optimizer=optimizer, schedule=schedule, scaler=scaler, args=args)
-    logger = None
+    optimizer, schedule, scaler, state = training_state(args, model, device, ckpt)
+    trainer = Trainer(model if dist.world == 1 else nn.parallel.DistributedDataParallel(model),
+                      make_objective(args, data, vocab, batches["train"].names), device, optimizer, scaler,
+                      args.grad_clip, dist, args.precision)
+    ckpt_dir, logger = Path(args.checkpoint_dir), None
     if dist.main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         vocab.save(ckpt_dir / "vocabulary.pkl")
         logger = Logger(Path(args.log_dir) / time.strftime("%Y%m%d-%H%M%S"), data, data.splits["dev"][:3])
-    first = len(state.history)
-    log.info("training %d images (%d captions) on %s%s, %s, epochs %d..%d", len(batches["train"].names),
-             len(batches["train"].captions.lengths), device, f" x {dist.world} processes" if dist.world > 1 else "",
-             "from cached features" if batches["train"].from_features else "through the CNN", state.epoch + 1,
-             args.epochs)
+
+    def save(name):
+        save_checkpoint(checkpoint_state(model, vocab, preset, optimizer=optimizer.state_dict(),
+                                         schedule=schedule.state_dict(), scaler=scaler.state_dict(), rng=rng_state(),
+                                         train_args=_plain(vars(args)), **asdict(state)), ckpt_dir / name)
+
+    first, train = len(state.history), batches["train"]
+    log.info("training %d images (%d captions) on %s%s, %s, epochs %d..%d", len(train.names),
+             len(train.captions.lengths), device, f" x {dist.world} processes" if dist.world > 1 else "",
+             "from cached features" if train.from_features else "through the CNN", state.epoch + 1, args.epochs)
     stop = StopFlag()
     with stop.installed():
         for epoch in range(state.epoch + 1, args.epochs + 1):
-            # the shuffle order depends on the seed and the epoch alone
-            batches["train"].sampler.generator.manual_seed(args.seed * 100003 + epoch)
-            resumed = Progress(**state.progress) if state.progress else Progress()
-            done_before = resumed.batches
-            progress = trainer.run(batches["train"], f"epoch {epoch}/{args.epochs}", resumed, stop)
+            train.sampler.generator.manual_seed(args.seed * 100003 + epoch)  # the order: seed and epoch alone
+            progress = Progress.from_dict(state.progress or {})
+            done_before = progress.batches
+            trainer.run(train, f"epoch {epoch}/{args.epochs}", progress, stop)
             state.step += progress.batches - done_before
-            if progress.batches < len(batches["train"]):  # stopped mid-epoch: keep the place, not the epoch
+            if progress.batches < len(train):  # stopped mid-epoch: keep the place, not the epoch
                 state.progress = asdict(progress)
                 if dist.main:
                     save("last.pth.tar")
@@ -560,20 +556,23 @@ def main(args):
                              epoch, progress.batches, ckpt_dir / "last.pth.tar")
                 break
             state.epoch, state.progress = epoch, None
-            train = dist.all_sum(progress.loss_sum) / max(dist.all_sum(progress.words), 1)
-            lr = optimizer.param_groups[0]["lr"]
+            figure = dist.all_sum(progress.total) / max(dist.all_sum(progress.count), 1)  # all processes' mean
             score = 0.0
             if dist.main:
-                row = {"epoch": epoch, TRAIN_FIGURES[args.scst][0]: train,
-                       "captions_per_s": progress.captions_per_s * dist.world, "lr": lr}
-                score = end_of_epoch(args, row, data, vocab, evaluator, batches, logger)
+                row = {"epoch": epoch, trainer.objective.history_key: figure, "lr": optimizer.param_groups[0]["lr"],
+                       "captions_per_s": progress.captions_per_s * dist.world}
+                score = end_of_epoch(args, row, trainer.objective, data, vocab, model, batches, logger)
                 state.history.append(row)
             score = dist.from_main(score)
             schedule.step(score)  # on every process, so that all keep the same learning rate
             if score > state.best_score:
                 state.best_score, state.best_epoch = score, epoch
             if dist.main:
-                save_epoch_checkpoints(args, epoch, state, save)
+                save("last.pth.tar")
+                if state.best_epoch == epoch:
+                    save("best.pth.tar")
+                if epoch % args.save_every == 0:
+                    save(f"checkpoint_epoch_{epoch}.pth.tar")
             if stop.requested:
                 break
             if args.early_stop and epoch - state.best_epoch >= args.early_stop:
@@ -591,29 +590,46 @@ def main(args):
             "stopped": stop.requested}
 
 
-def end_of_epoch(args, row, data, vocab, evaluator, batches, logger):
+def training_state(args, model, device, ckpt=None):
+    """The optimizer, its schedule, the gradient scaler and where training stands: new, or as `ckpt` left them
+    (the RNGs too)."""
+    optimizer = make_optimizer(args, model)
+    schedule = make_schedule(args, optimizer)
+    # fp16 needs its gradients scaled up, or small ones flush to zero; bf16 has fp32's range and needs none
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(device, args.precision) == torch.float16)
+    if ckpt is None:
+        return optimizer, schedule, scaler, TrainState()
+    optimizer.load_state_dict(ckpt["optimizer"])
+    schedule.load_state_dict(ckpt["schedule"])
+    scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])
+    return optimizer, schedule, scaler, TrainState.from_checkpoint(ckpt)
+
+
+def make_objective(args, data, vocab, train_names):
+    """The word loss, or with --scst self-critical training on the training images' references."""
+    if not args.scst:
+        return WordLoss(args.label_smoothing)
+    names = set(train_names)
+    return SelfCritical([it for it in data.items("train", vocab) if it[0] in names], args.scst_samples, args.max_len)
+
+
+def end_of_epoch(args, row, objective, data, vocab, model, batches, logger):
     """Rank 0: dev loss and scores into the epoch's history row, the log line, TensorBoard.
     Returns the dev score that selects models."""
-    row["dev_loss"] = evaluator.run(batches["dev"], "dev loss").loss
-    scores, generated = dev_scores(evaluator.model, batches["score"], data, vocab, evaluator.device, args.max_len,
+    # the word loss on dev, with --scst too: the same figure before and after self-critical training
+    row["dev_loss"] = dev_loss(model, batches["dev"], WordLoss(args.label_smoothing), batches["dev"].device,
+                               args.precision)
+    scores, generated = dev_scores(model, batches["score"], data, vocab, batches["dev"].device, args.max_len,
                                    args.precision)
     row.update({f"dev_{k}": v for k, v in scores.items()})
-    key, label, tag = TRAIN_FIGURES[args.scst]
     log.info("epoch %d: %s %.3f, dev loss %.3f, dev BLEU-4 %.4f, dev CIDEr %.4f, %.0f captions/s, lr %.2g",
-             row["epoch"], label, row[key], row["dev_loss"], scores["Bleu_4"], scores["CIDEr"],
-             row["captions_per_s"], row["lr"])
-    logger.epoch(row["epoch"], {tag: row[key], "loss/dev": row["dev_loss"],
+             row["epoch"], objective.figure, row[objective.history_key], row["dev_loss"], scores["Bleu_4"],
+             scores["CIDEr"], row["captions_per_s"], row["lr"])
+    logger.epoch(row["epoch"], {objective.tag: row[objective.history_key], "loss/dev": row["dev_loss"],
                                 "bleu4/dev": scores["Bleu_4"], "cider/dev": scores["CIDEr"], "lr": row["lr"],
                                 "speed/captions_per_s": row["captions_per_s"]}, generated)
     return scores[SELECT_METRICS[args.select_metric]]
-
-
-def save_epoch_checkpoints(args, epoch, state, save):
-    save("last.pth.tar")
-    if state.best_epoch == epoch:
-        save("best.pth.tar")
-    if epoch % args.save_every == 0:
-        save(f"checkpoint_epoch_{epoch}.pth.tar")
 
 
 def _plain(d):

@@ -253,7 +253,7 @@ def test_self_critical_training_raises_the_reward():
     batches = Batches(FeatureSource(torch.randn(4, 1280), range(4)), CaptionTable([c for _, c in items], cpu),
                       list(refs), cpu, batch_size=4)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    trainer = image_training.Trainer(model, None, cpu, optimizer, torch.amp.GradScaler("cpu", enabled=False),
-                                     scst=image_training.SelfCritical(items, samples=8, max_len=8))
-    rewards = [trainer.run(batches).loss for _ in range(60)]  # mean CIDEr-D of each step's 32 samples
+    trainer = image_training.Trainer(model, image_training.SelfCritical(items, samples=8, max_len=8), cpu, optimizer,
+                                     torch.amp.GradScaler("cpu", enabled=False))
+    rewards = [trainer.run(batches).mean for _ in range(60)]  # mean CIDEr-D of each step's 32 samples
     assert sum(rewards[-5:]) / 5 > 2 * max(sum(rewards[:5]) / 5, 0.5), rewards

@@ -32,7 +32,7 @@ from image_loader import (
     read_image,
     resize_pil,
 )
-from image_training import Trainer
+from image_training import Trainer, WordLoss, dev_loss
 from tests.conftest import SAMPLE, copy_sample, run_script, train_args
 from tests.test_robustness import make_bad_and_odd_images
 from utils import SEED_PREPROCESSING, Dist
@@ -146,7 +146,8 @@ def test_batches_from_tensors_give_the_losses_of_each_caption_scored_alone():
     batches = Batches(FeatureSource(features, rows), CaptionTable(captions, CPU), list("abcd"), CPU, batch_size=3,
                       shuffle=True)
     criterion = torch.nn.CrossEntropyLoss(ignore_index=0, reduction="sum")
-    progress = Trainer(model, criterion, CPU).run(batches)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # a training pass that leaves the model as it is
+    progress = Trainer(model, WordLoss(), CPU, optimizer, torch.amp.GradScaler("cpu", enabled=False)).run(batches)
     expected, words = 0.0, 0
     with torch.no_grad():
         for row, caps in zip(rows, captions):
@@ -155,8 +156,9 @@ def test_batches_from_tensors_give_the_losses_of_each_caption_scored_alone():
                 logits = model(features[row:row + 1], c[:, :-1], from_features=True)
                 expected += criterion(logits[0], c[0, 1:]).item()
                 words += c.shape[1] - 1
-    assert progress.batches == 2 and progress.words == words and progress.captions == 9
-    assert progress.loss_sum == pytest.approx(expected, rel=1e-5)
+    assert progress.batches == 2 and progress.count == words and progress.captions == 9
+    assert progress.total == pytest.approx(expected, rel=1e-5)
+    assert dev_loss(model, batches, WordLoss(), CPU) == pytest.approx(expected / words, rel=1e-5)
 
 
 def test_a_resumed_pass_skips_batches_unread_and_augments_the_rest_the_same(tmp_path):
@@ -242,9 +244,8 @@ def test_cached_features_give_the_same_loss_as_the_cnn_on_the_image_store(tmp_pa
     direct = image_training.make_batches(args, data, vocab, model, preset, device, Dist())
     assert cached["dev"].from_features and not direct["dev"].from_features
     assert list(cache_dir.glob("images-224px-*.npy"))  # --no-cache read the images from a store
-    criterion = torch.nn.CrossEntropyLoss(ignore_index=0, reduction="sum")
-    with_cache = image_training.Trainer(model, criterion, device).run(cached["dev"]).loss
-    without = image_training.Trainer(model, criterion, device).run(direct["dev"]).loss
+    with_cache = dev_loss(model, cached["dev"], WordLoss(), device)
+    without = dev_loss(model, direct["dev"], WordLoss(), device)
     assert with_cache == pytest.approx(without, rel=1e-5)
 
 
