@@ -193,7 +193,7 @@ class Bench:
             return extract_features(self.model.encoderCNN, self.data.images_dir, names, self.preset, self.device,
                                     self.args.precision, self.args.workers)
 
-        extract(self.names[:64])  # warm-up: cuDNN's choice of kernels
+        extract(self.names[:min(64, n)])  # warm-up: cuDNN's choice of kernels
         self.sync()
         start = time.perf_counter()
         extract(self.names[:n])
@@ -338,7 +338,8 @@ def run(args, data_dir, cache_dir):
     r = {"device": name, "encoder": args.encoder, "decoder": "attention" if bench.model.args.attention else "plain",
          "hidden_size": bench.model.args.hidden_size, "precision": str(bench.dtype or "fp32").replace("torch.", ""),
          "workers": args.workers, "data": f"Flickr8k at {args.data}" if args.data else "generated JPEGs"}
-    r["encoder_forward_images_per_s"] = bench.encoder_forward(repeat)
+    # in batches as the feature pass makes them (64, or fewer when it has fewer images)
+    r["encoder_forward_images_per_s"] = bench.encoder_forward(repeat, batch=min(64, n_feature))
     r["loader_images_per_s"], r["loader_warm_images_per_s"], r["loader_first_batch_s"] = bench.loader(n_feature)
     r["feature_pass_images_per_s"] = bench.feature_pass(n_feature)
     r["feature_pass_images"] = n_feature
