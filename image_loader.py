@@ -502,20 +502,49 @@ class FileSource:
             except DataError as e:
                 errors.append(str(e))
         pack = {"jpeg_at": [k for k, _ in jpegs], "jpeg_lengths": [len(x) for _, x in jpegs],
+                "jpeg_paths": [str(self.images_dir / self.names[indices[k]]) for k, _ in jpegs],
                 "pillow_at": [k for k, _ in pillow], "errors": errors}
         pack["jpeg"] = torch.cat([x for _, x in jpegs]) if jpegs else torch.zeros(0, dtype=torch.uint8)
         pack["pillow"] = torch.stack([x for _, x in pillow]) if pillow else torch.zeros(0, dtype=torch.uint8)
         return pack
 
     def to_device(self, pack, device):
-        for e in pack["errors"]:
+        errors = list(pack["errors"])
+        images = dict(zip(pack["pillow_at"], to_device(pack["pillow"], device)))
+        chunks = pack["jpeg"].split(pack["jpeg_lengths"])
+        decoded = decode_jpegs(chunks, device)
+        for k, path, im in zip(pack["jpeg_at"], pack["jpeg_paths"], decoded):
+            try:  # if the device's decoder refused it: Pillow's path and rules
+                images[k] = im if im is not None else to_device(resize_pil(load_image(path), self.size), device)
+            except DataError as e:
+                errors.append(str(e))
+        for e in errors:
             log.warning("skipping %s", e)
-        images = dict(zip(pack["pillow_at"], pack["pillow"]))
-        images.update(zip(pack["jpeg_at"], pack["jpeg"].split(pack["jpeg_lengths"])))
         kept = sorted(images)
-        if not kept:
-            return [], None
-        return kept, decode_batch([images[k] for k in kept], self.size, device)
+        by_shape = {}  # decoded JPEGs come in their own sizes: resized together, one shape at a time
+        for k in kept:
+            by_shape.setdefault(tuple(images[k].shape), []).append(k)
+        for shape, group in by_shape.items():
+            if shape[1:] != (self.size, self.size):
+                images.update(zip(group, resize_tensor(torch.stack([images[k] for k in group]), self.size)))
+        return kept, torch.stack([images[k] for k in kept]) if kept else None
+
+
+def decode_jpegs(chunks, device):
+    """JPEG bytes (uint8 [n] each) -> uint8 [3, h, w] each, on the device, in one call (nvJPEG on CUDA); if the
+    call fails (a file corrupt past its header), each alone, with None for those that fail."""
+    if not chunks:
+        return []
+    try:
+        return decode_jpeg(list(chunks), mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        out = []
+        for c in chunks:
+            try:
+                out.append(decode_jpeg(c, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError:
+                out.append(None)
+        return out
 
 
 def _is_plain_jpeg(im, data):
@@ -527,7 +556,7 @@ def _is_plain_jpeg(im, data):
 
 def read_image(path, size, raw_jpeg=False):
     """One image for a batch: uint8 [3, size, size] resized by Pillow, or with raw_jpeg, for a plain JPEG, its
-    bytes (uint8 [n]) for decode_batch to decode on the device. Raises DataError, as load_image."""
+    bytes (uint8 [n]) for FileSource to decode on the device. Raises DataError, as load_image."""
     if raw_jpeg:
         try:
             data = Path(path).read_bytes()
@@ -537,22 +566,6 @@ def read_image(path, size, raw_jpeg=False):
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning):
             pass  # load_image says what is wrong, in one line
     return resize_pil(load_image(path), size)
-
-
-def decode_batch(images, size, device):
-    """read_image results -> uint8 [B, 3, size, size] on the device. JPEG bytes are decoded there in one call
-    (torchvision.io.decode_jpeg: nvJPEG on CUDA) and resized there, images of one shape together."""
-    jpegs = [i for i, x in enumerate(images) if x.dim() == 1]
-    out = list(images)
-    if jpegs:
-        decoded = decode_jpeg([images[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
-        by_shape = {}
-        for i, im in zip(jpegs, decoded):
-            by_shape.setdefault(tuple(im.shape), []).append((i, im))
-        for group in by_shape.values():
-            for (i, _), im in zip(group, resize_tensor(torch.stack([im for _, im in group]), size)):
-                out[i] = im
-    return torch.stack([to_device(x, device) for x in out])
 
 
 class _Loadable(Dataset):

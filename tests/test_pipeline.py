@@ -263,3 +263,30 @@ def test_feature_cache_key_changes_with_images_and_preprocessing(tmp_path, cache
     with open(images / names[0], "ab") as f:
         f.write(b"\0")  # the same name, other bytes
     assert key != feature_cache_key(model.encoderCNN, preset, images, names, None)
+
+
+def test_a_jpeg_the_device_cannot_decode_takes_pillows_path(photos, tmp_path, monkeypatch, caplog):
+    """nvJPEG may refuse a file whose header looked plain (corrupt further in): the batch is decoded again image
+    by image, and a refused one goes to Pillow, which reads it or names it in one warning."""
+    import image_loader
+
+    folder, names = photos
+    for n in names[:2]:
+        shutil.copy(folder / n, tmp_path / n)
+    (tmp_path / "bad.jpg").write_bytes((folder / names[2]).read_bytes()[:600] + b"\xff\xd9")  # a header, no image
+    refused = {(tmp_path / n).stat().st_size for n in (names[1], "bad.jpg")}
+    real = image_loader.decode_jpeg
+
+    def decode(data, **kwargs):
+        if isinstance(data, list) or len(data) in refused:
+            raise RuntimeError("Error while decoding JPEG images")
+        return real(data, **kwargs)
+
+    monkeypatch.setattr(image_loader, "decode_jpeg", decode)
+    source = FileSource(tmp_path, [names[0], names[1], "bad.jpg"], 224, 0, device_decode=True)
+    with caplog.at_level(logging.WARNING, logger="captioner"):
+        kept, images = source.to_device(source.load([0, 1, 2]), CPU)
+    pillow = images_of(FileSource(tmp_path, names[:2], 224, 0), [0, 1])
+    assert kept == [0, 1] and (images.float() - pillow.float()).abs().max() <= 2
+    assert torch.equal(images[1], pillow[1])  # the refused one: Pillow's own pixels
+    assert f"skipping {tmp_path / 'bad.jpg'}: unreadable image" in caplog.text
