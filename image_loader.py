@@ -436,10 +436,8 @@ class CaptionTable:
     def batch(self, images):
         """Image indices [B] -> (captions [N, T] padded to the batch's longest, image_index [N]) on the device,
         and the number of words to predict (known here, on the CPU: no wait for the device)."""
-        counts = self.first[images + 1] - self.first[images]
-        image_index = torch.arange(len(images)).repeat_interleave(counts)
-        rows = self.first[images].repeat_interleave(counts) + torch.arange(int(counts.sum())) - (
-            counts.cumsum(0) - counts).repeat_interleave(counts)
+        image_index = torch.arange(len(images)).repeat_interleave(self.first[images + 1] - self.first[images])
+        rows = torch.cat([torch.arange(self.first[i], self.first[i + 1]) for i in images.tolist()])
         lengths = self.lengths[rows]
         longest = int(lengths.max()) if len(rows) else 0
         return (self.tokens[to_device(rows, self.device)][:, :longest], to_device(image_index, self.device),
@@ -548,7 +546,7 @@ def decode_jpegs(chunks, device):
 
 
 def _is_plain_jpeg(im, data):
-    """Files the device decodes exactly as Pillow would: baseline 8-bit RGB JPEGs, upright, complete."""
+    """Files the device decodes to Pillow's pixels, to within a level: baseline 8-bit RGB JPEGs, upright, complete."""
     return (im.format == "JPEG" and im.mode == "RGB" and not im.info.get("progressive")
             and not im.info.get("progression") and im.getexif().get(0x0112, 1) == 1
             and data.endswith(b"\xff\xd9"))  # no end marker: truncated, and Pillow's rules apply
@@ -626,7 +624,7 @@ class Batches:
         seed = int(torch.randint(2**62, (1,), generator=self.sampler.generator))
         for k, (indices, loaded) in enumerate(self._loaded(), start=skip):
             kept, x = self.source.to_device(loaded, self.device)
-            if not kept:  # every image of the batch was unreadable
+            if not kept:  # every image of the batch was unreadable (only image files can be: never in training)
                 continue
             indices = [indices[i] for i in kept]
             x = self._transform(x, torch.Generator().manual_seed(seed + k))
@@ -659,7 +657,7 @@ def cnn_layout(images):
 
 # ------------------------------------------------------------------------------------------------ caches
 # Decoding JPEGs is the slow part of every pass over images, so it is done once: a frozen CNN's features are
-# computed once per image (FeatureCache), and a CNN that learns reads images resized once (ImageStore). Each
+# computed once per image (cached_features), and a CNN that learns reads images resized once (ImageStore). Each
 # file's name is a hash of everything that changes its content, so a stale one is never used.
 
 def files_key(h, images_dir, names):
@@ -757,7 +755,9 @@ class ImageStore:
     def _build(path, images_dir, names, size, device, workers):
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         path.parent.mkdir(parents=True, exist_ok=True)
-        array = np.lib.format.open_memmap(tmp, "w+", np.uint8, (len(names), 3, size, size)) if names else None
+        # one row for each image (unreadable ones leave theirs unused at the end), and at least one: numpy
+        # cannot map an empty file
+        array = np.lib.format.open_memmap(tmp, "w+", np.uint8, (max(len(names), 1), 3, size, size))
         kept = []
         try:
             for batch in tqdm(image_batches(images_dir, names, size, device, workers),
@@ -766,8 +766,7 @@ class ImageStore:
                 kept += batch.names
             if len(kept) < len(names):
                 log.warning("skipped %d unreadable images", len(names) - len(kept))
-            if array is not None:
-                array.flush()
+            array.flush()
             os.replace(tmp, path)
         finally:
             Path(tmp).unlink(missing_ok=True)
