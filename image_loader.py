@@ -63,7 +63,8 @@ def find_images_dir(data_dir):
 
 
 def _read_kaggle(path):
-    with open(path, newline="", encoding="utf-8") as f:
+    # utf-8-sig: a spreadsheet's "CSV UTF-8" export starts with a byte-order mark, which is no part of the header
+    with open(path, newline="", encoding="utf-8-sig") as f:
         rows = list(csv.reader(f))
     if not rows or [c.strip().lower() for c in rows[0][:2]] != ["image", "caption"]:
         raise DataError(f"{path}: first line must be the header 'image,caption'")

@@ -175,3 +175,12 @@ def test_sharded_batches_give_each_process_its_share_of_every_batch():
     b.generator.manual_seed(5)
     whole, half = list(a), list(b)
     assert [batch[len(batch) - len(h):] for batch, h in zip(whole, half)] == half  # same order, rank 1's part
+
+
+def test_captions_saved_by_a_spreadsheet_read_as_well(tmp_path):
+    """Excel's "CSV UTF-8" writes a byte-order mark first, and CRLF line ends."""
+    root = write_dataset(tmp_path)
+    (root / "captions.txt").write_bytes("\ufeffimage,caption\r\na.jpg,A dog runs .\r\nb.jpg,\"Two cats, asleep .\"\r\n"
+                                        .encode("utf-8"))
+    _, caps = load_captions(root)
+    assert caps == {"a.jpg": ["A dog runs ."], "b.jpg": ["Two cats, asleep ."]}
