@@ -363,6 +363,12 @@ class CNN_RNN(nn.Module):
             return greedy_search(self.decoderRNN, feats, max_len)
         return beam_search(self.decoderRNN, feats, max_len, beam, length_penalty)
 
+    @torch.inference_mode()
+    def n_best(self, x, n, max_len=40, beam=3, length_penalty=0.0, from_features=False):
+        """Each image's n best captions of a beam search (n <= beam), best first, with their log-probabilities:
+        see n_best_search."""
+        return n_best_search(self.decoderRNN, self.features(x, from_features), max_len, beam, n, length_penalty)
+
 
 def trim_at_eos(ids):
     """Word ids up to the first EOS (or all of them)."""
@@ -401,11 +407,17 @@ def greedy_search(decoder, feats, max_len):
 
 
 def beam_search(decoder, feats, max_len, k, length_penalty=0.0):
-    """Batched beam search over B images at once, K beams each.
+    """The best caption of a beam search of K beams, for each of B images: word ids without SOS/EOS."""
+    return [best[0]["ids"] for best in n_best_search(decoder, feats, max_len, k, 1, length_penalty)]
 
-    Finished beams keep their score and only extend with EOS. The final choice divides each beam's
-    log-probability by (length ** length_penalty): 0 picks the most likely caption, about 0.7 favours
-    longer ones. Each step records only (parent beam, word); the captions are read back at the end."""
+
+def n_best_search(decoder, feats, max_len, k, n=1, length_penalty=0.0):
+    """Batched beam search over B images at once, K beams each; for each image its n best captions (n <= K),
+    best first: [{"ids": word ids without SOS/EOS, "log_prob": float, "length": words with EOS}, ...].
+
+    Finished beams keep their score and only extend with EOS. The ranking divides each beam's
+    log-probability by (length ** length_penalty): 0 ranks by probability, about 0.7 favours longer
+    captions. Each step records only (parent beam, word); the captions are read back at the end."""
     b, device = feats.shape[0], feats.device
     offsets = torch.arange(b, device=device).unsqueeze(1) * k  # [B, 1]: row of each image's first beam
     state = decoder.select(decoder.start(feats), torch.arange(b, device=device).repeat_interleave(k))  # B*K rows
@@ -431,17 +443,18 @@ def beam_search(decoder, feats, max_len, k, length_penalty=0.0):
         done = parent_done | (word == EOS_IDX)
         state = decoder.select(state, (beam + offsets).view(-1))
         tokens = word.view(-1)
-        # Without a length penalty a caption's score only falls as it grows, so once every image's best beam
-        # (topk sorts: beam 0) is finished, no beam still going can overtake it: stop, with the same result.
-        if (done[:, 0] if length_penalty == 0 else done).all():
+        # Without a length penalty a caption's score only falls as it grows, so once every image's n best beams
+        # (topk sorts: beams 0..n-1) are finished, no beam still going can overtake them: stop, same result.
+        if (done[:, :n] if length_penalty == 0 else done).all():
             break
-    at = (scores / lengths.clamp(min=1) ** length_penalty).argmax(-1, keepdim=True)  # [B, 1] the best beam
-    seq = []
-    for beam, word in zip(reversed(parents), reversed(words)):  # follow the best beam back to the start
+    at = (scores / lengths.clamp(min=1) ** length_penalty).topk(n, -1).indices  # [B, n] the n best beams
+    log_probs, n_words, seq = scores.gather(1, at).tolist(), lengths.gather(1, at).tolist(), []
+    for beam, word in zip(reversed(parents), reversed(words)):  # follow them back to the start
         seq.append(word.gather(1, at))
         at = beam.gather(1, at)
-    seqs = torch.cat(seq[::-1], 1).tolist()  # [B, steps]
-    return [trim_at_eos(s) for s in seqs]
+    seqs = torch.stack(seq[::-1], -1).tolist()  # [B, n, steps]
+    return [[{"ids": trim_at_eos(ids), "log_prob": lp, "length": int(m)} for ids, lp, m in zip(*per_image)]
+            for per_image in zip(seqs, log_probs, n_words)]
 
 
 def sample_captions(decoder, feats, max_len):

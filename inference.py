@@ -8,6 +8,7 @@ read are reported on stderr, one line each, and the exit status is 1; the others
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -33,7 +34,11 @@ def get_args_parser():
     p.add_argument("--length-penalty", type=non_negative, default=0.0,
                    help="beam search: divide log-probabilities by length**this (0: none)")
     p.add_argument("--max-len", type=positive(int), default=40, help="longest caption, in words")
-    p.add_argument("--json", action="store_true", help="print one JSON list of {image, caption} / {image, error}")
+    p.add_argument("--n-best", type=positive(int), metavar="K",
+                   help="the K best captions of the beam search (K <= --beam), best first, each with its "
+                        "log-probability and mean per-word probability")
+    p.add_argument("--json", action="store_true", help="print one JSON list of {image, caption} / {image, error} "
+                                                       "({image, caption, n_best: [...]} with --n-best)")
     return p
 
 
@@ -62,15 +67,27 @@ class Captioner:
         self.model.to(self.device).eval()
         self.transform = EvalTransform(self.preset)
 
+    def _image(self, path):
+        return self.transform(load_image(path)).unsqueeze(0).to(self.device)
+
     @torch.no_grad()
     def caption(self, path, beam=3, max_len=40, length_penalty=0.0):
-        x = self.transform(load_image(path)).unsqueeze(0).to(self.device)
-        ids = self.model.generate(x, max_len=max_len, beam=beam, length_penalty=length_penalty)[0]
+        ids = self.model.generate(self._image(path), max_len=max_len, beam=beam, length_penalty=length_penalty)[0]
         return self.vocab.decode(ids)
+
+    def n_best(self, path, n, beam=3, max_len=40, length_penalty=0.0):
+        """The n best captions, best first: [{"caption", "log_prob", "mean_word_prob"}, ...]; a caption's
+        mean per-word probability is exp(log_prob / its words, EOS included)."""
+        best = self.model.n_best(self._image(path), n, max_len, beam, length_penalty)[0]
+        return [{"caption": self.vocab.decode(c["ids"]), "log_prob": round(c["log_prob"], 4),
+                 "mean_word_prob": round(math.exp(c["log_prob"] / max(c["length"], 1)), 4)} for c in best]
 
 
 def main(args):
     """Caption every image; returns the list of {"image", "caption"} or {"image", "error"} results."""
+    if args.n_best and args.n_best > args.beam:
+        raise DataError(f"--n-best {args.n_best} needs --beam {args.n_best} or more: a beam search of "
+                        f"{args.beam} keeps {args.beam} captions")
     captioner = Captioner(find_checkpoint(args.checkpoint), pick_device(args.device), args.vocab)
     results = []
     for arg in args.images:
@@ -79,19 +96,33 @@ def main(args):
             results.append({"image": arg, "error": f"{arg}: folder holds no images"})
         for path in paths:
             try:
-                results.append({"image": str(path), "caption": captioner.caption(path, args.beam, args.max_len,
-                                                                                args.length_penalty)})
+                results.append(caption_one(captioner, path, args))
             except DataError as e:
                 results.append({"image": str(path), "error": str(e)})
             if not args.json:
-                r = results[-1]
-                if "caption" in r:
-                    print(f"{r['image']}: {r['caption']}", flush=True)
-                else:
-                    print(f"error: {r['error']}", file=sys.stderr, flush=True)
+                print_result(results[-1])
     if args.json:
         print(json.dumps(results, indent=2))
     return results
+
+
+def caption_one(captioner, path, args):
+    if not args.n_best:
+        return {"image": str(path), "caption": captioner.caption(path, args.beam, args.max_len, args.length_penalty)}
+    best = captioner.n_best(path, args.n_best, args.beam, args.max_len, args.length_penalty)
+    return {"image": str(path), "caption": best[0]["caption"], "n_best": best}
+
+
+def print_result(r):
+    if "error" in r:
+        print(f"error: {r['error']}", file=sys.stderr, flush=True)
+    elif "n_best" not in r:
+        print(f"{r['image']}: {r['caption']}", flush=True)
+    else:
+        print(f"{r['image']}:")
+        for i, c in enumerate(r["n_best"], 1):
+            print(f"  {i}. {c['caption']}  (log-probability {c['log_prob']:.2f}, mean word probability "
+                  f"{c['mean_word_prob']:.2f})", flush=True)
 
 
 def cli(argv=None):

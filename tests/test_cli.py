@@ -87,3 +87,16 @@ def test_scst_fine_tunes_a_trained_model_from_the_command_line(demo_run, tmp_pat
         image_training.main(train_args(tmp_path, cache_dir, "--init-from", str(start), "--resume", str(start)))
     with pytest.raises(image_training.DataError, match="trained with --scst"):
         image_training.main(train_args(tmp_path, cache_dir, "--resume", str(tmp_path / "ck" / "last.pth.tar")))
+
+
+def test_inference_n_best_prints_ranked_captions_with_probabilities(demo_run, capsys):
+    import inference
+
+    checkpoint = str(demo_run / "checkpoints" / "last.pth.tar")
+    assert inference.cli([str(PHOTO), "--checkpoint", checkpoint, "--n-best", "3", "--json"]) == 0
+    (r,) = json.loads(capsys.readouterr().out)
+    assert len(r["n_best"]) == 3 and r["caption"] == r["n_best"][0]["caption"]
+    assert all(0 < c["mean_word_prob"] <= 1 and c["log_prob"] < 0 for c in r["n_best"])
+    assert [c["log_prob"] for c in r["n_best"]] == sorted((c["log_prob"] for c in r["n_best"]), reverse=True)
+    assert inference.cli([str(PHOTO), "--checkpoint", checkpoint, "--n-best", "3", "--beam", "2"]) == 1
+    assert "--n-best 3 needs --beam 3 or more" in capsys.readouterr().err

@@ -258,3 +258,22 @@ def test_self_critical_training_raises_the_reward():
                                      torch.amp.GradScaler("cpu", enabled=False))
     rewards = [trainer.run(batches).mean for _ in range(60)]  # mean CIDEr-D of each step's 32 samples
     assert sum(rewards[-5:]) / 5 > 2 * max(sum(rewards[:5]) / 5, 0.5), rewards
+
+
+def test_n_best_captions_are_ranked_with_their_own_log_probabilities(lite0):
+    torch.manual_seed(3)
+    feats = torch.randn(2, 1280)
+    lite0.eval()
+    best = lite0.n_best(feats, 4, max_len=12, beam=5, from_features=True)
+    assert [len(b) for b in best] == [4, 4]
+    assert [b[0]["ids"] for b in best] == lite0.generate(feats, max_len=12, beam=5, from_features=True)
+    for i, captions in enumerate(best):
+        assert [c["log_prob"] for c in captions] == sorted((c["log_prob"] for c in captions), reverse=True)
+        for c in captions:  # each caption's probability, word by word, teacher forced
+            ended = c["length"] == len(c["ids"]) + 1  # with EOS; else cut at max_len (this model is untrained)
+            assert ended or c["length"] == len(c["ids"]) == 12
+            words = torch.tensor([c["ids"] + [M.EOS_IDX] * ended])
+            tokens = torch.cat([torch.tensor([[M.SOS_IDX]]), words[:, :-1]], 1)
+            with torch.no_grad():
+                logits = lite0(feats[i:i + 1], tokens, from_features=True)
+            assert c["log_prob"] == pytest.approx(M.caption_log_probs(logits, words).item(), abs=1e-4)
