@@ -1,30 +1,59 @@
-"""torchrun with two CPU processes (gloo) trains the same model as one process."""
+"""torchrun with two CPU processes (gloo), on one node or two, trains the same model as one process."""
+
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from image_loader import DataError
-from tests.conftest import copy_sample, run_script
+from tests.conftest import ROOT, copy_sample, run_script
 from utils import init_distributed, load_checkpoint
 
+# dropout 0: each process draws its own dropout masks, so only a run without dropout can match exactly
+FLAGS = ["image_training.py", "--demo", "--device", "cpu", "--epochs", "2", "--dropout", "0", "--dev-images", "5"]
 
-def test_two_processes_with_gloo_match_one_process(tmp_path, cache_dir):
-    # dropout 0: each process draws its own dropout masks, so only a run without dropout can match exactly
-    flags = ["image_training.py", "--demo", "--device", "cpu", "--epochs", "2", "--dropout", "0", "--dev-images", "5",
-             "--cache-dir", str(cache_dir)]
-    one = run_script(*flags, "--checkpoint-dir", tmp_path / "one", "--log-dir", tmp_path / "runs1")
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *flags,
-                     "--checkpoint-dir", tmp_path / "two", "--log-dir", tmp_path / "runs2")
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert "x 2 processes" in two.stderr
-    a, b = load_checkpoint(tmp_path / "one" / "last.pth.tar"), load_checkpoint(tmp_path / "two" / "last.pth.tar")
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, cache_dir):
+    out = tmp_path_factory.mktemp("one")
+    proc = run_script(*FLAGS, "--cache-dir", cache_dir, "--checkpoint-dir", out, "--log-dir", out / "runs")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return load_checkpoint(out / "last.pth.tar")
+
+
+def assert_same_training(a, b):
     assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"]
-    assert [h["train_loss"] for h in b["history"]] == pytest.approx(
-        [h["train_loss"] for h in a["history"]], rel=1e-5)
+    assert [h["train_loss"] for h in b["history"]] == pytest.approx([h["train_loss"] for h in a["history"]], rel=1e-5)
     for k, v in a["model"].items():
         torch.testing.assert_close(b["model"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_two_processes_with_gloo_match_one_process(one_process, tmp_path, cache_dir):
+    two = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *FLAGS,
+                     "--cache-dir", cache_dir, "--checkpoint-dir", tmp_path / "two", "--log-dir", tmp_path / "runs2")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "x 2 processes" in two.stderr
+    assert_same_training(one_process, load_checkpoint(tmp_path / "two" / "last.pth.tar"))
     assert len(list((tmp_path / "runs2").rglob("events.out.tfevents.*"))) == 1  # rank 0 alone logs
+
+
+def test_two_nodes_on_localhost_match_one_process(one_process, tmp_path, cache_dir):
+    """Two torchrun launches, one process each, meeting at a c10d rendezvous: what two machines do."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
+              f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=test", *FLAGS, "--cache-dir", str(cache_dir)]
+    nodes = [subprocess.Popen([*launch, "--checkpoint-dir", str(tmp_path / f"node{i}"), "--log-dir",
+                               str(tmp_path / f"runs{i}")], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(2)]
+    errs = [node.communicate(timeout=300)[1] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
+    written = [p for p in tmp_path.glob("node*/last.pth.tar")]
+    assert len(written) == 1  # rank 0, whichever launch it was, alone writes checkpoints
+    assert_same_training(one_process, load_checkpoint(written[0]))
 
 
 def test_an_unreadable_image_is_left_out_before_two_processes_train(tmp_path):
