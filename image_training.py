@@ -453,9 +453,10 @@ def make_batches(args, data, vocab, model, preset, device, dist):
             names = sorted(set().union(*data.splits.values()))  # test too: evaluate.py then finds them cached
             kept, features = cached_features(model, data.images_dir, names, preset, device, args.cache_dir,
                                              args.workers, args.precision)
-            row = {n: i for i, n in enumerate(kept)}
-            sources = {s: (FeatureSource(features, [row[n] for n in data.splits[s] if n in row]),
-                           [n for n in data.splits[s] if n in row]) for s in ("train", "dev")}
+            row, sources = {n: i for i, n in enumerate(kept)}, {}
+            for s in ("train", "dev"):
+                split = [n for n in data.splits[s] if n in row]
+                sources[s] = FeatureSource(features, [row[n] for n in split]), split
         else:
             sizes = {"train": train_size(preset) if args.train_cnn else preset["resize"], "dev": preset["resize"]}
             sources = {}
