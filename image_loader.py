@@ -39,11 +39,15 @@ from image_intial_model import EOS_IDX, PAD_IDX, SOS_IDX, SPECIALS, UNK_IDX, aut
 
 log = logging.getLogger("captioner")
 
-IMAGE_DIRS = ("Images", "Flicker8k_Dataset", "Flickr8k_Dataset")
+IMAGE_DIRS = ("Images", "Flicker8k_Dataset", "Flickr8k_Dataset", "flickr30k-images", "flickr30k_images")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPLIT_FRACTIONS = {"train": 6000 / 8000, "dev": 1000 / 8000, "test": 1000 / 8000}
-LAYOUT_HELP = ("expected DIR/Images/ + DIR/captions.txt (Kaggle) or "
-               "DIR/Flicker8k_Dataset/ + DIR/Flickr8k.token.txt (original)")
+LAYOUT_HELP = ("expected DIR/Images/ + DIR/captions.txt (Kaggle's layout, or your own photos), "
+               "DIR/Flicker8k_Dataset/ + DIR/Flickr8k.token.txt (the original), or Karpathy's "
+               "DIR/dataset_flickr8k.json, dataset_flickr30k.json or dataset_coco.json beside the images")
+# Karpathy's split files: their "split" per image, in this project's names ("restval" is COCO's extra training)
+KARPATHY_FILES = ("dataset_flickr8k.json", "dataset_flickr30k.json", "dataset_coco.json")
+KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "dev", "test": "test"}
 
 
 class DataError(Exception):
@@ -109,6 +113,34 @@ def load_captions(data_dir):
     if not captions:
         raise DataError(f"{path} names no image found in {images_dir}")
     return images_dir, captions
+
+
+def load_karpathy(data_dir, path):
+    """Karpathy's split file (images[].filename, .filepath, .split, .sentences[].raw): (images_dir,
+    {image name: [caption, ...]}, {split: [names]}) for the images on disk. COCO's entries name a folder
+    (`filepath`: train2014, val2014) under DIR; Flickr's images lie in DIR's image folder."""
+    data_dir = Path(data_dir)
+    try:
+        entries = json.loads(Path(path).read_text(encoding="utf-8"))["images"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"cannot read {path} as Karpathy's split file (an 'images' list): {e}") from None
+    in_folders = any("filepath" in e for e in entries)
+    images_dir = data_dir if in_folders else find_images_dir(data_dir)
+    captions, splits, missing = {}, {s: [] for s in SPLIT_FRACTIONS}, 0
+    for e in entries:
+        name = f"{e['filepath']}/{e['filename']}" if in_folders else e["filename"]
+        caps = [c["raw"].strip() for c in e.get("sentences", []) if c.get("raw", "").strip()]
+        if not (images_dir / name).is_file():
+            missing += 1
+        elif caps:
+            captions[name] = caps
+            splits[KARPATHY_SPLITS.get(e.get("split"), "train")].append(name)
+    if missing:
+        log.warning("skipped %d images of %s not found under %s", missing, Path(path).name, images_dir)
+    if not captions:
+        raise DataError(f"{path} names no image found under {images_dir}")
+    log.info("Karpathy's split (%s): %s", Path(path).name, ", ".join(f"{s} {len(v)}" for s, v in splits.items()))
+    return images_dir, captions, {s: sorted(v) for s, v in splits.items()}
 
 
 def split_images(data_dir, names, seed=0):
@@ -372,8 +404,14 @@ class Flickr8k:
 
     @classmethod
     def load(cls, data_dir, seed=0, max_images=None):
-        images_dir, captions = load_captions(data_dir)
-        splits = split_images(data_dir, captions, seed)
+        """Karpathy's split file where DIR has one (its split); else captions.txt or Flickr8k.token.txt, split
+        by the official split files, or by a seeded split."""
+        karpathy = [Path(data_dir) / f for f in KARPATHY_FILES if (Path(data_dir) / f).is_file()]
+        if karpathy:
+            images_dir, captions, splits = load_karpathy(data_dir, karpathy[0])
+        else:
+            images_dir, captions = load_captions(data_dir)
+            splits = split_images(data_dir, captions, seed)
         if max_images:  # smoke runs: the first images of each split, in proportion
             splits = {s: v[:max(1, round(max_images * SPLIT_FRACTIONS[s]))] for s, v in splits.items()}
         return cls(images_dir, captions, splits)

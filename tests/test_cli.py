@@ -8,6 +8,7 @@ import torch
 
 import image_training
 from image_intial_model import preprocessing
+from image_loader import Flickr8k
 from tests.conftest import SAMPLE, run_script, train_args
 from utils import load_checkpoint
 
@@ -100,3 +101,17 @@ def test_inference_n_best_prints_ranked_captions_with_probabilities(demo_run, ca
     assert [c["log_prob"] for c in r["n_best"]] == sorted((c["log_prob"] for c in r["n_best"]), reverse=True)
     assert inference.cli([str(PHOTO), "--checkpoint", checkpoint, "--n-best", "3", "--beam", "2"]) == 1
     assert "--n-best 3 needs --beam 3 or more" in capsys.readouterr().err
+
+
+def test_training_reads_a_karpathy_split_file(tmp_path, cache_dir):
+    """The sample as Karpathy's dataset_flickr8k.json (no captions.txt, no split files) trains as the sample."""
+    data = Flickr8k.load(SAMPLE)
+    (tmp_path / "data").mkdir()
+    shutil.copytree(data.images_dir, tmp_path / "data" / "Images")
+    split_of = {n: s for s, names in data.splits.items() for n in names}
+    entries = [{"filename": n, "split": {"dev": "val"}.get(split_of[n], split_of[n]),
+                "sentences": [{"raw": c} for c in data.captions[n]]} for n in sorted(split_of)]
+    (tmp_path / "data" / "dataset_flickr8k.json").write_text(json.dumps({"images": entries}))
+    result = image_training.main(train_args(tmp_path, cache_dir, "--data", str(tmp_path / "data"), "--epochs", "1",
+                                            "--device", "cpu"))
+    assert len(result["history"]) == 1 and Flickr8k.load(tmp_path / "data").splits == data.splits

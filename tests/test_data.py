@@ -1,3 +1,4 @@
+import json
 import logging
 import pickle
 import sys
@@ -184,3 +185,33 @@ def test_captions_saved_by_a_spreadsheet_read_as_well(tmp_path):
                                         .encode("utf-8"))
     _, caps = load_captions(root)
     assert caps == {"a.jpg": ["A dog runs ."], "b.jpg": ["Two cats, asleep ."]}
+
+
+def test_karpathy_split_files_for_flickr_and_coco(tmp_path, caplog):
+    def entry(name, split, *captions, **extra):
+        return {"filename": name, "split": split, "sentences": [{"raw": c} for c in captions], **extra}
+
+    root = write_dataset(tmp_path / "f30k", images=("a.jpg", "b.jpg", "c.jpg", "d.jpg"))
+    entries = [entry("a.jpg", "train", "A dog .", "A brown dog . "), entry("b.jpg", "val", "Two cats ."),
+               entry("c.jpg", "test", "A bird ."), entry("d.jpg", "restval", "A horse ."),
+               entry("ghost.jpg", "train", "Not here .")]
+    (root / "dataset_flickr30k.json").write_text(json.dumps({"dataset": "flickr30k", "images": entries}))
+    with caplog.at_level(logging.WARNING, logger="captioner"):
+        data = Flickr8k.load(root)
+    assert data.images_dir == root / "Images" and "skipped 1 images of dataset_flickr30k.json" in caplog.text
+    assert data.splits == {"train": ["a.jpg", "d.jpg"], "dev": ["b.jpg"], "test": ["c.jpg"]}  # restval trains
+    assert data.captions["a.jpg"] == ["A dog .", "A brown dog ."]
+    coco = tmp_path / "coco"
+    for folder, name in (("train2014", "x.jpg"), ("val2014", "y.jpg"), ("val2014", "z.jpg")):
+        (coco / folder).mkdir(parents=True, exist_ok=True)
+        (coco / folder / name).write_bytes(b"")
+    entries = [entry("x.jpg", "train", "A bus .", filepath="train2014"),
+               entry("y.jpg", "restval", "A cat .", filepath="val2014"),
+               entry("z.jpg", "test", "A pizza .", filepath="val2014")]
+    (coco / "dataset_coco.json").write_text(json.dumps({"images": entries}))
+    data = Flickr8k.load(coco)
+    assert data.images_dir == coco and data.splits == {"train": ["train2014/x.jpg", "val2014/y.jpg"], "dev": [],
+                                                       "test": ["val2014/z.jpg"]}
+    (coco / "dataset_coco.json").write_text('{"annotations": []}')
+    with pytest.raises(DataError, match="Karpathy's split file"):
+        Flickr8k.load(coco)
