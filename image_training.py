@@ -329,25 +329,25 @@ class Trainer:
             progress.count += count
             progress.captions += batch.captions.shape[0]
             if len(pending) == self.settle_every:
-                progress.total += _settle(pending, bar, self.objective)
+                _settle(progress, pending, bar, self.objective)
             # all processes must stop after the same step, or the others wait for its gradients forever
             if stop is not None and self.dist.all_sum(stop.requested):
                 break
-        progress.total += _settle(pending, bar, self.objective)
+        _settle(progress, pending, bar, self.objective)
         progress.seconds += time.time() - start
         return progress
 
 
-def _settle(pending, bar, objective):
-    """The sum of the figures still on the device, read back at once: one wait for the device every few steps,
-    not one per step, so that the CPU queues the next steps while the device computes."""
+def _settle(progress, pending, bar, objective):
+    """Add the figures still on the device to `progress`, read back at once: one wait for the device every few
+    steps, not one per step, so that the CPU queues the next steps while the device computes."""
     if not pending:
-        return 0.0
+        return
     total = torch.stack(pending).sum()
     _check_finite(total)
     pending.clear()
-    bar.set_postfix({objective.figure: f"{total.item():.4g}"})
-    return total.item()
+    progress.total += total.item()
+    bar.set_postfix({objective.figure: f"{progress.mean:.3f}"})  # the epoch's running mean, as before
 
 
 @torch.no_grad()
