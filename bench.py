@@ -12,6 +12,9 @@ Each pipeline figure comes with its ceiling, measured in the same run, so a rati
   store_speedup         = images/s read from the image store / decoded from JPEG files and resized to the
                           training size, in one process (per core): what decoding once saves each epoch
   caption_latency_ratio = captioning one photo file at beam 3 / the encoder's forward on one image tensor
+  finetune_loader / finetune_bare = a fine-tune epoch's two ceilings (images/s): the image store read with
+                          random crops and colour jitter on the device, no model; the CNN + decoder training
+                          step on batches already on the device
 Without --data, Flickr8k-shaped JPEGs (500x375) with five made-up captions each are generated in a temporary
 folder. The frozen-encoder epoch runs over 6,000 images x 5 captions (1,200 with --quick, scaled) whose cached
 features are random tensors of the model's feature shape (an epoch's cost does not depend on their values).
@@ -265,7 +268,9 @@ class Bench:
 
     def finetune_epoch(self, store, n_batches):
         """Seconds per epoch over 6,000 images through the CNN (--train-cnn) from the image store, timed on
-        `n_batches` batches after a warm-up of one."""
+        `n_batches` batches after a warm-up of one; and its two ceilings in images/s: the loader alone (store
+        reads, random crops and colour jitter on the device) and the training step alone on batches already
+        on the device."""
         self.model.encoderCNN.set_train_cnn(True)
         try:
             names = store.names[:n_batches * self.args.batch_size]
@@ -281,16 +286,23 @@ class Bench:
 
             trainer.run(batches(self.args.batch_size), "warm-up")  # cuDNN's choice of kernels
             epoch = batches(len(names))
-            for _ in epoch:  # its workers started, as they stay from one epoch to the next
-                pass
+            self._pass(epoch, len(names))  # its workers started, as they stay from one epoch to the next
+            loader = self._pass(epoch, len(names))
             self.sync()
             start = time.perf_counter()
             trainer.run(epoch, "fine-tune")
             self.sync()
             per_image = (time.perf_counter() - start) / len(names)
+            in_memory = list(epoch)
+
+            def steps():
+                for b in in_memory:
+                    trainer.step(b, from_features=False)
+
+            bare = len(names) / timed(steps, 1, sync=self.sync)
         finally:
             self.model.encoderCNN.set_train_cnn(False)
-        return per_image * 6000, len(names)
+        return per_image * 6000, len(names), loader, bare
 
     @torch.no_grad()
     def caption_latency(self, repeat):
@@ -351,7 +363,8 @@ def run(args, data_dir, cache_dir):
     store, build, rates = bench.image_store(bench.names[:n_finetune * args.batch_size], cache_dir)
     r.update(store_build_images_per_s=build, store_read_images_per_s=rates["store"],
              jpeg_read_images_per_s=rates["jpeg"], store_speedup=rates["store"] / rates["jpeg"])
-    r["finetune_epoch_s"], r["finetune_measured_images"] = bench.finetune_epoch(store, n_finetune)
+    (r["finetune_epoch_s"], r["finetune_measured_images"], r["finetune_loader_images_per_s"],
+     r["finetune_bare_images_per_s"]) = bench.finetune_epoch(store, n_finetune)
     greedy, beam3, encode, words = bench.caption_latency(repeat)
     r.update(caption_greedy_s=greedy, caption_beam3_s=beam3, encoder_one_image_s=encode, caption_words=words,
              checkpoint=args.checkpoint, caption_latency_ratio=beam3 / encode, peak_memory_mb=peak_memory_mb(device))
@@ -374,7 +387,9 @@ def report(r):
           f"{r['store_read_images_per_s']:.1f} images/s from it against {r['jpeg_read_images_per_s']:.1f} from "
           f"JPEG files (x{r['store_speedup']:.1f})")
     print(f"fine-tune epoch   {r['finetune_epoch_s']:8.1f} s for 6,000 images from the image store, loader "
-          f"workers running (measured on {r['finetune_measured_images']} images, scaled)")
+          f"workers running (measured on {r['finetune_measured_images']} images, scaled); loader alone "
+          f"{r['finetune_loader_images_per_s']:.0f} images/s, bare CNN + decoder step "
+          f"{r['finetune_bare_images_per_s']:.0f} images/s")
     print(f"caption one photo {r['caption_greedy_s'] * 1000:8.1f} ms greedy, "
           f"{r['caption_beam3_s'] * 1000:.1f} ms beam 3; encoder forward alone "
           f"{r['encoder_one_image_s'] * 1000:.1f} ms; ratio {r['caption_latency_ratio']:.2f} "

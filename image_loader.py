@@ -21,7 +21,8 @@ import random
 import signal
 import time
 import warnings
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -35,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.io import ImageReadMode, decode_jpeg
 from tqdm import tqdm
 
-from image_intial_model import EOS_IDX, PAD_IDX, SOS_IDX, SPECIALS, UNK_IDX, autocast, autocast_dtype
+from image_intial_model import EOS_IDX, PAD_IDX, SOS_IDX, SPECIALS, UNK_IDX, autocast, autocast_dtype, cuda_graphed
 
 log = logging.getLogger("captioner")
 
@@ -475,12 +476,15 @@ class CaptionTable:
     def batch(self, images):
         """Image indices [B] -> (captions [N, T] padded to the batch's longest, image_index [N]) on the device,
         and the number of words to predict (known here, on the CPU: no wait for the device)."""
-        image_index = torch.arange(len(images)).repeat_interleave(self.first[images + 1] - self.first[images])
-        rows = torch.cat([torch.arange(self.first[i], self.first[i + 1]) for i in images.tolist()])
+        counts = self.first[images + 1] - self.first[images]  # captions per image [B]
+        image_index = torch.arange(len(images)).repeat_interleave(counts)  # [N]
+        # caption k of the batch is its image's first row + its place among that image's captions
+        place = torch.arange(len(image_index)) - (counts.cumsum(0) - counts)[image_index]
+        rows = self.first[images][image_index] + place
         lengths = self.lengths[rows]
         longest = int(lengths.max()) if len(rows) else 0
-        return (self.tokens[to_device(rows, self.device)][:, :longest], to_device(image_index, self.device),
-                int((lengths - 1).sum()))  # every word after SOS, EOS included
+        rows, image_index = to_device(torch.stack([rows, image_index]), self.device)  # one copy, not two
+        return self.tokens[rows, :longest], image_index, int((lengths - 1).sum())  # words: all after SOS
 
 
 # ------------------------------------------------------------------------------- where images come from
@@ -522,9 +526,12 @@ class FileSource:
 
     def __init__(self, images_dir, names, size, workers, device_decode=False):
         self.images_dir, self.names, self.size, self.device_decode = Path(images_dir), names, size, device_decode
-        # With device decoding a worker only reads files and their headers: a few keep up, and each one more
-        # costs a fork of this (large, CUDA-holding) process when a pass starts.
-        self.workers = min(workers, 4) if device_decode else workers
+        # With device decoding the loader only reads files and their headers: two threads keep up (file reads
+        # release the GIL, and so does the device's decoder that the main thread waits in), and they start at
+        # once, where each worker process would be a fork of this large, CUDA-holding one. Measured on an H100,
+        # feature pass over 2,000 JPEGs: 1, 2, 4 threads 3,600, 3,585, 3,400 images/s; 4 processes 2,360.
+        self.threads = device_decode
+        self.workers = min(workers, 2) if device_decode else workers
 
     def load(self, indices):
         """A batch's files, packed as two tensors whatever its size, since each tensor that crosses from a
@@ -672,6 +679,8 @@ class Batches:
     def _loaded(self):
         if self.source.workers == 0:
             return ((b, self.source.load(b)) for b in self._plan)
+        if getattr(self.source, "threads", False):
+            return _in_threads(self.source.load, list(self._plan), self.source.workers)
         if self._loader is None:
             # The loader's own generator: without one, it seeds its workers from the global RNG, and whether a
             # run had to fill a cache would change its dropout masks.
@@ -687,6 +696,23 @@ class Batches:
         elif self.transform == "train":
             x = augment(x, self.preset, generator)
         return cnn_layout(x) if x.dim() == 4 and x.is_floating_point() else x
+
+
+def _in_threads(load, plan, threads):
+    """(batch, load(batch)) for each batch of `plan`, in order, loaded by `threads` threads that keep a few
+    batches ahead of the caller."""
+    pool, ahead = ThreadPoolExecutor(threads), deque()
+    try:
+        for indices in plan:
+            ahead.append((indices, pool.submit(load, indices)))
+            if len(ahead) > 2 * threads:
+                done, future = ahead.popleft()
+                yield done, future.result()
+        while ahead:
+            done, future = ahead.popleft()
+            yield done, future.result()
+    finally:  # a pass stopped early: batches not yet started are dropped
+        pool.shutdown(cancel_futures=True)
 
 
 def cnn_layout(images):
@@ -732,12 +758,21 @@ def extract_features(encoder, images_dir, names, preset, device, precision="auto
     encoder.eval()
     kept, out = [], []
     batches = image_batches(images_dir, names, preset["resize"], device, workers, batch_size, "eval", preset)
+
+    def extract(x):
+        with autocast(device, precision, cache_enabled=False):  # a CUDA graph cannot use autocast's cache
+            return encoder.extract(x)
+
+    # On CUDA every batch has the same shape (the last one padded), so that cuDNN tunes its kernels once and
+    # the CNN's forward runs as one CUDA graph, the CPU free to decode the next batch meanwhile.
+    graphed = device.type == "cuda" and len(batches) >= 4
     for batch in tqdm(batches, desc="extracting CNN features", unit="batch", leave=False, disable=None):
         x, n = batch.x, len(batch.names)
-        if n < batch_size and x.is_cuda:  # cuDNN (benchmark mode) would tune its kernels anew: seconds
+        if n < batch_size and x.is_cuda:
             x = cnn_layout(torch.cat([x, x.new_zeros((batch_size - n, *x.shape[1:]))]))
-        with autocast(device, precision):
-            f = encoder.extract(x)[:n]
+        if graphed is True:
+            graphed = cuda_graphed(extract, x)
+        f = (graphed(x) if graphed else extract(x))[:n]
         # region maps are R times larger than pooled features: half precision keeps the cache in memory
         out.append(f.half() if encoder.spatial else f.float())  # on the device: no wait for it per batch
         kept += batch.names

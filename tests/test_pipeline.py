@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -26,6 +27,7 @@ from image_loader import (
     StoreSource,
     augment,
     default_workers,
+    extract_features,
     feature_cache_key,
     load_image,
     normalize,
@@ -89,6 +91,38 @@ def test_only_plain_jpegs_go_to_the_device_and_odd_files_keep_pillows_rules(tmp_
     assert kept == [0, 2] and images.shape == (2, 3, 224, 224) and images.dtype == torch.uint8  # positions
     upright = np.asarray(load_image(tmp_path / "odd" / "rotated.jpg").resize((224, 224), Image.BILINEAR))
     assert np.array_equal(images[1].permute(1, 2, 0).numpy(), upright)
+
+
+def test_device_decoding_reads_files_in_threads_in_order_and_stops_cleanly(photos):
+    """With device decoding, threads read the files (no worker process to fork): the same batches, in order,
+    as reading them in the main process, and a pass left early leaves no thread behind."""
+    folder, names = photos
+    source = FileSource(folder, names, 224, workers=16, device_decode=True)
+    assert source.threads and source.workers == 2
+
+    def batches(src):
+        return Batches(src, CaptionTable([[] for _ in names], CPU), names, CPU, transform="raw", batch_size=3)
+
+    threaded = list(batches(source))
+    alone = list(batches(FileSource(folder, names, 224, workers=0, device_decode=True)))
+    assert [b.names for b in threaded] == [b.names for b in alone] == [names[:3], names[3:6], names[6:]]
+    assert all(torch.equal(a.x, b.x) for a, b in zip(threaded, alone))
+    before = threading.active_count()
+    for _ in batches(FileSource(folder, names, 224, workers=2, device_decode=True)):
+        break
+    assert threading.active_count() == before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_the_feature_pass_as_a_cuda_graph_gives_the_eager_features(photos):
+    folder, names = photos
+    model = M.CNN_RNN(M.ModelArgs(10, "efficientnet_lite0"), weights="imagenet").cuda()
+    cuda = torch.device("cuda")
+    # 8 photos in batches of 2: 4 batches, so the pass runs as a graph; one photo in batches of 2: eagerly
+    kept, graphed = extract_features(model.encoderCNN, folder, names, LITE0, cuda, "fp32", 0, batch_size=2)
+    eager = torch.cat([extract_features(model.encoderCNN, folder, [n], LITE0, cuda, "fp32", 0, batch_size=2)[1]
+                       for n in names])
+    assert kept == names and torch.allclose(graphed, eager, atol=1e-4)
 
 
 @pytest.mark.parametrize("preset", [LITE0, M.preprocessing("inception_v3"), SEED_PREPROCESSING])
@@ -230,7 +264,8 @@ def test_bench_smoke_run_prints_every_figure(tmp_path):
     r = json.loads(proc.stdout)
     for key in ("encoder_forward_images_per_s", "loader_images_per_s", "feature_pass_images_per_s",
                 "decoder_bare_captions_per_s", "frozen_epoch_captions_per_s", "store_read_images_per_s",
-                "jpeg_read_images_per_s", "finetune_epoch_s", "caption_beam3_s", "peak_memory_mb"):
+                "jpeg_read_images_per_s", "finetune_epoch_s", "finetune_loader_images_per_s",
+                "finetune_bare_images_per_s", "caption_beam3_s", "peak_memory_mb"):
         assert r[key] > 0, key
     assert r["finetune_measured_images"] == 8 and r["decoder"] == "plain" and r["workers"] >= 1
 
