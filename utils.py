@@ -5,6 +5,7 @@ import argparse
 import contextlib
 import os
 import random
+import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -146,15 +147,43 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# The model that ships with the code (README, "The model that ships"), found beside this file wherever the
+# command runs; a user's own training writes to ./checkpoints (or --checkpoint-dir), never here.
+SHIPPED_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "pretrained" / "model.pth"
+USER_CHECKPOINTS = ("checkpoints/best.pth.tar", "checkpoints/last.pth.tar")
+
+
+def find_checkpoint(path):
+    """The checkpoint a command uses: `path` if given; else the user's own best (or last) in ./checkpoints;
+    else the model that ships with the code. When it chose, it says which on stderr, in one line."""
+    if path:
+        return Path(path)
+    for p in map(Path, USER_CHECKPOINTS):
+        if p.is_file():
+            print(f"using your checkpoint {p} (--checkpoint chooses another)", file=sys.stderr)
+            return p
+    if SHIPPED_CHECKPOINT.is_file():
+        print(f"using the model that ships with the code, {SHIPPED_CHECKPOINT} (--checkpoint chooses another)",
+              file=sys.stderr)
+        return SHIPPED_CHECKPOINT
+    raise DataError(f"no checkpoint given and none at {' or '.join(USER_CHECKPOINTS)} or {SHIPPED_CHECKPOINT}: "
+                    "train first (python image_training.py --demo) or pass --checkpoint PATH")
+
+
 def model_from_checkpoint(ckpt, vocab_path=None):
     """Rebuild (model, vocab, preprocessing preset) from a loaded checkpoint: this project's, or the seed
-    tutorial's {"state_dict", ...} plus its vocabulary.pkl."""
+    tutorial's {"state_dict", ...} plus its vocabulary.pkl. A released checkpoint (export.py --format release)
+    leaves out its frozen CNN's ImageNet weights, which come from the encoder's package instead."""
     if "model_args" not in ckpt:
         return model_from_seed_checkpoint(ckpt, vocab_path)
     known = {f.name for f in fields(ModelArgs)}
     args = ModelArgs(**{k: v for k, v in ckpt["model_args"].items() if k in known})
-    model = CNN_RNN(args, weights=None)
-    model.load_state_dict(ckpt["model"])
+    imagenet = ckpt.get("encoder_weights") == "imagenet"
+    model = CNN_RNN(args, weights="imagenet" if imagenet else None)
+    state = ckpt["model"]
+    if imagenet:
+        state = {**{f"encoderCNN.backbone.{k}": v for k, v in model.encoderCNN.backbone.state_dict().items()}, **state}
+    model.load_state_dict(state)  # strict: every tensor of the model, from the file or the package
     return model, Vocab(ckpt["vocab"]), ckpt["preprocessing"]
 
 

