@@ -30,12 +30,14 @@ from image_loader import (
     Batches,
     CaptionTable,
     DataError,
+    EvalTransform,
     FeatureSource,
     FileSource,
     Flickr8k,
     cached_features,
     default_workers,
 )
+from inference import attention_map
 from utils import (
     HelpFormatter,
     find_checkpoint,
@@ -171,11 +173,16 @@ def caption_loader(model, batches, vocab, device, beam=3, length_penalty=0.0, ma
     return out
 
 
+GALLERY_ATTENTION_MAPS = 8  # attention models: images of the gallery shown with their attention maps
+
+
 def write_gallery(path, rows, images_dir, metrics):
     rel = os.path.relpath(images_dir, Path(path).parent)
     head = " ".join(f"{k} {v:.3f}" for k, v in metrics.items())
     cells = [f"<figure><img src=\"{html.escape(rel)}/{html.escape(r['image'])}\" loading=\"lazy\">"
-             f"<figcaption><b>{html.escape(r['caption'])}</b><ol>"
+             f"<figcaption><b>{html.escape(r['caption'])}</b>"
+             + (f"<a href=\"{html.escape(r['attention_map'])}\"><img src=\"{html.escape(r['attention_map'])}\" "
+                "title=\"attention for each word\"></a>" if "attention_map" in r else "") + "<ol>"
              + "".join(f"<li>{html.escape(c)}</li>" for c in r["references"])
              + f"</ol><small>{html.escape(r['image'])}</small></figcaption></figure>" for r in rows]
     Path(path).write_text(
@@ -243,6 +250,13 @@ def main(args):
     rows = [{"image": n, "caption": c, "references": data.captions[n]} for n, c in generated.items()]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if model.args.attention:  # what the decoder looked at for each word, for the gallery's first images
+        for r in rows[:GALLERY_ATTENTION_MAPS]:
+            sheet = attention_map(model, vocab, EvalTransform(preset), data.images_dir / r["image"], device,
+                                  args.beam, args.max_len, args.length_penalty)[1]
+            r["attention_map"] = f"attention/{Path(r['image']).stem}.png"
+            (out / "attention").mkdir(exist_ok=True)
+            sheet.save(out / r["attention_map"])
     results = {"metrics": metrics, "settings": settings, "images": rows}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     write_gallery(out / "gallery.html", rows, data.images_dir, metrics)

@@ -333,12 +333,24 @@ class AttentionDecoder(nn.Module):
         mean = regions.mean(1)
         return torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean)), regions, self.att_regions(regions)
 
+    def _weights(self, h, keys):
+        """How much the LSTM in state h looks at each region: [N, R], each row summing to 1."""
+        return self.att_score(torch.tanh(keys + self.att_hidden(h).unsqueeze(1))).squeeze(-1).softmax(-1)
+
     def _advance(self, word_emb, state):
         h, c, regions, keys = state
-        scores = self.att_score(torch.tanh(keys + self.att_hidden(h).unsqueeze(1))).squeeze(-1)  # [N, R]
-        context = (scores.softmax(-1).unsqueeze(-1) * regions).sum(1)  # [N, E]
+        context = (self._weights(h, keys).unsqueeze(-1) * regions).sum(1)  # [N, E]
         h, c = self.cell(torch.cat([word_emb, torch.sigmoid(self.gate(h)) * context], -1), (h, c))
         return h, (h, c, regions, keys)
+
+    def attention(self, regions, tokens):
+        """regions [N, R, E], tokens [N, T] (SOS w1 .. wn) -> the weights [N, T, R] over the regions with which
+        the decoder predicted each of w1 .. wn EOS: what it looked at for each word."""
+        state, emb, weights = self.start(regions), self.embed(tokens), []
+        for t in range(tokens.shape[1]):
+            weights.append(self._weights(state[0], state[3]))
+            _, state = self._advance(emb[:, t], state)
+        return torch.stack(weights, 1)
 
     def forward(self, regions, tokens):
         """regions [N, R, E], tokens [N, T] (SOS w1 .. wn, padded) -> logits [N, T, V] for (w1 .. wn EOS)."""
@@ -385,6 +397,19 @@ class CNN_RNN(nn.Module):
         if beam == 1:
             return greedy_search(self.decoderRNN, feats, max_len)
         return beam_search(self.decoderRNN, feats, max_len, beam, length_penalty)
+
+    @torch.inference_mode()
+    def attention_maps(self, x, captions, from_features=False):
+        """For an attention decoder: each image's caption (word ids, as generate gives them) -> its attention
+        over the CNN's feature map for each word, [words, h, w] (h = w: the map is square), in a list."""
+        feats = self.features(x, from_features)
+        maps = []
+        for i, ids in enumerate(captions):
+            tokens = torch.tensor([[SOS_IDX, *ids]], device=feats.device)
+            weights = self.decoderRNN.attention(feats[i:i + 1], tokens)[0, :len(ids)].float()  # [words, R]
+            side = math.isqrt(weights.shape[-1])
+            maps.append(weights.view(len(ids), side, side).cpu())
+        return maps
 
     @torch.inference_mode()
     def n_best(self, x, n, max_len=40, beam=3, length_penalty=0.0, from_features=False):

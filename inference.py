@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import torch
+from PIL import Image, ImageDraw
 
 from image_intial_model import EncoderWeightsError
 from image_loader import DataError, EvalTransform, list_images, load_image, load_vocab_file
@@ -48,6 +49,9 @@ def get_args_parser():
     p.add_argument("--n-best", type=positive(int), metavar="K",
                    help="the K best captions of the beam search (K <= --beam), best first, each with its "
                         "log-probability and mean per-word probability")
+    p.add_argument("--attention-map", metavar="DIR",
+                   help="attention models: write DIR/NAME.png per photo, the photo once per word, lit where the "
+                        "decoder looked for that word")
     p.add_argument("--json", action="store_true", help="print one JSON list of {image, caption} / {image, error} "
                                                        "({image, caption, n_best: [...]} with --n-best)")
     return p
@@ -76,6 +80,10 @@ class Captioner:
         ids = self.model.generate(self._image(path), max_len=max_len, beam=beam, length_penalty=length_penalty)[0]
         return self.vocab.decode(ids)
 
+    def attention_map(self, path, beam=3, max_len=40, length_penalty=0.0):
+        """(the caption, a PIL image of the attention for each of its words: see attention_png)."""
+        return attention_map(self.model, self.vocab, self.transform, path, self.device, beam, max_len, length_penalty)
+
     def n_best(self, path, n, beam=3, max_len=40, length_penalty=0.0):
         """The n best captions, best first: [{"caption", "log_prob", "mean_word_prob"}, ...]; a caption's
         mean per-word probability is exp(log_prob / its words, EOS included)."""
@@ -84,12 +92,46 @@ class Captioner:
                  "mean_word_prob": round(math.exp(c["log_prob"] / max(c["length"], 1)), 4)} for c in best]
 
 
+PANEL, TITLE, COLUMNS = 224, 22, 5  # attention maps: each panel's side and title bar (pixels); panels a row
+
+
+def attention_png(image, words, maps):
+    """The photo once per word, dimmed except where the decoder looked when it chose that word, titled with the
+    word, COLUMNS panels a row: a PIL image. maps [words, h, w], each map summing to 1, shown scaled to its
+    own peak and upsampled smoothly over the photo."""
+    photo = image.convert("RGB").resize((PANEL, PANEL), Image.Resampling.BILINEAR)
+    dimmed = Image.blend(photo, Image.new("RGB", photo.size), 0.75)
+    cols, rows = min(max(len(words), 1), COLUMNS), max(math.ceil(len(words) / COLUMNS), 1)
+    sheet = Image.new("RGB", (cols * PANEL, rows * (PANEL + TITLE)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, (word, m) in enumerate(zip(words, maps)):
+        light = Image.fromarray((m / m.max() * 255).round().byte().numpy(), "L")
+        x, y = (k % COLUMNS) * PANEL, (k // COLUMNS) * (PANEL + TITLE)
+        sheet.paste(Image.composite(photo, dimmed, light.resize(photo.size, Image.Resampling.BICUBIC)), (x, y + TITLE))
+        draw.text((x + 4, y + 4), word, fill="black")
+    return sheet
+
+
+@torch.no_grad()
+def attention_map(model, vocab, transform, path, device, beam=3, max_len=40, length_penalty=0.0):
+    """Caption the photo at `path` with an attention model: (the caption, attention_png of its words)."""
+    image = load_image(path)
+    x = transform(image).unsqueeze(0).to(device)
+    ids = model.generate(x, max_len=max_len, beam=beam, length_penalty=length_penalty)[0]
+    maps = model.attention_maps(x, [ids])[0]
+    return vocab.decode(ids), attention_png(image, [vocab.itos[i] for i in ids], maps)
+
+
 def main(args):
     """Caption every image; returns the list of {"image", "caption"} or {"image", "error"} results."""
     if args.n_best and args.n_best > args.beam:
         raise DataError(f"--n-best {args.n_best} needs --beam {args.n_best} or more: a beam search of "
                         f"{args.beam} keeps {args.beam} captions")
     captioner = Captioner(find_checkpoint(args.checkpoint), pick_device(args.device), args.vocab)
+    if args.attention_map and not captioner.model.args.attention:
+        print("no attention maps: this checkpoint's decoder has no attention (trained without --attention)",
+              file=sys.stderr)
+        args.attention_map = None
     results = []
     for arg in args.images:
         paths = list_images(arg)
@@ -108,10 +150,21 @@ def main(args):
 
 
 def caption_one(captioner, path, args):
-    if not args.n_best:
-        return {"image": str(path), "caption": captioner.caption(path, args.beam, args.max_len, args.length_penalty)}
-    best = captioner.n_best(path, args.n_best, args.beam, args.max_len, args.length_penalty)
-    return {"image": str(path), "caption": best[0]["caption"], "n_best": best}
+    search = (args.beam, args.max_len, args.length_penalty)
+    if args.attention_map:
+        caption, sheet = captioner.attention_map(path, *search)
+        out = Path(args.attention_map) / f"{Path(path).stem}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        sheet.save(out)
+        result = {"image": str(path), "caption": caption, "attention_map": str(out)}
+    elif args.n_best:
+        best = captioner.n_best(path, args.n_best, *search)
+        return {"image": str(path), "caption": best[0]["caption"], "n_best": best}
+    else:
+        return {"image": str(path), "caption": captioner.caption(path, *search)}
+    if args.n_best:
+        result["n_best"] = captioner.n_best(path, args.n_best, *search)
+    return result
 
 
 def print_result(r):

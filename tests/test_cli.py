@@ -5,12 +5,14 @@ import shutil
 
 import pytest
 import torch
+from PIL import Image
 
 import image_training
 from image_intial_model import preprocessing
 from image_loader import Flickr8k
+from inference import COLUMNS, PANEL, TITLE, attention_png
 from tests.conftest import SAMPLE, run_script, train_args
-from utils import load_checkpoint
+from utils import SHIPPED_CHECKPOINT, load_checkpoint
 
 PHOTO = SAMPLE / "Images" / "2364096157_eb7970a69a.jpg"
 
@@ -48,6 +50,35 @@ def test_inference_json_folder_and_bad_paths(demo_run, tmp_path):
     results = {r["image"].rsplit("/", 1)[-1]: r for r in json.loads(proc.stdout)}
     assert results["dog.jpg"]["caption"]
     assert "not an image" in results["notes.jpg"]["error"] and "no such file" in results["missing.jpg"]["error"]
+
+
+def test_attention_map_png_has_one_titled_panel_per_word():
+    words = ["a", "dog", "runs", "on", "the", "grass", "."]
+    maps = torch.rand(len(words), 7, 7)
+    sheet = attention_png(Image.open(PHOTO), words, maps / maps.sum((1, 2), keepdim=True))
+    assert sheet.size == (COLUMNS * PANEL, 2 * (PANEL + TITLE))  # 5 panels a row: two rows for seven words
+    cells = [sheet.crop((c * PANEL, r * (PANEL + TITLE), (c + 1) * PANEL, (r + 1) * (PANEL + TITLE)))
+             for r in range(2) for c in range(COLUMNS)]
+    for k, cell in enumerate(cells):
+        title, panel = cell.crop((0, 0, PANEL, TITLE)), cell.crop((0, TITLE, PANEL, PANEL + TITLE))
+        if k < len(words):  # a word in its title bar, and the photo under it
+            assert title.getextrema() != ((255, 255),) * 3 and panel.getextrema() != ((255, 255),) * 3
+        else:
+            assert cell.getextrema() == ((255, 255),) * 3  # nothing after the last word
+
+
+def test_inference_attention_map_for_attention_models_one_line_for_others(demo_run, tmp_path):
+    proc = run_script("inference.py", PHOTO, "--attention-map", tmp_path / "maps", "--json",
+                      "--checkpoint", SHIPPED_CHECKPOINT)  # the shipped model has attention
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)[0]
+    words = len(result["caption"].split())
+    assert Image.open(result["attention_map"]).size == (min(words, COLUMNS) * PANEL,
+                                                         -(-words // COLUMNS) * (PANEL + TITLE))
+    proc = run_script("inference.py", PHOTO, "--attention-map", tmp_path / "none",
+                      "--checkpoint", demo_run / "checkpoints" / "last.pth.tar")  # a plain decoder
+    assert proc.returncode == 0 and "no attention" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.stdout.startswith(f"{PHOTO}: ") and not (tmp_path / "none").exists()
 
 
 def test_inference_without_a_checkpoint_is_one_clear_line(tmp_path):

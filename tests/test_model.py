@@ -119,6 +119,27 @@ def test_attention_decoder_shapes_and_beam_one_equals_greedy():
     assert len(model.generate(regions, max_len=10, beam=3, from_features=True)) == 5
 
 
+def test_attention_maps_are_the_weights_each_word_was_chosen_with():
+    torch.manual_seed(0)
+    model = CNN_RNN(ModelArgs(vocab_size=40, encoder="efficientnet_lite0", embed_size=32, hidden_size=48,
+                              attention=True, attention_dim=16), weights="random").eval()
+    regions = torch.randn(2, 49, 1280) * 3
+    seen, weights = [], model.decoderRNN._weights
+
+    def record(h, keys):  # the weights the decoder computes while it generates, step by step
+        seen.append(weights(h, keys))
+        return seen[-1]
+
+    model.decoderRNN._weights = record
+    captions = model.generate(regions, max_len=6, from_features=True)
+    del model.decoderRNN._weights
+    maps = model.attention_maps(regions, captions, from_features=True)
+    for i, (ids, m) in enumerate(zip(captions, maps)):
+        assert m.shape == (len(ids), 7, 7)
+        assert torch.allclose(m.sum((1, 2)), torch.ones(len(ids)), atol=1e-5)  # each word's map sums to 1
+        assert torch.allclose(m.flatten(1), torch.stack([w[i] for w in seen[:len(ids)]]), atol=1e-5)
+
+
 def test_frozen_cnn_keeps_batchnorm_in_eval_mode(lite0):
     lite0.train()
     assert not lite0.encoderCNN.backbone.training and lite0.decoderRNN.training

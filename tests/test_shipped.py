@@ -48,6 +48,18 @@ def test_commands_use_the_shipped_model_when_the_user_has_none(tmp_path):
     assert (tmp_path / "ts" / "encoder.pt").is_file()
 
 
+def test_evaluate_uses_the_shipped_model_and_shows_its_attention_in_the_gallery(tmp_path):
+    proc = run_script(ROOT / "evaluate.py", "--data", SAMPLE, "--split", "test", "--no-java", "--out", tmp_path / "ev",
+                      "--cache-dir", tmp_path / "cache", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ships with the code" in proc.stderr
+    results = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert results["settings"]["checkpoint"] == str(SHIPPED_CHECKPOINT)
+    maps = sorted((tmp_path / "ev" / "attention").glob("*.png"))
+    assert len(maps) == 8 and all(f'src="attention/{m.name}"' in (tmp_path / "ev" / "gallery.html").read_text()
+                                  for m in maps)
+
+
 def test_training_never_writes_into_the_shipped_models_folder(tmp_path, cache_dir):
     args = train_args(tmp_path, cache_dir, "--checkpoint-dir", str(SHIPPED_CHECKPOINT.parent))
     with pytest.raises(DataError, match="ships with the code"):
