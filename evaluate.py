@@ -31,11 +31,11 @@ from image_loader import (
     CaptionTable,
     DataError,
     EvalTransform,
-    FeatureSource,
     FileSource,
     Flickr8k,
     cached_features,
     default_workers,
+    feature_source,
 )
 from inference import attention_map
 from utils import (
@@ -232,7 +232,7 @@ def main(args):
                                          preset, device, args.cache_dir, workers)
         row = {n: i for i, n in enumerate(kept)}
         names = [n for n in data.splits[args.split] if n in row]
-        source, transform = FeatureSource(features, [row[n] for n in names]), None
+        source, transform = feature_source(features, [row[n] for n in names], workers), None
     batches = Batches(source, CaptionTable([[] for _ in names], device), names, device, preset, transform,
                       args.batch_size)
     start = time.time()

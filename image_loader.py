@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import pickle
 import random
@@ -506,6 +507,19 @@ class FeatureSource:
         return list(range(len(rows))), self.features[to_device(rows, self.features.device)]
 
 
+class FeatureFileSource:
+    """Cached CNN features read from their file (FeatureFile) a batch at a time, in the loader's workers."""
+
+    def __init__(self, file, rows, workers):
+        self.file, self.rows, self.workers = file, rows, workers
+
+    def load(self, indices):
+        return self.file.read([self.rows[i] for i in indices])
+
+    def to_device(self, features, device):
+        return list(range(len(features))), to_device(features, device)  # pinned already by a loader with workers
+
+
 class StoreSource:
     """Images from an ImageStore (uint8, resized once), image i its row i: an epoch reads no JPEG."""
 
@@ -752,11 +766,10 @@ def image_batches(images_dir, names, size, device, workers, batch_size=64, trans
 
 
 @torch.inference_mode()
-def extract_features(encoder, images_dir, names, preset, device, precision="auto", workers=2, batch_size=64):
-    """Run the CNN once over the images (evaluation preset): (names kept, features [N, F] or regions [N, R, F]
-    on the device); unreadable images are left out, each named in one warning."""
+def feature_batches(encoder, images_dir, names, preset, device, precision="auto", workers=2, batch_size=64):
+    """Run the CNN once over the images (evaluation preset), yielding (names, features [n, F] or regions
+    [n, R, F]) per batch, on the device; unreadable images are left out, each named in one warning."""
     encoder.eval()
-    kept, out = [], []
     batches = image_batches(images_dir, names, preset["resize"], device, workers, batch_size, "eval", preset)
 
     def extract(x):
@@ -766,6 +779,7 @@ def extract_features(encoder, images_dir, names, preset, device, precision="auto
     # On CUDA every batch has the same shape (the last one padded), so that cuDNN tunes its kernels once and
     # the CNN's forward runs as one CUDA graph, the CPU free to decode the next batch meanwhile.
     graphed = device.type == "cuda" and len(batches) >= 4
+    kept = 0
     for batch in tqdm(batches, desc="extracting CNN features", unit="batch", leave=False, disable=None):
         x, n = batch.x, len(batch.names)
         if n < batch_size and x.is_cuda:
@@ -773,31 +787,138 @@ def extract_features(encoder, images_dir, names, preset, device, precision="auto
         if graphed is True:
             graphed = cuda_graphed(extract, x)
         f = (graphed(x) if graphed else extract(x))[:n]
-        # region maps are R times larger than pooled features: half precision keeps the cache in memory
-        out.append(f.half() if encoder.spatial else f.float())  # on the device: no wait for it per batch
-        kept += batch.names
-    if len(kept) < len(names):
-        log.warning("skipped %d unreadable images", len(names) - len(kept))
+        # region maps are R times larger than pooled features: half precision halves the cache
+        yield batch.names, f.half() if encoder.spatial else f.float()
+        kept += n
+    if kept < len(names):
+        log.warning("skipped %d unreadable images", len(names) - kept)
+
+
+def extract_features(encoder, images_dir, names, preset, device, precision="auto", workers=2, batch_size=64):
+    """The CNN's features of the images, all in memory: (names kept, features [N, F] or regions [N, R, F] on the
+    device)."""
+    kept, out = [], []
+    for batch_names, f in feature_batches(encoder, images_dir, names, preset, device, precision, workers, batch_size):
+        kept += batch_names
+        out.append(f)  # on the device: no wait for it per batch
     return kept, torch.cat(out) if out else torch.zeros(0)
 
 
-def cached_features(model, images_dir, names, preset, device, cache_dir, workers, precision="auto"):
-    """The frozen CNN's features of `names`, from the cache or computed and cached: (names kept, features on
-    the device, all of them one tensor)."""
+class FeatureFile:
+    """A feature cache on disk: one .npy file [N, F] (pooled, fp32) or [N, R, F] (regions, fp16) and a .json
+    index of its images' names (row i is names[i]; rows of images that could not be read are left unused at
+    the end). Rows are read by index with positioned reads, not through a memory map: the pages stay in the
+    OS's file cache and do not count in this process's memory, so a cache larger than RAM (MS-COCO's regions:
+    about 15 GB) trains with bounded memory."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.names = json.loads(self.path.with_suffix(".json").read_text())
+        with open(self.path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, _, self.dtype = read_header(f)
+            self.offset = f.tell()
+        self.shape = (len(self.names), *shape[1:])
+        self.row_bytes = self.dtype.itemsize * math.prod(shape[1:])
+        self._fd = None
+
+    @property
+    def nbytes(self):
+        return self.shape[0] * self.row_bytes
+
+    def __getstate__(self):  # a loader worker opens the file itself
+        return {**self.__dict__, "_fd": None}
+
+    def read(self, rows):
+        """These rows (image indices), as one CPU tensor [len(rows), ...]."""
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        buf = bytearray(len(rows) * self.row_bytes)
+        for k, r in enumerate(rows):
+            buf[k * self.row_bytes:(k + 1) * self.row_bytes] = os.pread(self._fd, self.row_bytes,
+                                                                        self.offset + r * self.row_bytes)
+        return torch.from_numpy(np.frombuffer(buf, self.dtype).reshape(len(rows), *self.shape[1:]))
+
+    def load(self, device, chunk=4096):
+        """All rows as one tensor on the device, read a chunk at a time (no second copy in RAM on the way)."""
+        out = torch.empty(self.shape, dtype=torch.from_numpy(np.zeros(0, self.dtype)).dtype, device=device)
+        for start in range(0, self.shape[0], chunk):
+            rows = range(start, min(start + chunk, self.shape[0]))
+            out[start:start + len(rows)] = self.read(rows)
+        return out
+
+    @classmethod
+    def write(cls, path, batches, n):
+        """Write the (names, features) batches of at most n images as a FeatureFile at path: each batch goes
+        to disk as it comes, so memory holds one batch, not the cache. The index is written last: a cache
+        with an index is complete."""
+        path, tmp, kept, f = Path(path), Path(path).with_name(f".{Path(path).name}.{os.getpid()}.tmp"), [], None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            for names, features in batches:
+                features = features.cpu().numpy()
+                if f is None:  # the header needs the features' shape: known with the first batch
+                    header = np.lib.format.open_memmap(tmp, "w+", features.dtype, (max(n, 1), *features.shape[1:]))
+                    offset, row_bytes = header.offset, features[0].nbytes
+                    del header
+                    f = open(tmp, "r+b")  # noqa: SIM115 (closed below, after the last batch)
+                f.seek(offset + len(kept) * row_bytes)
+                f.write(features.tobytes())
+                kept += names
+            if f is None:
+                raise DataError("no readable images to compute features of")
+            f.close()
+            os.replace(tmp, path)
+        finally:
+            if f is not None and not f.closed:
+                f.close()
+            tmp.unlink(missing_ok=True)
+        save_atomic(kept, path.with_suffix(".json"), json.dump, text=True)
+        return cls(path)
+
+
+def fits_in_memory(nbytes, device):
+    """Whether a feature cache this large is better held in memory: under half the GPU's free memory, or a
+    quarter of the machine's RAM (training needs the rest)."""
+    if device.type == "cuda":
+        return nbytes < torch.cuda.mem_get_info(device)[0] / 2
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): assume it fits
+        return True
+    return nbytes < ram / 4
+
+
+def cached_features(model, images_dir, names, preset, device, cache_dir, workers, precision="auto", on_disk=None):
+    """The frozen CNN's features of `names`, from the cache or computed and cached: (names kept, features):
+    one tensor on the device, or, if `on_disk` (None: if the cache does not fit in memory), the FeatureFile,
+    to be read a batch at a time (feature_source)."""
     encoder = model.encoderCNN
     key = feature_cache_key(encoder, preset, images_dir, names, autocast_dtype(device, precision))
-    path = Path(cache_dir) / f"features-{model.args.encoder}-{key}.pt"
-    if path.is_file():
-        cache = torch.load(path, map_location="cpu", weights_only=True)
+    path = Path(cache_dir) / f"features-{model.args.encoder}-{key}.npy"
+    if path.with_suffix(".json").is_file():
         log.info("CNN features from cache %s", path)
-        return cache["names"], cache["features"].to(device)
-    start = time.time()
-    kept, features = extract_features(encoder, images_dir, names, preset, device, precision, workers)
-    seconds = max(time.time() - start, 1e-9)
-    log.info("extracted %d CNN features in %.0f s (%.1f images/s) -> %s", len(kept), seconds, len(kept) / seconds,
-             path)
-    save_atomic({"names": kept, "features": features.cpu()}, path)
-    return kept, features
+        store = FeatureFile(path)
+    else:
+        start = time.time()
+        batches = feature_batches(encoder, images_dir, names, preset, device, precision, workers)
+        store = FeatureFile.write(path, batches, len(names))
+        seconds = max(time.time() - start, 1e-9)
+        log.info("extracted %d CNN features in %.0f s (%.1f images/s) -> %s", len(store.names), seconds,
+                 len(store.names) / seconds, path)
+    if on_disk or (on_disk is None and not fits_in_memory(store.nbytes, device)):
+        log.info("CNN features read from %s a batch at a time (%.1f GB)", path, store.nbytes / 1e9)
+        return store.names, store
+    return store.names, store.load(device)
+
+
+def feature_source(features, rows, workers):
+    """The Batches source of these rows of cached_features' features: in memory, or read from the file."""
+    if isinstance(features, FeatureFile):
+        return FeatureFileSource(features, rows, workers)
+    return FeatureSource(features, rows)
 
 
 class ImageStore:

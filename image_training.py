@@ -46,12 +46,12 @@ from image_loader import (
     CaptionTable,
     DataError,
     EvalTransform,
-    FeatureSource,
     Flickr8k,
     ImageStore,
     StoreSource,
     cached_features,
     default_workers,
+    feature_source,
     load_image,
     train_size,
 )
@@ -100,6 +100,10 @@ def get_args_parser(add_help=True):
                    help="run the frozen CNN on every batch (from the image store) instead of caching its features")
     g.add_argument("--cache-dir", default="cache",
                    help="where cached CNN features and image stores (images resized once) are kept")
+    g.add_argument("--features-on-disk", action="store_true",
+                   help="read cached CNN features from their file a batch at a time instead of holding them in "
+                        "memory (the default only for a cache larger than a quarter of RAM, or half the GPU's "
+                        "free memory)")
     g = p.add_argument_group("model")
     g.add_argument("--encoder", choices=sorted(ENCODERS), default="inception_v3", help="CNN encoder")
     g.add_argument("--no-pretrained", action="store_true", help="start the CNN from random weights")
@@ -456,11 +460,11 @@ def make_batches(args, data, vocab, model, preset, device, dist):
         if from_features:
             names = sorted(set().union(*data.splits.values()))  # test too: evaluate.py then finds them cached
             kept, features = cached_features(model, data.images_dir, names, preset, device, args.cache_dir,
-                                             args.workers, args.precision)
+                                             args.workers, args.precision, args.features_on_disk or None)
             row, sources = {n: i for i, n in enumerate(kept)}, {}
             for s in ("train", "dev"):
                 split = [n for n in data.splits[s] if n in row]
-                sources[s] = FeatureSource(features, [row[n] for n in split]), split
+                sources[s] = feature_source(features, [row[n] for n in split], args.workers), split
         else:
             sizes = {"train": train_size(preset) if args.train_cnn else preset["resize"], "dev": preset["resize"]}
             sources = {}

@@ -1,6 +1,7 @@
 """The data path that feeds the model: JPEG decoding on the device, the image store, batches as indices into
 tensors, mixed precision on the CPU, and bench.py."""
 
+import io
 import json
 import logging
 import os
@@ -20,12 +21,14 @@ from image_loader import (
     CaptionTable,
     DataError,
     EvalTransform,
+    FeatureFile,
     FeatureSource,
     FileSource,
     Flickr8k,
     ImageStore,
     StoreSource,
     augment,
+    cached_features,
     default_workers,
     extract_features,
     feature_cache_key,
@@ -282,6 +285,62 @@ def test_cached_features_give_the_same_loss_as_the_cnn_on_the_image_store(tmp_pa
     with_cache = dev_loss(model, cached["dev"], WordLoss(), device)
     without = dev_loss(model, direct["dev"], WordLoss(), device)
     assert with_cache == pytest.approx(without, rel=1e-5)
+
+
+def test_features_read_from_their_file_train_as_the_in_memory_cache(tmp_path, cache_dir):
+    """--features-on-disk: the same rows, and a training run with the same losses, as features in memory."""
+    runs = {}
+    for mode, extra in (("memory", ()), ("disk", ("--features-on-disk", "--workers", "2"))):
+        args = train_args(tmp_path / mode, cache_dir, "--max-images", "40", "--epochs", "2", "--device", "cpu", *extra)
+        runs[mode] = image_training.main(args)["history"]
+    assert [e["train_loss"] for e in runs["memory"]] == [e["train_loss"] for e in runs["disk"]]
+    assert [e["dev_loss"] for e in runs["memory"]] == [e["dev_loss"] for e in runs["disk"]]
+    args = image_training.check_args(train_args(tmp_path, cache_dir, "--max-images", "40", "--device", "cpu"))
+    data, _, model, preset, _ = image_training.build(args, CPU)
+    names = sorted(set().union(*data.splits.values()))
+    kept, file = cached_features(model, data.images_dir, names, preset, CPU, cache_dir, 0, on_disk=True)
+    _, memory = cached_features(model, data.images_dir, names, preset, CPU, cache_dir, 0, on_disk=False)
+    assert isinstance(file, FeatureFile) and kept == names and memory.shape == (len(names), 1280)
+    assert torch.equal(file.read([5, 0, 5, 39]), memory[[5, 0, 5, 39]])
+
+
+MEMORY_BOUND = 1600 * 2**20  # bytes of peak RSS allowed to a run whose feature cache is 2.5 GB
+
+
+def test_a_feature_cache_larger_than_memory_trains_with_bounded_memory(tmp_path):
+    """20,000 images with 7x7 regions (fp16: 2.5 GB of features), one epoch of an attention decoder reading them
+    from their file: the training process's peak RSS stays under MEMORY_BOUND."""
+    data, n = tmp_path / "data", 20_000
+    (data / "Images").mkdir(parents=True)
+    tiny = io.BytesIO()
+    Image.new("RGB", (16, 16), (90, 120, 60)).save(tiny, "JPEG")
+    rows = ["image,caption"]
+    for i in range(n):
+        (data / "Images" / f"{i:05d}.jpg").write_bytes(tiny.getvalue())
+        rows.append(f"{i:05d}.jpg,a {('dog', 'cat', 'man', 'child')[i % 4]} runs on the grass .")
+    (data / "captions.txt").write_text("\n".join(rows) + "\n")
+    flags = ["--data", data, "--encoder", "efficientnet_lite0", "--attention", "--embed-size", "16",
+             "--hidden-size", "16", "--attention-dim", "8", "--epochs", "1", "--batch-size", "500", "--min-freq", "1",
+             "--dev-images", "4", "--features-on-disk", "--workers", "1", "--device", "cpu",
+             "--cache-dir", tmp_path / "cache", "--checkpoint-dir", tmp_path / "ck", "--log-dir", tmp_path / "runs"]
+    # The cache the run would compute (its key: these files, the encoder's weights, the preprocessing), filled
+    # with random regions instead: the CNN on 20,000 images takes a CPU a quarter of an hour.
+    args = image_training.check_args(image_training.parse_args([str(f) for f in flags]))
+    loaded = Flickr8k.load(data)
+    names = sorted(set().union(*loaded.splits.values()))
+    _, _, model, preset, _ = image_training.build(args, CPU)
+    key = feature_cache_key(model.encoderCNN, preset, loaded.images_dir, names, None)
+    chunks = ((names[i:i + 1000], torch.randn(len(names[i:i + 1000]), 49, 1280).half())
+              for i in range(0, len(names), 1000))
+    file = FeatureFile.write(tmp_path / "cache" / f"features-efficientnet_lite0-{key}.npy", chunks, len(names))
+    assert file.nbytes > 2.4e9
+    script = ("import resource, sys, image_training; rc = image_training.cli(sys.argv[1:]); "
+              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024); sys.exit(rc)")
+    proc = run_script("-c", script, *flags, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "CNN features from cache" in proc.stderr and "a batch at a time" in proc.stderr
+    peak = int(proc.stdout.split()[-1])
+    assert peak < MEMORY_BOUND, f"peak RSS {peak / 2**20:.0f} MiB"
 
 
 def test_feature_cache_key_changes_with_images_and_preprocessing(tmp_path, cache_dir):
