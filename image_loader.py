@@ -13,6 +13,7 @@ import contextlib
 import csv
 import hashlib
 import io
+import itertools
 import json
 import logging
 import math
@@ -854,26 +855,25 @@ class FeatureFile:
         """Write the (names, features) batches of at most n images as a FeatureFile at path: each batch goes
         to disk as it comes, so memory holds one batch, not the cache. The index is written last: a cache
         with an index is complete."""
-        path, tmp, kept, f = Path(path), Path(path).with_name(f".{Path(path).name}.{os.getpid()}.tmp"), [], None
+        path = Path(path)
+        tmp, batches = path.with_name(f".{path.name}.{os.getpid()}.tmp"), iter(batches)
+        first = next(batches, None)
+        if first is None:
+            raise DataError("no readable images to compute features of")
         path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
         try:
-            for names, features in batches:
-                features = features.cpu().numpy()
-                if f is None:  # the header needs the features' shape: known with the first batch
-                    header = np.lib.format.open_memmap(tmp, "w+", features.dtype, (max(n, 1), *features.shape[1:]))
-                    offset, row_bytes = header.offset, features[0].nbytes
-                    del header
-                    f = open(tmp, "r+b")  # noqa: SIM115 (closed below, after the last batch)
-                f.seek(offset + len(kept) * row_bytes)
-                f.write(features.tobytes())
-                kept += names
-            if f is None:
-                raise DataError("no readable images to compute features of")
-            f.close()
+            shape = first[1].shape[1:]  # the header needs the features' shape: known with the first batch
+            header = np.lib.format.open_memmap(tmp, "w+", first[1].cpu().numpy().dtype, (max(n, 1), *shape))
+            offset = header.offset
+            del header
+            with open(tmp, "r+b") as f:
+                for names, features in itertools.chain([first], batches):
+                    f.seek(offset + len(kept) * features[0].numel() * features.element_size())
+                    f.write(features.cpu().numpy().tobytes())
+                    kept += names
             os.replace(tmp, path)
         finally:
-            if f is not None and not f.closed:
-                f.close()
             tmp.unlink(missing_ok=True)
         save_atomic(kept, path.with_suffix(".json"), json.dump, text=True)
         return cls(path)
