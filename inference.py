@@ -151,19 +151,19 @@ def main(args):
 
 def caption_one(captioner, path, args):
     search = (args.beam, args.max_len, args.length_penalty)
+    best = captioner.n_best(path, args.n_best, *search) if args.n_best else None
     if args.attention_map:
         caption, sheet = captioner.attention_map(path, *search)
         out = Path(args.attention_map) / f"{Path(path).stem}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         sheet.save(out)
-        result = {"image": str(path), "caption": caption, "attention_map": str(out)}
-    elif args.n_best:
-        best = captioner.n_best(path, args.n_best, *search)
-        return {"image": str(path), "caption": best[0]["caption"], "n_best": best}
     else:
-        return {"image": str(path), "caption": captioner.caption(path, *search)}
-    if args.n_best:
-        result["n_best"] = captioner.n_best(path, args.n_best, *search)
+        caption = best[0]["caption"] if best else captioner.caption(path, *search)
+    result = {"image": str(path), "caption": caption}
+    if best:
+        result["n_best"] = best
+    if args.attention_map:
+        result["attention_map"] = str(out)
     return result
 
 
