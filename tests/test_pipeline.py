@@ -304,12 +304,36 @@ def test_features_read_from_their_file_train_as_the_in_memory_cache(tmp_path, ca
     assert torch.equal(file.read([5, 0, 5, 39]), memory[[5, 0, 5, 39]])
 
 
-MEMORY_BOUND = 1600 * 2**20  # bytes of peak RSS allowed to a run whose feature cache is 2.5 GB
+MEMORY_BOUND = 1200 * 2**20  # bytes of memory allowed to a run whose feature cache is 2.5 GB
+# The training run below, in a process that reports the most memory it held: its resident anonymous and
+# shared memory, sampled every 20 ms. Not ru_maxrss: that also counts the pages of PyTorch's libraries mapped
+# from the OS's file cache, which vary by hundreds of MB with what ran before.
+MEASURED_RUN = """
+import re, sys, threading, time
+import image_training
+
+peak = 0
+
+def sample():
+    global peak
+    while True:
+        status = open("/proc/self/status").read()
+        held = sum(int(re.search(rf"{k}:\\s+(\\d+) kB", status).group(1)) for k in ("RssAnon", "RssShmem"))
+        peak = max(peak, held * 1024)
+        time.sleep(0.02)
+
+threading.Thread(target=sample, daemon=True).start()
+rc = image_training.cli(sys.argv[1:])
+time.sleep(0.05)
+print(peak)
+sys.exit(rc)
+"""
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads Linux's /proc/self/status")
 def test_a_feature_cache_larger_than_memory_trains_with_bounded_memory(tmp_path):
     """20,000 images with 7x7 regions (fp16: 2.5 GB of features), one epoch of an attention decoder reading them
-    from their file: the training process's peak RSS stays under MEMORY_BOUND."""
+    from their file: the training process's memory stays under MEMORY_BOUND."""
     data, n = tmp_path / "data", 20_000
     (data / "Images").mkdir(parents=True)
     tiny = io.BytesIO()
@@ -334,13 +358,11 @@ def test_a_feature_cache_larger_than_memory_trains_with_bounded_memory(tmp_path)
               for i in range(0, len(names), 1000))
     file = FeatureFile.write(tmp_path / "cache" / f"features-efficientnet_lite0-{key}.npy", chunks, len(names))
     assert file.nbytes > 2.4e9
-    script = ("import resource, sys, image_training; rc = image_training.cli(sys.argv[1:]); "
-              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024); sys.exit(rc)")
-    proc = run_script("-c", script, *flags, timeout=900)
+    proc = run_script("-c", MEASURED_RUN, *flags, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "CNN features from cache" in proc.stderr and "a batch at a time" in proc.stderr
     peak = int(proc.stdout.split()[-1])
-    assert peak < MEMORY_BOUND, f"peak RSS {peak / 2**20:.0f} MiB"
+    assert peak < MEMORY_BOUND, f"peak memory {peak / 2**20:.0f} MiB"
 
 
 def test_feature_cache_key_changes_with_images_and_preprocessing(tmp_path, cache_dir):
