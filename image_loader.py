@@ -823,27 +823,28 @@ class FeatureFile:
             self.offset = f.tell()
         self.shape = (len(self.names), *shape[1:])
         self.row_bytes = self.dtype.itemsize * math.prod(shape[1:])
-        self._fd = None
+        self._file = None  # opened by each process that reads (a loader worker opens its own)
 
     @property
     def nbytes(self):
         return self.shape[0] * self.row_bytes
 
-    def __getstate__(self):  # a loader worker opens the file itself
-        return {**self.__dict__, "_fd": None}
+    def __getstate__(self):
+        return {**self.__dict__, "_file": None}
 
     def read(self, rows):
         """These rows (image indices), as one CPU tensor [len(rows), ...]."""
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        if self._file is None:
+            self._file = open(self.path, "rb", buffering=0)  # noqa: SIM115 (open while this object lives)
         buf = bytearray(len(rows) * self.row_bytes)
+        view = memoryview(buf)
         for k, r in enumerate(rows):
-            buf[k * self.row_bytes:(k + 1) * self.row_bytes] = os.pread(self._fd, self.row_bytes,
-                                                                        self.offset + r * self.row_bytes)
+            self._file.seek(self.offset + r * self.row_bytes)
+            self._file.readinto(view[k * self.row_bytes:(k + 1) * self.row_bytes])
         return torch.from_numpy(np.frombuffer(buf, self.dtype).reshape(len(rows), *self.shape[1:]))
 
-    def load(self, device, chunk=4096):
-        """All rows as one tensor on the device, read a chunk at a time (no second copy in RAM on the way)."""
+    def load(self, device, chunk=512):
+        """All rows as one tensor on the device, read a chunk at a time (RAM holds one chunk besides)."""
         out = torch.empty(self.shape, dtype=torch.from_numpy(np.zeros(0, self.dtype)).dtype, device=device)
         for start in range(0, self.shape[0], chunk):
             rows = range(start, min(start + chunk, self.shape[0]))
