@@ -251,11 +251,12 @@ def main(args):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if model.args.attention:  # what the decoder looked at for each word, for the gallery's first images
+        (out / "attention").mkdir(exist_ok=True)
+        transform = EvalTransform(preset)
         for r in rows[:GALLERY_ATTENTION_MAPS]:
-            sheet = attention_map(model, vocab, EvalTransform(preset), data.images_dir / r["image"], device,
-                                  args.beam, args.max_len, args.length_penalty)[1]
+            sheet = attention_map(model, vocab, transform, data.images_dir / r["image"], device, args.beam,
+                                  args.max_len, args.length_penalty)[1]
             r["attention_map"] = f"attention/{Path(r['image']).stem}.png"
-            (out / "attention").mkdir(exist_ok=True)
             sheet.save(out / r["attention_map"])
     results = {"metrics": metrics, "settings": settings, "images": rows}
     (out / "results.json").write_text(json.dumps(results, indent=1))
