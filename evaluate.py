@@ -41,8 +41,7 @@ from inference import attention_map
 from utils import (
     HelpFormatter,
     find_checkpoint,
-    load_checkpoint,
-    model_from_checkpoint,
+    models_from_checkpoints,
     non_negative,
     pick_device,
     positive,
@@ -195,8 +194,8 @@ def write_gallery(path, rows, images_dir, metrics):
 def get_args_parser():
     p = argparse.ArgumentParser(description="Caption a Flickr8k split and score it with the standard metrics.",
                                 formatter_class=HelpFormatter)
-    p.add_argument("--checkpoint", help="checkpoint to evaluate (default: as inference.py: your "
-                                        "checkpoints/best.pth.tar, else the model that ships with the code)")
+    p.add_argument("--checkpoint", nargs="+", help="checkpoint to evaluate (default: as inference.py: your "
+                   "checkpoints/best.pth.tar, else the model that ships with the code); several: their ensemble")
     p.add_argument("--data", required=True, help="Flickr8k folder (either layout, as for training)")
     p.add_argument("--split", choices=["test", "dev", "train"], default="test", help="which images to caption")
     p.add_argument("--beam", type=positive(int), default=3, help="beam width; 1 is greedy decoding")
@@ -217,13 +216,14 @@ def get_args_parser():
 def main(args):
     """Caption and score; returns the results dict that is written to results.json."""
     device = pick_device(args.device)
-    args.checkpoint = find_checkpoint(args.checkpoint)
-    model, vocab, preset = model_from_checkpoint(load_checkpoint(args.checkpoint),
-                                                 Path(args.checkpoint).parent / "vocabulary.pkl")
+    paths = [Path(p) for p in args.checkpoint] if args.checkpoint else [find_checkpoint(None)]
+    model, vocab, preset = models_from_checkpoints(paths)
     model.to(device).eval()
     data = Flickr8k.load(args.data, seed=args.seed)
     workers = args.workers or default_workers()
-    if args.no_cache:  # the images themselves, each read as inference reads it
+    # the images themselves, each read as inference reads it; also for an ensemble of fine-tuned CNNs, which
+    # a cache of one CNN's features cannot serve
+    if args.no_cache or not getattr(model, "shared_cnn", True):
         names = data.splits[args.split]
         source = FileSource(data.images_dir, names, preset["resize"], workers, device_decode=device.type == "cuda")
         transform = "eval"
@@ -242,11 +242,13 @@ def main(args):
     java = not args.no_java and java_available()
     references = [data.captions[n] for n in generated]
     metrics = score_captions(references, list(generated.values()), java=java)
-    settings = {"checkpoint": str(args.checkpoint), "data": str(args.data), "split": args.split,
+    settings = {"checkpoint": str(paths[0]), "data": str(args.data), "split": args.split,
                 "images": len(generated), "beam": args.beam, "length_penalty": args.length_penalty,
                 "max_len": args.max_len, "tokenizer": "PTBTokenizer (Java)" if java else "python_tokenize",
                 "meteor": "scored" if java else "skipped: Java not found", "encoder": model.args.encoder,
                 "captioning_seconds": round(seconds, 2), "device": str(device)}
+    if len(paths) > 1:
+        settings["ensemble"] = [str(p) for p in paths]
     rows = [{"image": n, "caption": c, "references": data.captions[n]} for n, c in generated.items()]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

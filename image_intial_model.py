@@ -5,6 +5,7 @@ then the caption's words follow (teacher forcing in training, the model's own wo
 `ModelArgs` is the model's whole shape: a checkpoint stores it, so a checkpoint alone rebuilds the model.
 """
 
+import dataclasses
 import importlib
 import math
 from dataclasses import dataclass
@@ -369,7 +370,26 @@ class AttentionDecoder(nn.Module):
         return tuple(s[rows] for s in state)
 
 
-class CNN_RNN(nn.Module):
+class Generation:
+    """Caption generation for anything with `features(x, from_features)` and a `decoderRNN` that has
+    start/step/select: one model (CNN_RNN) or several as one (Ensemble)."""
+
+    @torch.inference_mode()  # lighter than no_grad: generation is many small ops
+    def generate(self, x, max_len=40, beam=1, length_penalty=0.0, from_features=False):
+        """Captions as lists of word ids (without SOS/EOS), one per image. beam=1 is greedy decoding."""
+        feats = self.features(x, from_features)
+        if beam == 1:
+            return greedy_search(self.decoderRNN, feats, max_len)
+        return beam_search(self.decoderRNN, feats, max_len, beam, length_penalty)
+
+    @torch.inference_mode()
+    def n_best(self, x, n, max_len=40, beam=3, length_penalty=0.0, from_features=False):
+        """Each image's n best captions of a beam search (n <= beam), best first, with their log-probabilities:
+        see n_best_search."""
+        return n_best_search(self.decoderRNN, self.features(x, from_features), max_len, beam, n, length_penalty)
+
+
+class CNN_RNN(Generation, nn.Module):
     # Attribute names follow the seed tutorial (encoderCNN, decoderRNN.embed/lstm/linear), so its
     # checkpoints map onto this model with few renames (see utils.model_from_seed_checkpoint).
     def __init__(self, args: ModelArgs, weights=None):
@@ -390,14 +410,6 @@ class CNN_RNN(nn.Module):
             feats = feats[image_index]
         return self.decoderRNN(feats, tokens)
 
-    @torch.inference_mode()  # lighter than no_grad: generation is many small ops
-    def generate(self, x, max_len=40, beam=1, length_penalty=0.0, from_features=False):
-        """Captions as lists of word ids (without SOS/EOS), one per image. beam=1 is greedy decoding."""
-        feats = self.features(x, from_features)
-        if beam == 1:
-            return greedy_search(self.decoderRNN, feats, max_len)
-        return beam_search(self.decoderRNN, feats, max_len, beam, length_penalty)
-
     @torch.inference_mode()
     def attention_maps(self, x, captions, from_features=False):
         """For an attention decoder: each image's caption (word ids, as generate gives them) -> its attention
@@ -411,11 +423,70 @@ class CNN_RNN(nn.Module):
             maps.append(weights.view(len(ids), side, side).cpu())
         return maps
 
+
+class EnsembleDecoder(nn.Module):
+    """Several decoders as one: each next word is chosen from the mean of their next-word distributions.
+    Its state is the tuple of theirs; its input, the tuple of their inputs (each projects the image its own way)."""
+
+    def __init__(self, decoders):
+        super().__init__()
+        self.members = nn.ModuleList(decoders)
+
+    def start(self, feats):
+        return tuple(d.start(f) for d, f in zip(self.members, feats))
+
+    def step(self, tokens, state):
+        """tokens [N] -> log of the mean next-word probabilities [N, V], and the new states."""
+        logps, states = [], []
+        for d, s in zip(self.members, state):
+            logits, s = d.step(tokens, s)
+            logits[:, NEVER_SAY] = -math.inf  # each member's distribution over the words generation may say
+            logps.append(logits.float().log_softmax(-1))
+            states.append(s)
+        return torch.stack(logps).logsumexp(0) - math.log(len(logps)), tuple(states)
+
+    def select(self, state, rows):
+        return tuple(d.select(s, rows) for d, s in zip(self.members, state))
+
+
+def _same_cnn(a, b):
+    """Whether two encoders' CNNs give the same features: same weights, both pooled or both regions."""
+    state = a.backbone.state_dict()
+    return a.spatial == b.spatial and state.keys() == b.backbone.state_dict().keys() and all(
+        t.shape == state[k].shape and torch.equal(t, state[k]) for k, t in b.backbone.state_dict().items())
+
+
+class Ensemble(Generation, nn.Module):
+    """Several trained captioners with one vocabulary and one CNN input, generating as one (EnsembleDecoder).
+    Where their CNNs are the same (frozen ImageNet weights, the usual case, and all with attention or all
+    without), the CNN runs once per image."""
+
+    def __init__(self, models):
+        super().__init__()
+        self.models = nn.ModuleList(models)
+        self.decoderRNN = EnsembleDecoder([m.decoderRNN for m in models])
+        self.shared_cnn = all(_same_cnn(models[0].encoderCNN, m.encoderCNN) for m in models[1:])
+        # What callers read from a model's args (its encoder; whether it has attention maps) holds for all
+        self.args = dataclasses.replace(models[0].args, attention=all(m.args.attention for m in models))
+
+    @property
+    def encoderCNN(self):
+        """The CNN that turns images into the features every member projects (see shared_cnn)."""
+        return self.models[0].encoderCNN
+
+    def features(self, x, from_features=False):
+        """Images, or the shared CNN's cached features -> the tuple of each member's input."""
+        if not from_features and self.shared_cnn:
+            x, from_features = self.encoderCNN.extract(x), True
+        return tuple(m.features(x, from_features) for m in self.models)
+
     @torch.inference_mode()
-    def n_best(self, x, n, max_len=40, beam=3, length_penalty=0.0, from_features=False):
-        """Each image's n best captions of a beam search (n <= beam), best first, with their log-probabilities:
-        see n_best_search."""
-        return n_best_search(self.decoderRNN, self.features(x, from_features), max_len, beam, n, length_penalty)
+    def attention_maps(self, x, captions, from_features=False):
+        """The mean of the members' attention maps for each caption (attention decoders only)."""
+        if not from_features and self.shared_cnn:
+            x, from_features = self.encoderCNN.extract(x), True
+        per_member = [m.attention_maps(x, captions, from_features) for m in self.models]
+        return [torch.stack(maps).mean(0) for maps in zip(*per_member)]
 
 
 def trim_at_eos(ids):
@@ -432,11 +503,18 @@ def _next_word_logits(decoder, tokens, state):
     return logits, state
 
 
+def _rows(feats):
+    """(images, device) of a decoder's input: a tensor, or an ensemble's tuple of them."""
+    first = feats[0] if isinstance(feats, tuple) else feats
+    return first.shape[0], first.device
+
+
 def _word_by_word(decoder, feats, max_len, choose):
     """One caption per row of feats, each next word picked from the logits [N, V] by `choose`.
     Returns word ids [N, steps], EOS included, PAD after it."""
     state = decoder.start(feats)
-    tokens = torch.full((feats.shape[0],), SOS_IDX, dtype=torch.long, device=feats.device)
+    n, device = _rows(feats)
+    tokens = torch.full((n,), SOS_IDX, dtype=torch.long, device=device)
     done = torch.zeros_like(tokens, dtype=torch.bool)
     out = []
     for _ in range(max_len):
@@ -466,7 +544,7 @@ def n_best_search(decoder, feats, max_len, k, n=1, length_penalty=0.0):
     Finished beams keep their score and only extend with EOS. The ranking divides each beam's
     log-probability by (length ** length_penalty): 0 ranks by probability, about 0.7 favours longer
     captions. Each step records only (parent beam, word); the captions are read back at the end."""
-    b, device = feats.shape[0], feats.device
+    b, device = _rows(feats)
     offsets = torch.arange(b, device=device).unsqueeze(1) * k  # [B, 1]: row of each image's first beam
     state = decoder.select(decoder.start(feats), torch.arange(b, device=device).repeat_interleave(k))  # B*K rows
     scores = torch.full((b, k), -math.inf, device=device)

@@ -25,8 +25,7 @@ from utils import (
     USER_CHECKPOINTS,
     HelpFormatter,
     find_checkpoint,
-    load_checkpoint,
-    model_from_checkpoint,
+    models_from_checkpoints,
     non_negative,
     pick_device,
     positive,
@@ -37,8 +36,9 @@ def get_args_parser():
     p = argparse.ArgumentParser(description="Caption images with a trained CNN + LSTM captioner.",
                                 formatter_class=HelpFormatter)
     p.add_argument("images", nargs="+", help="image files or folders of images")
-    p.add_argument("--checkpoint", help=f"checkpoint to use (default: the first of {', '.join(USER_CHECKPOINTS)}, "
-                                        "else the model that ships in checkpoints/pretrained/)")
+    p.add_argument("--checkpoint", nargs="+", help="checkpoint to use (default: the first of "
+                   f"{', '.join(USER_CHECKPOINTS)}, else the model that ships in checkpoints/pretrained/); several: "
+                   "their ensemble, each word chosen from the mean of their next-word probabilities")
     p.add_argument("--vocab", help="vocabulary.pkl, for seed-style checkpoints that do not hold their vocabulary "
                                    "(default: the one next to the checkpoint)")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
@@ -61,13 +61,13 @@ class Captioner:
     """A checkpoint ready to caption image files with the preprocessing it was trained with."""
 
     def __init__(self, checkpoint, device="cpu", vocab_path=None):
-        checkpoint = Path(checkpoint)
-        ckpt = load_checkpoint(checkpoint)
-        if vocab_path and "vocab" in ckpt and load_vocab_file(vocab_path).itos != ckpt["vocab"]:
-            raise DataError(f"{vocab_path} is not the vocabulary {checkpoint} was trained with (leave out --vocab: "
+        """checkpoint: a path, or a list of paths for an ensemble of their models."""
+        paths = [Path(p) for p in (checkpoint if isinstance(checkpoint, (list, tuple)) else [checkpoint])]
+        self.model, self.vocab, self.preset = models_from_checkpoints(paths, vocab_path)
+        # a project checkpoint holds its vocabulary; a different --vocab beside it is a mistake to point out
+        if vocab_path and load_vocab_file(vocab_path).itos != self.vocab.itos:
+            raise DataError(f"{vocab_path} is not the vocabulary {paths[0]} was trained with (leave out --vocab: "
                             "the checkpoint holds its own)")
-        self.model, self.vocab, self.preset = model_from_checkpoint(
-            ckpt, vocab_path or checkpoint.parent / "vocabulary.pkl")
         self.device = torch.device(device)
         self.model.to(self.device).eval()
         self.transform = EvalTransform(self.preset)
@@ -127,7 +127,7 @@ def main(args):
     if args.n_best and args.n_best > args.beam:
         raise DataError(f"--n-best {args.n_best} needs --beam {args.n_best} or more: a beam search of "
                         f"{args.beam} keeps {args.beam} captions")
-    captioner = Captioner(find_checkpoint(args.checkpoint), pick_device(args.device), args.vocab)
+    captioner = Captioner(args.checkpoint or find_checkpoint(None), pick_device(args.device), args.vocab)
     if args.attention_map and not captioner.model.args.attention:
         print("no attention maps: this checkpoint's decoder has no attention (trained without --attention)",
               file=sys.stderr)

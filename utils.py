@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from image_intial_model import CNN_RNN, ModelArgs
+from image_intial_model import CNN_RNN, Ensemble, ModelArgs
 from image_loader import DataError, Vocab, load_vocab_file, save_atomic
 
 
@@ -185,6 +185,25 @@ def model_from_checkpoint(ckpt, vocab_path=None):
         state = {**{f"encoderCNN.backbone.{k}": v for k, v in model.encoderCNN.backbone.state_dict().items()}, **state}
     model.load_state_dict(state)  # strict: every tensor of the model, from the file or the package
     return model, Vocab(ckpt["vocab"]), ckpt["preprocessing"]
+
+
+def models_from_checkpoints(paths, vocab_path=None):
+    """(model, vocab, preprocessing preset) from one checkpoint, or from several the Ensemble of their models,
+    which must share a vocabulary and a preprocessing. vocab_path: for seed-style checkpoints (default: the
+    vocabulary.pkl beside each)."""
+    built = [model_from_checkpoint(load_checkpoint(p), vocab_path or Path(p).parent / "vocabulary.pkl")
+             for p in paths]
+    if len(built) == 1:
+        return built[0]
+    _, vocab, preset = built[0]
+    for path, (_, other_vocab, other_preset) in zip(paths[1:], built[1:]):
+        if other_vocab.itos != vocab.itos:
+            raise DataError(f"{path} has another vocabulary than {paths[0]}: an ensemble's models must share "
+                            "theirs (train them on the same data with the same --min-freq)")
+        if other_preset != preset:
+            raise DataError(f"{path} preprocesses images otherwise than {paths[0]}: an ensemble's models must "
+                            "take the same input (the same --encoder)")
+    return Ensemble([m for m, _, _ in built]), vocab, preset
 
 
 # The seed trained Inception-v3 on Resize(356) + RandomCrop(299) with mean = std = 0.5.

@@ -146,3 +146,22 @@ def test_training_reads_a_karpathy_split_file(tmp_path, cache_dir):
     result = image_training.main(train_args(tmp_path, cache_dir, "--data", str(tmp_path / "data"), "--epochs", "1",
                                             "--device", "cpu"))
     assert len(result["history"]) == 1 and Flickr8k.load(tmp_path / "data").splits == data.splits
+
+
+def test_inference_with_several_checkpoints_captions_with_their_ensemble(demo_run, tmp_path):
+    ckpts = demo_run / "checkpoints"
+    last = ckpts / "last.pth.tar"
+    alone = run_script("inference.py", PHOTO, "--checkpoint", last, "--json")
+    twice = run_script("inference.py", PHOTO, "--checkpoint", last, last, "--json")  # the mean of equals: the same
+    both = run_script("inference.py", PHOTO, "--checkpoint", ckpts / "checkpoint_epoch_1.pth.tar", last, "--json",
+                      "--n-best", "2")
+    assert alone.returncode == twice.returncode == both.returncode == 0, both.stderr
+    assert json.loads(twice.stdout)[0]["caption"] == json.loads(alone.stdout)[0]["caption"]
+    assert len(json.loads(both.stdout)[0]["n_best"]) == 2
+    other = load_checkpoint(last)
+    other["vocab"] = other["vocab"][:4] + other["vocab"][5:] + other["vocab"][4:5]  # same words, other ids
+    torch.save(other, tmp_path / "other.pth.tar")
+    proc = run_script("inference.py", PHOTO, "--checkpoint", last, tmp_path / "other.pth.tar")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == f"error: {tmp_path / 'other.pth.tar'} has another vocabulary than {last}: an " \
+        "ensemble's models must share theirs (train them on the same data with the same --min-freq)"

@@ -58,6 +58,16 @@ def test_evaluate_writes_results_and_gallery(demo_run, tmp_path, cache_dir, java
     assert (out / gallery.split('src="')[1].split('"')[0]).is_file()  # the images are found from the gallery
 
 
+def test_evaluate_scores_an_ensemble_of_checkpoints(demo_run, tmp_path, cache_dir):
+    ckpts = demo_run / "checkpoints"
+    paths = [ckpts / "checkpoint_epoch_1.pth.tar", ckpts / "last.pth.tar"]
+    proc = run_script("evaluate.py", "--checkpoint", *paths, "--data", SAMPLE, "--split", "test", "--out",
+                      tmp_path, "--cache-dir", cache_dir, "--no-java", "--beam", "2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["settings"]["ensemble"] == [str(p) for p in paths] and len(results["images"]) == 25
+
+
 def test_cider_d_reward_equals_pycocoevalcap_per_caption():
     from pycocoevalcap.cider.cider import Cider
 

@@ -298,3 +298,55 @@ def test_n_best_captions_are_ranked_with_their_own_log_probabilities(lite0):
             with torch.no_grad():
                 logits = lite0(feats[i:i + 1], tokens, from_features=True)
             assert c["log_prob"] == pytest.approx(M.caption_log_probs(logits, words).item(), abs=1e-4)
+
+
+def _small(seed, attention, embed_size=32):
+    torch.manual_seed(seed)
+    return CNN_RNN(ModelArgs(vocab_size=50, encoder="efficientnet_lite0", embed_size=embed_size, hidden_size=48,
+                             attention=attention), weights="random").eval()
+
+
+def test_an_ensemble_of_one_is_that_model(lite0):
+    lite0.eval()
+    one, images = M.Ensemble([lite0]), torch.randn(2, 3, 224, 224)
+    for beam in (1, 3):
+        assert one.generate(images, max_len=12, beam=beam) == lite0.generate(images, max_len=12, beam=beam)
+
+
+def test_an_ensemble_chooses_words_by_the_mean_of_its_models_probabilities():
+    """Two attention decoders of different sizes on one CNN: each n-best caption's log-probability is the sum
+    over its words of log(mean of the two models' teacher-forced probabilities)."""
+    small, large = _small(1, True), _small(2, True, embed_size=24)
+    large.encoderCNN.backbone.load_state_dict(small.encoderCNN.backbone.state_dict())
+    ensemble = M.Ensemble([small, large])
+    assert ensemble.shared_cnn
+    images = torch.randn(2, 3, 224, 224) * 3
+    feats = small.encoderCNN.extract(images)  # [2, R, 1280]: what the feature cache would hold
+    best = ensemble.n_best(images, 3, max_len=10, beam=4)
+    assert [b[0]["ids"] for b in best] == ensemble.generate(feats, max_len=10, beam=4, from_features=True)
+    for i, captions in enumerate(best):
+        for c in captions:
+            words = torch.tensor([c["ids"] + [M.EOS_IDX] * (c["length"] > len(c["ids"]))])
+            tokens = torch.cat([torch.tensor([[M.SOS_IDX]]), words[:, :-1]], 1)
+            with torch.no_grad():
+                probs = []
+                for m in (small, large):
+                    logits = m(images[i:i + 1], tokens)
+                    logits[..., M.NEVER_SAY] = -math.inf
+                    probs.append(logits.softmax(-1).gather(-1, words.unsqueeze(-1)).squeeze(-1))  # [1, T]
+            assert c["log_prob"] == pytest.approx(torch.stack(probs).mean(0).log().sum().item(), abs=1e-4)
+    ids = [b[0]["ids"] for b in best]
+    for mean, a, b in zip(ensemble.attention_maps(images, ids), small.attention_maps(images, ids),
+                          large.attention_maps(images, ids)):
+        torch.testing.assert_close(mean, (a + b) / 2)
+
+
+def test_an_ensemble_of_plain_and_attention_decoders_runs_each_cnn():
+    plain, att = _small(1, False), _small(2, True)
+    att.encoderCNN.backbone.load_state_dict(plain.encoderCNN.backbone.state_dict())
+    ensemble = M.Ensemble([plain, att])
+    assert not ensemble.shared_cnn and not ensemble.args.attention  # pooled and regions: two different features
+    images = torch.randn(2, 3, 224, 224)
+    feats = ensemble.features(images)
+    assert feats[0].shape == (2, 32) and feats[1].shape == (2, 49, 32)
+    assert all(len(ids) <= 8 for ids in ensemble.generate(images, max_len=8, beam=3))
