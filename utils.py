@@ -173,7 +173,12 @@ def find_checkpoint(path):
 def model_from_checkpoint(ckpt, vocab_path=None):
     """Rebuild (model, vocab, preprocessing preset) from a loaded checkpoint: this project's, or the seed
     tutorial's {"state_dict", ...} plus its vocabulary.pkl. A released checkpoint (export.py --format release)
-    leaves out its frozen CNN's ImageNet weights, which come from the encoder's package instead."""
+    leaves out its frozen CNN's ImageNet weights, which come from the encoder's package instead; an ensemble's
+    release holds its models as "members" and rebuilds as an Ensemble."""
+    if "members" in ckpt:  # an ensemble's release: each member's args and weights, the rest shared
+        shared = {k: v for k, v in ckpt.items() if k != "members"}
+        built = [model_from_checkpoint({**shared, **member}) for member in ckpt["members"]]
+        return Ensemble([m for m, _, _ in built]), built[0][1], built[0][2]
     if "model_args" not in ckpt:
         return model_from_seed_checkpoint(ckpt, vocab_path)
     known = {f.name for f in fields(ModelArgs)}
@@ -196,6 +201,7 @@ def models_from_checkpoints(paths, vocab_path=None):
     if len(built) == 1:
         return built[0]
     _, vocab, preset = built[0]
+    models = [one for m, _, _ in built for one in (m.models if isinstance(m, Ensemble) else [m])]
     for path, (_, other_vocab, other_preset) in zip(paths[1:], built[1:]):
         if other_vocab.itos != vocab.itos:
             raise DataError(f"{path} has another vocabulary than {paths[0]}: an ensemble's models must share "
@@ -203,7 +209,7 @@ def models_from_checkpoints(paths, vocab_path=None):
         if other_preset != preset:
             raise DataError(f"{path} preprocesses images otherwise than {paths[0]}: an ensemble's models must "
                             "take the same input (the same --encoder)")
-    return Ensemble([m for m, _, _ in built]), vocab, preset
+    return Ensemble(models), vocab, preset
 
 
 # The seed trained Inception-v3 on Resize(356) + RandomCrop(299) with mean = std = 0.5.

@@ -60,6 +60,24 @@ def test_torchscript_export_and_an_attention_model(tmp_path):
             assert [runner.caption(p, beam) for p in PHOTOS[:3]] == [captioner.caption(p, beam) for p in PHOTOS[:3]]
 
 
+def test_an_ensemble_exports_and_captions_like_pytorch(tmp_path):
+    """A plain and an attention model (each with its own CNN) as one export: their states travel flat."""
+    vocab, paths = Vocab(SPECIALS + [f"w{i}" for i in range(30)]), []
+    for seed, attention in ((0, False), (1, True)):
+        torch.manual_seed(seed)
+        model = CNN_RNN(ModelArgs(vocab_size=len(vocab), encoder="efficientnet_lite0", embed_size=32,
+                                  hidden_size=32, attention=attention, attention_dim=16), weights="random").eval()
+        paths.append(tmp_path / f"model{seed}.pth.tar")
+        save_checkpoint(checkpoint_state(model, vocab, preprocessing("efficientnet_lite0")), paths[-1])
+    captioner = Captioner(paths)
+    for fmt in ("onnx", "torchscript"):
+        export.export(paths, fmt, tmp_path / fmt)
+        runner = export.Runner(tmp_path / fmt)
+        assert len(runner.axes) == 2 + 4  # (h, c) of the plain decoder, then the attention decoder's four
+        for beam in (1, 3):
+            assert [runner.caption(p, beam) for p in PHOTOS[:3]] == [captioner.caption(p, beam) for p in PHOTOS[:3]]
+
+
 def test_check_of_a_folder_without_an_export_is_one_line(tmp_path):
     proc = run_script("export.py", "--check", tmp_path, PHOTOS[0])
     assert proc.returncode == 1 and "holds no export" in proc.stderr and "Traceback" not in proc.stderr

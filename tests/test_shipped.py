@@ -9,7 +9,7 @@ import torch
 
 import image_training
 from export import ExportError, release
-from image_intial_model import CNN_RNN, ModelArgs
+from image_intial_model import CNN_RNN, Ensemble, ModelArgs, preprocessing
 from image_loader import DataError, Vocab, load_vocab_file
 from inference import Captioner
 from tests.conftest import ROOT, SAMPLE, run_script, train_args
@@ -82,3 +82,22 @@ def test_a_release_leaves_out_the_cnn_and_loads_back_the_same_model(tmp_path):
     torch.save(checkpoint_state(model, vocab, ckpt["preprocessing"]), full)
     with pytest.raises(ExportError, match="differs from its ImageNet weights"):
         release(full, tmp_path / "again")
+
+
+def test_an_ensembles_release_in_half_precision_is_one_file_that_loads_back_as_the_ensemble(tmp_path):
+    vocab, paths, models = Vocab(load_checkpoint(SHIPPED_CHECKPOINT)["vocab"][:50]), [], []
+    for hidden in (32, 48):
+        models.append(CNN_RNN(ModelArgs(len(vocab), "efficientnet_lite0", hidden_size=hidden, attention=True),
+                              weights="imagenet"))
+        paths.append(tmp_path / f"h{hidden}.pth.tar")
+        torch.save(checkpoint_state(models[-1], vocab, preprocessing("efficientnet_lite0")), paths[-1])
+    path = release(paths, tmp_path / "release", trained_with=["python image_training.py --demo"], half=True)
+    ckpt = load_checkpoint(path)
+    assert [m["model_args"]["hidden_size"] for m in ckpt["members"]] == [32, 48] and "model" not in ckpt
+    assert all(t.dtype == torch.float16 for m in ckpt["members"] for t in m["model"].values() if t.is_floating_point())
+    ensemble, again_vocab, _ = model_from_checkpoint(ckpt)
+    assert isinstance(ensemble, Ensemble) and ensemble.shared_cnn and again_vocab.itos == vocab.itos
+    for model, again in zip(models, ensemble.models):  # fp32 again, each weight its fp16 rounding
+        for (k, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+            expected = a if k.startswith("encoderCNN.backbone.") or not a.is_floating_point() else a.half().float()
+            assert torch.equal(expected, b), k
