@@ -221,8 +221,8 @@ def main(args):
     model.to(device).eval()
     data = Flickr8k.load(args.data, seed=args.seed)
     workers = args.workers or default_workers()
-    # the images themselves, each read as inference reads it; also for an ensemble of fine-tuned CNNs, which
-    # a cache of one CNN's features cannot serve
+    # the images themselves, each read as inference reads it; also for an ensemble whose models' CNNs differ
+    # (fine-tuned, or pooled beside regions), which one CNN's feature cache cannot serve
     if args.no_cache or not getattr(model, "shared_cnn", True):
         names = data.splits[args.split]
         source = FileSource(data.images_dir, names, preset["resize"], workers, device_decode=device.type == "cuda")

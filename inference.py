@@ -129,8 +129,8 @@ def main(args):
                         f"{args.beam} keeps {args.beam} captions")
     captioner = Captioner(args.checkpoint or find_checkpoint(None), pick_device(args.device), args.vocab)
     if args.attention_map and not captioner.model.args.attention:
-        print("no attention maps: this checkpoint's decoder has no attention (trained without --attention)",
-              file=sys.stderr)
+        which = "not all these decoders have" if len(args.checkpoint or ()) > 1 else "this checkpoint's decoder has"
+        print(f"no attention maps: {which} attention (trained without --attention)", file=sys.stderr)
         args.attention_map = None
     results = []
     for arg in args.images:
