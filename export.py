@@ -40,8 +40,7 @@ def export(checkpoint, fmt, out):
     from image_intial_model import NEVER_SAY, SOS_IDX, SPECIALS
     from utils import models_from_checkpoints
 
-    paths = [Path(p) for p in (checkpoint if isinstance(checkpoint, (list, tuple)) else [checkpoint])]
-    model, vocab, preset = models_from_checkpoints(paths)
+    model, vocab, preset = models_from_checkpoints(checkpoint)
     model.eval()
     encoder, step = _graphs(model)
     size = preset["crop"]
@@ -86,9 +85,9 @@ def release(checkpoints, out, scores=None, trained_with=(), half=False):
     import torch
 
     from image_intial_model import Ensemble
-    from utils import checkpoint_state, models_from_checkpoints
+    from utils import checkpoint_paths, checkpoint_state, models_from_checkpoints
 
-    paths = [Path(p) for p in (checkpoints if isinstance(checkpoints, (list, tuple)) else [checkpoints])]
+    paths = checkpoint_paths(checkpoints)
     model, vocab, preset = models_from_checkpoints(paths)
     members = list(model.models) if isinstance(model, Ensemble) else [model]
     imagenet = {}
@@ -145,16 +144,15 @@ def _graphs(model):
     from torch import nn
 
     decoder = model.decoderRNN
+    ensemble = hasattr(decoder, "members")
     sizes = [len(d.state_batch_axes) for d in _decoders(model)]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]  # where each decoder's tensors begin in the flat state
 
     def flat(state):
-        return tuple(t for s in state for t in s) if hasattr(decoder, "members") else tuple(state)
+        return tuple(t for s in state for t in s) if ensemble else tuple(state)
 
     def nested(state):
-        if not hasattr(decoder, "members"):
-            return tuple(state)
-        ends = [sum(sizes[:i + 1]) for i in range(len(sizes))]
-        return tuple(tuple(state[end - n:end]) for n, end in zip(sizes, ends))
+        return tuple(tuple(state[a:a + n]) for a, n in zip(starts, sizes)) if ensemble else tuple(state)
 
     class Encoder(nn.Module):
         def __init__(self):

@@ -439,8 +439,7 @@ class EnsembleDecoder(nn.Module):
         """tokens [N] -> log of the mean next-word probabilities [N, V], and the new states."""
         logps, states = [], []
         for d, s in zip(self.members, state):
-            logits, s = d.step(tokens, s)
-            logits[:, NEVER_SAY] = -math.inf  # each member's distribution over the words generation may say
+            logits, s = _next_word_logits(d, tokens, s)  # each one's distribution over the words it may say
             logps.append(logits.float().log_softmax(-1))
             states.append(s)
         return torch.stack(logps).logsumexp(0) - math.log(len(logps)), tuple(states)
@@ -474,17 +473,19 @@ class Ensemble(Generation, nn.Module):
         """The CNN that turns images into the features every member projects (see shared_cnn)."""
         return self.models[0].encoderCNN
 
+    def _cnn_once(self, x, from_features):
+        """(x, from_features) for the members: images become the shared CNN's features here, once."""
+        return (self.encoderCNN.extract(x), True) if not from_features and self.shared_cnn else (x, from_features)
+
     def features(self, x, from_features=False):
         """Images, or the shared CNN's cached features -> the tuple of each member's input."""
-        if not from_features and self.shared_cnn:
-            x, from_features = self.encoderCNN.extract(x), True
+        x, from_features = self._cnn_once(x, from_features)
         return tuple(m.features(x, from_features) for m in self.models)
 
     @torch.inference_mode()
     def attention_maps(self, x, captions, from_features=False):
         """The mean of the members' attention maps for each caption (attention decoders only)."""
-        if not from_features and self.shared_cnn:
-            x, from_features = self.encoderCNN.extract(x), True
+        x, from_features = self._cnn_once(x, from_features)
         per_member = [m.attention_maps(x, captions, from_features) for m in self.models]
         return [torch.stack(maps).mean(0) for maps in zip(*per_member)]
 

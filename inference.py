@@ -24,6 +24,7 @@ from image_loader import DataError, EvalTransform, list_images, load_image, load
 from utils import (
     USER_CHECKPOINTS,
     HelpFormatter,
+    checkpoint_paths,
     find_checkpoint,
     models_from_checkpoints,
     non_negative,
@@ -62,7 +63,7 @@ class Captioner:
 
     def __init__(self, checkpoint, device="cpu", vocab_path=None):
         """checkpoint: a path, or a list of paths for an ensemble of their models."""
-        paths = [Path(p) for p in (checkpoint if isinstance(checkpoint, (list, tuple)) else [checkpoint])]
+        paths = checkpoint_paths(checkpoint)
         self.model, self.vocab, self.preset = models_from_checkpoints(paths, vocab_path)
         # a project checkpoint holds its vocabulary; a different --vocab beside it is a mistake to point out
         if vocab_path and load_vocab_file(vocab_path).itos != self.vocab.itos:

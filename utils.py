@@ -192,10 +192,16 @@ def model_from_checkpoint(ckpt, vocab_path=None):
     return model, Vocab(ckpt["vocab"]), ckpt["preprocessing"]
 
 
+def checkpoint_paths(checkpoints):
+    """A checkpoint's path, or a list of them (an ensemble), as a list of Paths."""
+    return [Path(p) for p in (checkpoints if isinstance(checkpoints, (list, tuple)) else [checkpoints])]
+
+
 def models_from_checkpoints(paths, vocab_path=None):
-    """(model, vocab, preprocessing preset) from one checkpoint, or from several the Ensemble of their models,
-    which must share a vocabulary and a preprocessing. vocab_path: for seed-style checkpoints (default: the
-    vocabulary.pkl beside each)."""
+    """(model, vocab, preprocessing preset) from one checkpoint, or from several (a list of checkpoint_paths)
+    the Ensemble of their models, which must share a vocabulary and a preprocessing. vocab_path: for
+    seed-style checkpoints (default: the vocabulary.pkl beside each)."""
+    paths = checkpoint_paths(paths)
     built = [model_from_checkpoint(load_checkpoint(p), vocab_path or Path(p).parent / "vocabulary.pkl")
              for p in paths]
     if len(built) == 1:
