@@ -42,6 +42,8 @@ from image_intial_model import (
     autocast,
     autocast_dtype,
     preprocessing,
+    step_precision,
+    tune_for,
 )
 from image_loader import (
     Batches,
@@ -147,13 +149,14 @@ class Bench:
             self.model.encoderCNN.backbone.to(memory_format=torch.channels_last)
         self.names = sorted(data.captions)
         self.dtype = autocast_dtype(device, args.precision)
+        self.decoder_precision = step_precision(device, args.precision, self.model.args, from_features=True)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)  # as training
 
     def _autocast(self):
         return autocast(self.device, self.args.precision)
 
-    def _trainer(self, optimizer):
-        return Trainer(self.model, WordLoss(), self.device, optimizer, self.scaler, 5.0, precision=self.args.precision)
+    def _trainer(self, optimizer, precision):
+        return Trainer(self.model, WordLoss(), self.device, optimizer, self.scaler, 5.0, precision=precision)
 
     def _pass(self, batches, n, first=None):
         """Images/s of one pass over `batches` of n images, with no model: what the data path alone does.
@@ -220,7 +223,7 @@ class Bench:
                            self.device, batch_size=self.args.batch_size, shuffle=True)
 
         optimizer = make_optimizer(argparse.Namespace(lr=1e-3, train_cnn=False), self.model)
-        trainer = self._trainer(optimizer)
+        trainer = self._trainer(optimizer, self.decoder_precision)
         trainer.run(batches(min(images, 5 * self.args.batch_size)), "warm-up")
         epoch = batches(images)
         self.sync()
@@ -239,7 +242,7 @@ class Bench:
 
         def epoch():
             for b in batches:
-                with self._autocast():
+                with autocast(self.device, self.decoder_precision):
                     logits = model(b.x, b.captions[:, :-1], b.image_index, from_features=True)
                     loss = criterion(logits.float().reshape(-1, logits.shape[-1]), b.captions[:, 1:].reshape(-1))
                 optimizer.zero_grad(set_to_none=True)
@@ -278,7 +281,7 @@ class Bench:
             captions = CaptionTable([real[i % len(real)][1] for i in range(len(names))], self.device)
             source = StoreSource(store, self.args.workers)
             optimizer = make_optimizer(argparse.Namespace(lr=1e-3, train_cnn=True, cnn_lr=1e-5), self.model)
-            trainer = self._trainer(optimizer)
+            trainer = self._trainer(optimizer, self.args.precision)
 
             def batches(n):
                 return Batches(source, captions, names[:n], self.device, self.preset, "train",
@@ -339,8 +342,7 @@ def size_of_run(args):
 
 def run(args, data_dir, cache_dir):
     device = pick_device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    tune_for(device)
     args.workers = args.workers or default_workers()
     data = Flickr8k.load(data_dir)
     bench = Bench(args, device, data)

@@ -225,7 +225,7 @@ def main(args):
     # (fine-tuned, or pooled beside regions), which one CNN's feature cache cannot serve
     if args.no_cache or not getattr(model, "shared_cnn", True):
         names = data.splits[args.split]
-        source = FileSource(data.images_dir, names, preset["resize"], workers, device_decode=device.type == "cuda")
+        source = FileSource.for_device(data.images_dir, names, preset["resize"], workers, device)
         transform = "eval"
     else:  # the cache that training filled, with every split in it
         kept, features = cached_features(model, data.images_dir, sorted(set().union(*data.splits.values())),

@@ -535,20 +535,35 @@ class StoreSource:
 
 
 class FileSource:
-    """Image files, resized to `size`: by Pillow in the loader's workers, or, with `device_decode`, plain JPEGs
-    decoded and resized on the device in one call per batch (other files keep Pillow's path and rules).
-    Unreadable files are left out of their batch, each named in one warning."""
+    """Image files, resized to `size`: by Pillow in the loader's workers, or, with a `decode_device`, plain JPEGs
+    decoded and resized on that device in one call per batch, by the reader threads (other files keep Pillow's
+    path and rules). Unreadable files are left out of their batch, each named in one warning."""
 
-    def __init__(self, images_dir, names, size, workers, device_decode=False):
-        self.images_dir, self.names, self.size, self.device_decode = Path(images_dir), names, size, device_decode
-        # With device decoding the loader only reads files and their headers: two threads keep up (file reads
-        # release the GIL, and so does the device's decoder that the main thread waits in), and they start at
-        # once, where each worker process would be a fork of this large, CUDA-holding one. Measured on an H100,
-        # feature pass over 2,000 JPEGs: 1, 2, 4 threads 3,600, 3,585, 3,400 images/s; 4 processes 2,360.
-        self.threads = device_decode
-        self.workers = min(workers, 2) if device_decode else workers
+    def __init__(self, images_dir, names, size, workers, decode_device=None):
+        self.images_dir, self.names, self.size, self.decode_device = Path(images_dir), names, size, decode_device
+        # With device decoding the loader reads files and their headers and launches the device's work: two
+        # threads keep up (file reads and the device's decoder release the GIL), they start at once where each
+        # worker process would be a fork of this large, CUDA-holding one, and they leave the main thread only
+        # the model to launch. Measured on an H100 with the decoding still in the main thread, feature pass over
+        # 2,000 JPEGs: 1, 2, 4 threads 3,600, 3,585, 3,400 images/s; 4 processes 2,360.
+        self.threads = decode_device is not None
+        self.workers = min(workers, 2) if self.threads else workers
+
+    @classmethod
+    def for_device(cls, images_dir, names, size, workers, device):
+        """The files for a pass on `device`: plain JPEGs decoded on a CUDA device (nvJPEG), Pillow elsewhere."""
+        return cls(images_dir, names, size, workers, device if device.type == "cuda" else None)
 
     def load(self, indices):
+        """A batch's files: a pack of tensors (see _read) for to_device, or with a decode_device, this batch
+        ready on it, since this then runs in a reader thread."""
+        pack = self._read(indices)
+        return pack if self.decode_device is None else self._decode(pack, self.decode_device)
+
+    def to_device(self, loaded, device):
+        return self._decode(loaded, device) if self.decode_device is None else loaded
+
+    def _read(self, indices):
         """A batch's files, packed as two tensors whatever its size, since each tensor that crosses from a
         worker to the main process costs a shared-memory handle: the plain JPEGs' bytes end to end, and the
         other images resized by Pillow [n, 3, size, size]. Errors come back as text, for the main process to
@@ -556,7 +571,7 @@ class FileSource:
         jpegs, pillow, errors = [], [], []
         for k, i in enumerate(indices):
             try:
-                x = read_image(self.images_dir / self.names[i], self.size, self.device_decode)
+                x = read_image(self.images_dir / self.names[i], self.size, self.decode_device is not None)
                 (jpegs if x.dim() == 1 else pillow).append((k, x))
             except DataError as e:
                 errors.append(str(e))
@@ -567,7 +582,8 @@ class FileSource:
         pack["pillow"] = torch.stack([x for _, x in pillow]) if pillow else torch.zeros(0, dtype=torch.uint8)
         return pack
 
-    def to_device(self, pack, device):
+    def _decode(self, pack, device):
+        """(positions kept in the batch, uint8 images [n, 3, size, size] on the device) from a pack."""
         errors = list(pack["errors"])
         images = dict(zip(pack["pillow_at"], to_device(pack["pillow"], device)))
         chunks = pack["jpeg"].split(pack["jpeg_lengths"])
@@ -761,7 +777,7 @@ def feature_cache_key(encoder, preset, images_dir, names, precision):
 def image_batches(images_dir, names, size, device, workers, batch_size=64, transform="raw", preset=None):
     """Batches of image files with no captions: the feature pass and the image store read them so; on CUDA
     plain JPEGs are decoded on the GPU."""
-    source = FileSource(images_dir, names, size, workers, device_decode=device.type == "cuda")
+    source = FileSource.for_device(images_dir, names, size, workers, device)
     return Batches(source, CaptionTable([[] for _ in names], device), names, device, preset, transform,
                    batch_size)
 

@@ -39,7 +39,9 @@ from image_intial_model import (
     caption_log_probs,
     preprocessing,
     sample_captions,
+    step_precision,
     trim_at_eos,
+    tune_for,
 )
 from image_loader import (
     Batches,
@@ -526,14 +528,14 @@ def main(args):
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     dist, device = init_distributed(pick_device(args.device))
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    tune_for(device)
     data, vocab, model, preset, ckpt = build(args, device)
     batches = make_batches(args, data, vocab, model, preset, device, dist)
-    optimizer, schedule, scaler, state = training_state(args, model, device, ckpt)
+    precision = step_precision(device, args.precision, model.args, batches["train"].from_features)
+    optimizer, schedule, scaler, state = training_state(args, model, device, ckpt, precision)
     trainer = Trainer(model if dist.world == 1 else nn.parallel.DistributedDataParallel(model),
                       make_objective(args, data, vocab, batches["train"].names), device, optimizer, scaler,
-                      args.grad_clip, dist, args.precision)
+                      args.grad_clip, dist, precision)
     ckpt_dir, logger = Path(args.checkpoint_dir), None
     if dist.main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -570,7 +572,7 @@ def main(args):
             if dist.main:
                 row = {"epoch": epoch, trainer.objective.history_key: figure, "lr": optimizer.param_groups[0]["lr"],
                        "captions_per_s": progress.captions_per_s * dist.world}
-                score = end_of_epoch(args, row, trainer.objective, data, vocab, model, batches, logger)
+                score = end_of_epoch(args, row, trainer, data, vocab, model, batches, logger)
                 state.history.append(row)
             score = dist.from_main(score)
             schedule.step(score)  # on every process, so that all keep the same learning rate
@@ -599,13 +601,13 @@ def main(args):
             "stopped": stop.requested}
 
 
-def training_state(args, model, device, ckpt=None):
-    """The optimizer, its schedule, the gradient scaler and where training stands: new, or as `ckpt` left them
-    (the RNGs too)."""
+def training_state(args, model, device, ckpt=None, precision="auto"):
+    """The optimizer, its schedule, the gradient scaler for steps in `precision` and where training stands: new,
+    or as `ckpt` left them (the RNGs too)."""
     optimizer = make_optimizer(args, model)
     schedule = make_schedule(args, optimizer)
     # fp16 needs its gradients scaled up, or small ones flush to zero; bf16 has fp32's range and needs none
-    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(device, args.precision) == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(device, precision) == torch.float16)
     if ckpt is None:
         return optimizer, schedule, scaler, TrainState()
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -623,14 +625,16 @@ def make_objective(args, data, vocab, train_names):
     return SelfCritical([it for it in data.items("train", vocab) if it[0] in names], args.scst_samples, args.max_len)
 
 
-def end_of_epoch(args, row, objective, data, vocab, model, batches, logger):
+def end_of_epoch(args, row, trainer, data, vocab, model, batches, logger):
     """Rank 0: dev loss and scores into the epoch's history row, the log line, TensorBoard.
     Returns the dev score that selects models."""
-    # the word loss on dev, with --scst too: the same figure before and after self-critical training
+    objective = trainer.objective
+    # the word loss on dev, with --scst too: the same figure before and after self-critical training; the
+    # decoder in the precision it trains in
     row["dev_loss"] = dev_loss(model, batches["dev"], WordLoss(args.label_smoothing), batches["dev"].device,
-                               args.precision)
+                               trainer.precision)
     scores, generated = dev_scores(model, batches["score"], data, vocab, batches["dev"].device, args.max_len,
-                                   args.precision)
+                                   trainer.precision)
     row.update({f"dev_{k}": v for k, v in scores.items()})
     log.info("epoch %d: %s %.3f, dev loss %.3f, dev BLEU-4 %.4f, dev CIDEr %.4f, %.0f captions/s, lr %.2g",
              row["epoch"], objective.figure, row[objective.history_key], row["dev_loss"], scores["Bleu_4"],

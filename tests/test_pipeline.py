@@ -15,6 +15,7 @@ from PIL import Image
 from torchvision import transforms
 
 import image_intial_model as M
+import image_loader
 import image_training
 from image_loader import (
     Batches,
@@ -64,15 +65,15 @@ def test_jpegs_decoded_on_the_device_give_pillows_pixels_and_features(photos):
     """The device path (torchvision.io.decode_jpeg, here on CPU tensors; nvJPEG on CUDA) against Pillow's."""
     folder, names = photos
     for size in (224, 299):
-        device = images_of(FileSource(folder, names, size, 0, device_decode=True), range(8)).float()
+        device = images_of(FileSource(folder, names, size, 0, decode_device=CPU), range(8)).float()
         pillow = images_of(FileSource(folder, names, size, 0), range(8)).float()
         assert device.shape == pillow.shape == (8, 3, size, size)
         # measured: mean 0.15 / 0.17 levels, max 1
         assert (device - pillow).abs().max() <= 2 and (device - pillow).abs().mean() < 0.5
     encoder = M.CNN_RNN(M.ModelArgs(10, "efficientnet_lite0"), weights="imagenet").encoderCNN.eval()
     with torch.no_grad():
-        features = [encoder.extract(normalize(images_of(FileSource(folder, names, 224, 0, device_decode=d),
-                                                        range(8)), LITE0)) for d in (True, False)]
+        features = [encoder.extract(normalize(images_of(FileSource(folder, names, 224, 0, decode_device=d),
+                                                        range(8)), LITE0)) for d in (CPU, None)]
     # measured: 0.046 at most, cosine 0.999; noise of +-1 level on Pillow's own pixels moves them by 0.23
     relative = (features[0] - features[1]).norm(dim=1) / features[1].norm(dim=1)
     assert relative.max() < 0.1
@@ -89,7 +90,7 @@ def test_only_plain_jpegs_go_to_the_device_and_odd_files_keep_pillows_rules(tmp_
         with pytest.raises(DataError, match=expected[name]):
             read_image(tmp_path / "odd" / name, 224, raw_jpeg=True)
     # a batch of both kinds, with an unreadable file left out
-    source = FileSource(tmp_path / "odd", ["cmyk.jpg", "truncated.jpg", "rotated.jpg"], 224, 0, device_decode=True)
+    source = FileSource(tmp_path / "odd", ["cmyk.jpg", "truncated.jpg", "rotated.jpg"], 224, 0, decode_device=CPU)
     kept, images = source.to_device(source.load([0, 1, 2]), CPU)
     assert kept == [0, 2] and images.shape == (2, 3, 224, 224) and images.dtype == torch.uint8  # positions
     upright = np.asarray(load_image(tmp_path / "odd" / "rotated.jpg").resize((224, 224), Image.BILINEAR))
@@ -100,20 +101,36 @@ def test_device_decoding_reads_files_in_threads_in_order_and_stops_cleanly(photo
     """With device decoding, threads read the files (no worker process to fork): the same batches, in order,
     as reading them in the main process, and a pass left early leaves no thread behind."""
     folder, names = photos
-    source = FileSource(folder, names, 224, workers=16, device_decode=True)
+    source = FileSource(folder, names, 224, workers=16, decode_device=CPU)
     assert source.threads and source.workers == 2
 
     def batches(src):
         return Batches(src, CaptionTable([[] for _ in names], CPU), names, CPU, transform="raw", batch_size=3)
 
     threaded = list(batches(source))
-    alone = list(batches(FileSource(folder, names, 224, workers=0, device_decode=True)))
+    alone = list(batches(FileSource(folder, names, 224, workers=0, decode_device=CPU)))
     assert [b.names for b in threaded] == [b.names for b in alone] == [names[:3], names[3:6], names[6:]]
     assert all(torch.equal(a.x, b.x) for a, b in zip(threaded, alone))
     before = threading.active_count()
-    for _ in batches(FileSource(folder, names, 224, workers=2, device_decode=True)):
+    for _ in batches(FileSource(folder, names, 224, workers=2, decode_device=CPU)):
         break
     assert threading.active_count() == before
+
+
+def test_device_decoding_runs_in_the_reader_threads(photos, monkeypatch):
+    """The decoding and resizing are the reader threads' work, so that the main thread only launches the model."""
+    folder, names = photos
+    real, decoded_in = image_loader.decode_jpegs, []
+
+    def decode(chunks, device):
+        decoded_in.append(threading.current_thread())
+        return real(chunks, device)
+
+    monkeypatch.setattr(image_loader, "decode_jpegs", decode)
+    batches = Batches(FileSource(folder, names, 224, workers=2, decode_device=CPU),
+                      CaptionTable([[] for _ in names], CPU), names, CPU, transform="raw", batch_size=3)
+    assert [b.x.shape for b in batches] == [(3, 3, 224, 224)] * 2 + [(2, 3, 224, 224)]
+    assert len(decoded_in) == 3 and threading.main_thread() not in decoded_in
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
@@ -232,6 +249,17 @@ def test_mixed_precision_runs_on_the_cpu_as_on_a_gpu(tmp_path, cache_dir):
     result = image_training.main(train_args(tmp_path, cache_dir, "--epochs", "1", "--max-images", "40",
                                             "--precision", "bf16", "--attention"))
     assert np.isfinite(result["history"][0]["train_loss"])
+
+
+def test_auto_precision_trains_the_attention_decoder_on_cached_features_in_fp32_on_cuda():
+    """Only auto changes, only on CUDA, only for the attention decoder with no CNN in the step; a dtype the
+    user names is kept. (A CUDA device object needs no GPU to be made.)"""
+    cuda, attention, plain = torch.device("cuda"), M.ModelArgs(10, attention=True), M.ModelArgs(10)
+    assert M.step_precision(cuda, "auto", attention, from_features=True) == "fp32"
+    assert M.step_precision(cuda, "auto", attention, from_features=False) == "auto"
+    assert M.step_precision(cuda, "auto", plain, from_features=True) == "auto"
+    assert M.step_precision(cuda, "bf16", attention, from_features=True) == "bf16"
+    assert M.step_precision(CPU, "auto", attention, from_features=True) == "auto"
 
 
 def test_self_critical_learning_in_eval_mode_keeps_the_lstm_off_cudnn(monkeypatch):
@@ -384,7 +412,6 @@ def test_feature_cache_key_changes_with_images_and_preprocessing(tmp_path, cache
 def test_a_jpeg_the_device_cannot_decode_takes_pillows_path(photos, tmp_path, monkeypatch, caplog):
     """nvJPEG may refuse a file whose header looked plain (corrupt further in): the batch is decoded again image
     by image, and a refused one goes to Pillow, which reads it or names it in one warning."""
-    import image_loader
 
     folder, names = photos
     for n in names[:2]:
@@ -399,7 +426,7 @@ def test_a_jpeg_the_device_cannot_decode_takes_pillows_path(photos, tmp_path, mo
         return real(data, **kwargs)
 
     monkeypatch.setattr(image_loader, "decode_jpeg", decode)
-    source = FileSource(tmp_path, [names[0], names[1], "bad.jpg"], 224, 0, device_decode=True)
+    source = FileSource(tmp_path, [names[0], names[1], "bad.jpg"], 224, 0, decode_device=CPU)
     with caplog.at_level(logging.WARNING, logger="captioner"):
         kept, images = source.to_device(source.load([0, 1, 2]), CPU)
     pillow = images_of(FileSource(tmp_path, names[:2], 224, 0), [0, 1])
