@@ -357,30 +357,31 @@ class AttentionDecoder(nn.Module):
         return self.att_score(torch.tanh(keys + self.att_hidden(h).unsqueeze(1))).squeeze(-1).softmax(-1)
 
     def _advance(self, word_emb, state):
+        """One word: -> (h [N, H], the next state, the weights [N, R] it looked at the regions with)."""
         h, c, regions, keys = state
-        context = (self._weights(h, keys).unsqueeze(-1) * regions).sum(1)  # [N, E]
+        weights = self._weights(h, keys)
+        context = (weights.unsqueeze(-1) * regions).sum(1)  # [N, E]
         h, c = self.cell(torch.cat([word_emb, torch.sigmoid(self.gate(h)) * context], -1), (h, c))
-        return h, (h, c, regions, keys)
+        return h, (h, c, regions, keys), weights
 
     def attention(self, regions, tokens):
         """regions [N, R, E], tokens [N, T] (SOS w1 .. wn) -> the weights [N, T, R] over the regions with which
         the decoder predicted each of w1 .. wn EOS: what it looked at for each word."""
-        state, emb, weights = self.start(regions), self.embed(tokens), []
-        for t in range(tokens.shape[1]):
-            weights.append(self._weights(state[0], state[3]))
-            _, state = self._advance(emb[:, t], state)
-        return torch.stack(weights, 1)
+        return self(regions, tokens, with_attention=True)[1]
 
-    def forward(self, regions, tokens):
-        """regions [N, R, E], tokens [N, T] (SOS w1 .. wn, padded) -> logits [N, T, V] for (w1 .. wn EOS)."""
-        state, emb, outs = self.start(regions), self.dropout(self.embed(tokens)), []
+    def forward(self, regions, tokens, with_attention=False):
+        """regions [N, R, E], tokens [N, T] (SOS w1 .. wn, padded) -> logits [N, T, V] for (w1 .. wn EOS), and
+        with_attention, the weights [N, T, R] each of them was predicted with too."""
+        state, emb, outs, weights = self.start(regions), self.dropout(self.embed(tokens)), [], []
         for t in range(tokens.shape[1]):
-            h, state = self._advance(emb[:, t], state)
+            h, state, w = self._advance(emb[:, t], state)
             outs.append(h)
-        return self.linear(self.dropout(torch.stack(outs, 1)))
+            weights.append(w)
+        logits = self.linear(self.dropout(torch.stack(outs, 1)))
+        return (logits, torch.stack(weights, 1)) if with_attention else logits
 
     def step(self, tokens, state):
-        h, state = self._advance(self.embed(tokens), state)
+        h, state, _ = self._advance(self.embed(tokens), state)
         return self.linear(h), state
 
     @staticmethod
@@ -420,12 +421,15 @@ class CNN_RNN(Generation, nn.Module):
         """Images [B, 3, S, S], or cached CNN features [B, F] / [B, R, F] when from_features -> [B, E] / [B, R, E]."""
         return self.encoderCNN.project(x) if from_features else self.encoderCNN(x)
 
-    def forward(self, x, tokens, image_index=None, from_features=False):
+    def forward(self, x, tokens, image_index=None, from_features=False, with_attention=False):
         """x: B images (or features); tokens [N, T]; image_index [N] names each caption's image (default:
-        caption i belongs to image i). Each image is encoded once however many captions it has."""
+        caption i belongs to image i). Each image is encoded once however many captions it has. -> logits
+        [N, T, V], and with_attention (an attention decoder) the attention weights [N, T, R] too."""
         feats = self.features(x, from_features)
         if image_index is not None:
             feats = feats[image_index]
+        if with_attention:
+            return self.decoderRNN(feats, tokens, with_attention=True)
         return self.decoderRNN(feats, tokens)
 
     @torch.inference_mode()

@@ -132,6 +132,10 @@ def get_args_parser(add_help=True):
     g.add_argument("--early-stop", type=int, default=0,
                    help="stop after this many epochs without a better dev score (0: never)")
     g.add_argument("--label-smoothing", type=non_negative, default=0.0, help="label smoothing of the word loss")
+    g.add_argument("--attention-reg", type=non_negative, default=0.0,
+                   help="doubly stochastic attention (Xu et al. 2015; they used 1): add this times the mean over "
+                        "captions of sum over regions (1 - the region's weights summed over the words)^2 to the "
+                        "word loss")
     g.add_argument("--scst", action="store_true",
                    help="self-critical training: reward sampled captions by their CIDEr-D instead of the "
                         "word loss; start it from a trained model with --init-from, at a small --lr (1e-4)")
@@ -177,6 +181,8 @@ def check_args(args):
         raise DataError(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.resume and args.init_from:
         raise DataError("--resume continues a run and --init-from starts one: give one of them")
+    if args.scst and args.attention_reg:
+        raise DataError("--attention-reg regularises the word loss, which --scst does not use: drop one")
     if args.scst and args.scst_samples < 2:
         raise DataError("--scst-samples must be at least 2: each sample's baseline is the other samples' mean")
     if Path(args.checkpoint_dir).resolve() == SHIPPED_CHECKPOINT.parent:
@@ -244,15 +250,25 @@ class WordLoss:
     figure, history_key, tag = "train loss", "train_loss", "loss/train"  # how an epoch reports it
     dropout = True
 
-    def __init__(self, label_smoothing=0.0):
+    def __init__(self, label_smoothing=0.0, attention_reg=0.0):
         self.criterion = nn.CrossEntropyLoss(ignore_index=PAD_IDX, label_smoothing=label_smoothing, reduction="sum")
+        self.attention_reg = attention_reg
 
     def __call__(self, model, batch, from_features):
         """-> (what to minimise, summed over the batch; the figure to report, summed; what both sum over)."""
         tokens, targets = batch.captions[:, :-1], batch.captions[:, 1:]  # [N, T-1] each: predict the next word
-        logits = model(batch.x, tokens, batch.image_index, from_features=from_features)
+        if not self.attention_reg:
+            logits = model(batch.x, tokens, batch.image_index, from_features=from_features)
+            loss = self.criterion(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+            return loss, loss.detach(), batch.words
+        logits, weights = model(batch.x, tokens, batch.image_index, from_features=from_features, with_attention=True)
         loss = self.criterion(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
-        return loss, loss.detach(), batch.words
+        # doubly stochastic attention (Xu et al. 2015, eq. 14): over a caption's words each region's weights
+        # should sum to about 1, so that the decoder looks at every part of the image, not at a few regions
+        seen = (weights.float() * (targets != PAD_IDX).unsqueeze(-1)).sum(1)  # [N, R]
+        penalty = ((1 - seen) ** 2).sum()
+        # --attention-reg times its mean over captions, added to the mean word loss (the trainer divides by words)
+        return loss + self.attention_reg * penalty * (batch.words / len(targets)), loss.detach(), batch.words
 
 
 class SelfCritical:
@@ -444,6 +460,8 @@ def build(args, device):
         weights = "random" if args.no_pretrained else (args.encoder_weights or "imagenet")
         model = CNN_RNN(margs, weights=weights)
         preset = preprocessing(args.encoder)
+    if args.attention_reg and not model.args.attention:
+        raise DataError("--attention-reg regularises an attention decoder's weights: add --attention")
     model.encoderCNN.set_train_cnn(args.train_cnn)
     log.info("vocabulary: %d words (min frequency %d, training captions only)", len(vocab), args.min_freq)
     model.to(device)
@@ -620,7 +638,7 @@ def training_state(args, model, device, ckpt=None, precision="auto"):
 def make_objective(args, data, vocab, train_names):
     """The word loss, or with --scst self-critical training on the training images' references."""
     if not args.scst:
-        return WordLoss(args.label_smoothing)
+        return WordLoss(args.label_smoothing, args.attention_reg)
     names = set(train_names)
     return SelfCritical([it for it in data.items("train", vocab) if it[0] in names], args.scst_samples, args.max_len)
 

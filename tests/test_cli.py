@@ -121,6 +121,14 @@ def test_scst_fine_tunes_a_trained_model_from_the_command_line(demo_run, tmp_pat
         image_training.main(train_args(tmp_path, cache_dir, "--resume", str(tmp_path / "ck" / "last.pth.tar")))
 
 
+def test_the_attention_regulariser_needs_an_attention_decoder_and_the_word_loss(demo_run, tmp_path, cache_dir):
+    with pytest.raises(image_training.DataError, match="add --attention"):
+        image_training.main(train_args(tmp_path, cache_dir, "--attention-reg", "1"))
+    with pytest.raises(image_training.DataError, match="which --scst does not use"):
+        image_training.main(train_args(tmp_path, cache_dir, "--attention", "--attention-reg", "1", "--scst",
+                                       "--init-from", str(demo_run / "checkpoints" / "best.pth.tar")))
+
+
 def test_inference_n_best_prints_ranked_captions_with_probabilities(demo_run, capsys):
     import inference
 

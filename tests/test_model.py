@@ -9,7 +9,7 @@ from torch import nn
 import image_intial_model as M
 import image_training
 from image_intial_model import CNN_RNN, EncoderWeightsError, ModelArgs, build_backbone, preprocessing
-from image_loader import SPECIALS, Batches, CaptionTable, EvalTransform, FeatureSource, Vocab, load_image
+from image_loader import SPECIALS, Batch, Batches, CaptionTable, EvalTransform, FeatureSource, Vocab, load_image
 from tests.conftest import SAMPLE
 from utils import SEED_PREPROCESSING, model_from_checkpoint, save_checkpoint
 
@@ -138,6 +138,30 @@ def test_attention_maps_are_the_weights_each_word_was_chosen_with():
         assert m.shape == (len(ids), 7, 7)
         assert torch.allclose(m.sum((1, 2)), torch.ones(len(ids)), atol=1e-5)  # each word's map sums to 1
         assert torch.allclose(m.flatten(1), torch.stack([w[i] for w in seen[:len(ids)]]), atol=1e-5)
+
+
+def test_doubly_stochastic_attention_adds_xu_et_al_s_penalty_to_the_word_loss():
+    """--attention-reg: the loss grows by lambda x (words / captions) x sum over captions and regions of
+    (1 - the region's weights summed over the caption's words)^2, the weights recorded word by word here; the
+    figure reported stays the word loss."""
+    torch.manual_seed(0)
+    model = CNN_RNN(ModelArgs(vocab_size=40, encoder="efficientnet_lite0", embed_size=32, hidden_size=48,
+                              attention=True, attention_dim=16), weights="random").eval()  # no dropout
+    regions = torch.randn(2, 49, 1280) * 3
+    captions = [[M.SOS_IDX, 7, 8, 9, M.EOS_IDX], [M.SOS_IDX, 10, M.EOS_IDX], [M.SOS_IDX, 11, 12, M.EOS_IDX]]
+    table = CaptionTable([captions[:2], captions[2:]], torch.device("cpu"))
+    batch = Batch(regions, *table.batch(torch.tensor([0, 1])), names=["a", "b"])
+    plain, plain_figure, words = image_training.WordLoss()(model, batch, from_features=True)
+    loss, figure, _ = image_training.WordLoss(attention_reg=0.5)(model, batch, from_features=True)
+    dec, feats, penalty = model.decoderRNN, model.features(regions, True), 0.0
+    for ids, image in zip(captions, (0, 0, 1)):
+        state, seen = dec.start(feats[image:image + 1]), torch.zeros(49)
+        for word in ids[:-1]:  # the weights with which it predicts each next word
+            seen += dec._weights(state[0], state[3])[0]
+            _, state = dec.step(torch.tensor([word]), state)
+        penalty += ((1 - seen) ** 2).sum()
+    assert words == 9 and torch.equal(figure, plain_figure)
+    torch.testing.assert_close(loss - plain, 0.5 * penalty * 9 / 3, rtol=1e-4, atol=1e-4)
 
 
 def test_frozen_cnn_keeps_batchnorm_in_eval_mode(lite0):
