@@ -133,9 +133,9 @@ def get_args_parser(add_help=True):
                    help="stop after this many epochs without a better dev score (0: never)")
     g.add_argument("--label-smoothing", type=non_negative, default=0.0, help="label smoothing of the word loss")
     g.add_argument("--attention-reg", type=non_negative, default=0.0,
-                   help="doubly stochastic attention (Xu et al. 2015; they used 1): add this times the mean over "
-                        "captions of sum over regions (1 - the region's weights summed over the words)^2 to the "
-                        "word loss")
+                   help="doubly stochastic attention (Xu et al. 2015; they used 1): add this times the sum over "
+                        "regions of (1 - the region's weights summed over the caption's words)^2 to each caption's "
+                        "word loss (summed over its words)")
     g.add_argument("--scst", action="store_true",
                    help="self-critical training: reward sampled captions by their CIDEr-D instead of the "
                         "word loss; start it from a trained model with --init-from, at a small --lr (1e-4)")
@@ -266,9 +266,9 @@ class WordLoss:
         # doubly stochastic attention (Xu et al. 2015, eq. 14): over a caption's words each region's weights
         # should sum to about 1, so that the decoder looks at every part of the image, not at a few regions
         seen = (weights.float() * (targets != PAD_IDX).unsqueeze(-1)).sum(1)  # [N, R]
-        penalty = ((1 - seen) ** 2).sum()
-        # --attention-reg times its mean over captions, added to the mean word loss (the trainer divides by words)
-        return loss + self.attention_reg * penalty * (batch.words / len(targets)), loss.detach(), batch.words
+        penalty = ((1 - seen) ** 2).sum()  # summed over captions, as the word loss is: each caption's loss is
+        # its words' cross-entropy plus --attention-reg times its penalty, as in Xu et al.'s code
+        return loss + self.attention_reg * penalty, loss.detach(), batch.words
 
 
 class SelfCritical:

@@ -141,9 +141,9 @@ def test_attention_maps_are_the_weights_each_word_was_chosen_with():
 
 
 def test_doubly_stochastic_attention_adds_xu_et_al_s_penalty_to_the_word_loss():
-    """--attention-reg: the loss grows by lambda x (words / captions) x sum over captions and regions of
-    (1 - the region's weights summed over the caption's words)^2, the weights recorded word by word here; the
-    figure reported stays the word loss."""
+    """--attention-reg: the loss (summed over the batch's words) grows by lambda x the sum over captions and
+    regions of (1 - the region's weights summed over the caption's words)^2, the weights recorded word by word
+    here; the figure reported stays the word loss."""
     torch.manual_seed(0)
     model = CNN_RNN(ModelArgs(vocab_size=40, encoder="efficientnet_lite0", embed_size=32, hidden_size=48,
                               attention=True, attention_dim=16), weights="random").eval()  # no dropout
@@ -161,7 +161,7 @@ def test_doubly_stochastic_attention_adds_xu_et_al_s_penalty_to_the_word_loss():
             _, state = dec.step(torch.tensor([word]), state)
         penalty += ((1 - seen) ** 2).sum()
     assert words == 9 and torch.equal(figure, plain_figure)
-    torch.testing.assert_close(loss - plain, 0.5 * penalty * 9 / 3, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(loss - plain, 0.5 * penalty, rtol=1e-4, atol=1e-4)
 
 
 def test_frozen_cnn_keeps_batchnorm_in_eval_mode(lite0):
