@@ -794,15 +794,18 @@ def feature_batches(encoder, images_dir, names, preset, device, precision="auto"
             return encoder.extract(x)
 
     # On CUDA every batch has the same shape (the last one padded), so that cuDNN tunes its kernels once and
-    # the CNN's forward runs as one CUDA graph, the CPU free to decode the next batch meanwhile.
-    graphed = device.type == "cuda" and len(batches) >= 4
+    # the CNN's forward runs as one CUDA graph, the CPU free to decode the next batch meanwhile. It is captured
+    # before the reader threads start, as they decode on the device: while a graph is being captured, no other
+    # thread may allocate device memory.
+    graphed = None
+    if device.type == "cuda" and len(batches) >= 4:
+        size = preset["crop"]
+        graphed = cuda_graphed(extract, cnn_layout(torch.zeros(batch_size, 3, size, size, device=device)))
     kept = 0
     for batch in tqdm(batches, desc="extracting CNN features", unit="batch", leave=False, disable=None):
         x, n = batch.x, len(batch.names)
         if n < batch_size and x.is_cuda:
             x = cnn_layout(torch.cat([x, x.new_zeros((batch_size - n, *x.shape[1:]))]))
-        if graphed is True:
-            graphed = cuda_graphed(extract, x)
         f = (graphed(x) if graphed else extract(x))[:n]
         # region maps are R times larger than pooled features: half precision halves the cache
         yield batch.names, f.half() if encoder.spatial else f.float()

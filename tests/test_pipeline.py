@@ -138,8 +138,9 @@ def test_the_feature_pass_as_a_cuda_graph_gives_the_eager_features(photos):
     folder, names = photos
     model = M.CNN_RNN(M.ModelArgs(10, "efficientnet_lite0"), weights="imagenet").cuda()
     cuda = torch.device("cuda")
-    # 8 photos in batches of 2: 4 batches, so the pass runs as a graph; one photo in batches of 2: eagerly
-    kept, graphed = extract_features(model.encoderCNN, folder, names, LITE0, cuda, "fp32", 0, batch_size=2)
+    # 8 photos in batches of 2: 4 batches, so the pass runs as a graph, decoded by the reader threads while it
+    # replays; one photo in batches of 2: eagerly
+    kept, graphed = extract_features(model.encoderCNN, folder, names, LITE0, cuda, "fp32", 2, batch_size=2)
     eager = torch.cat([extract_features(model.encoderCNN, folder, [n], LITE0, cuda, "fp32", 0, batch_size=2)[1]
                        for n in names])
     assert kept == names and torch.allclose(graphed, eager, atol=1e-4)
