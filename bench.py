@@ -351,6 +351,7 @@ def run(args, data_dir, cache_dir):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     r = {"device": name, "encoder": args.encoder, "decoder": "attention" if bench.model.args.attention else "plain",
          "hidden_size": bench.model.args.hidden_size, "precision": str(bench.dtype or "fp32").replace("torch.", ""),
+         "decoder_precision": str(autocast_dtype(device, bench.decoder_precision) or "fp32").replace("torch.", ""),
          "workers": args.workers, "data": f"Flickr8k at {args.data}" if args.data else "generated JPEGs"}
     # in batches as the feature pass makes them (64, or fewer when it has fewer images)
     r["encoder_forward_images_per_s"] = bench.encoder_forward(repeat, batch=min(64, n_feature))
@@ -375,7 +376,8 @@ def run(args, data_dir, cache_dir):
 
 def report(r):
     print(f"device {r['device']}, encoder {r['encoder']}, {r['decoder']} decoder (hidden {r['hidden_size']}), "
-          f"{r['precision']}, {r['workers']} loader workers, data: {r['data']}")
+          f"{r['precision']} (the decoder on cached features: {r['decoder_precision']}), {r['workers']} loader "
+          f"workers, data: {r['data']}")
     print(f"loader alone      {r['loader_images_per_s']:8.1f} images/s decoded and resized from JPEG files, "
           f"{r['loader_warm_images_per_s']:.1f} once its workers run; first batch after "
           f"{r['loader_first_batch_s']:.2f} s")
