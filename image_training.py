@@ -257,12 +257,14 @@ class WordLoss:
     def __call__(self, model, batch, from_features):
         """-> (what to minimise, summed over the batch; the figure to report, summed; what both sum over)."""
         tokens, targets = batch.captions[:, :-1], batch.captions[:, 1:]  # [N, T-1] each: predict the next word
-        if not self.attention_reg:
+        if self.attention_reg:
+            logits, weights = model(batch.x, tokens, batch.image_index, from_features=from_features,
+                                    with_attention=True)
+        else:
             logits = model(batch.x, tokens, batch.image_index, from_features=from_features)
-            loss = self.criterion(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
-            return loss, loss.detach(), batch.words
-        logits, weights = model(batch.x, tokens, batch.image_index, from_features=from_features, with_attention=True)
         loss = self.criterion(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        if not self.attention_reg:
+            return loss, loss.detach(), batch.words
         # doubly stochastic attention (Xu et al. 2015, eq. 14): over a caption's words each region's weights
         # should sum to about 1, so that the decoder looks at every part of the image, not at a few regions
         seen = (weights.float() * (targets != PAD_IDX).unsqueeze(-1)).sum(1)  # [N, R]
