@@ -413,7 +413,6 @@ def test_feature_cache_key_changes_with_images_and_preprocessing(tmp_path, cache
 def test_a_jpeg_the_device_cannot_decode_takes_pillows_path(photos, tmp_path, monkeypatch, caplog):
     """nvJPEG may refuse a file whose header looked plain (corrupt further in): the batch is decoded again image
     by image, and a refused one goes to Pillow, which reads it or names it in one warning."""
-
     folder, names = photos
     for n in names[:2]:
         shutil.copy(folder / n, tmp_path / n)
