@@ -480,15 +480,18 @@ def has_pypi_imagenet_cnn(model, known=None):
     known = {} if known is None else known
     if encoder not in known:
         known[encoder] = build_backbone(encoder, "imagenet").state_dict()
-    trained = model.encoderCNN.backbone.state_dict()
-    return all(torch.equal(t, trained[k]) for k, t in known[encoder].items())
+    return _same_weights(known[encoder], model.encoderCNN.backbone.state_dict())
 
 
 def _same_cnn(a, b):
     """Whether two encoders' CNNs give the same features: same weights, both pooled or both regions."""
-    state = a.backbone.state_dict()
-    return a.spatial == b.spatial and state.keys() == b.backbone.state_dict().keys() and all(
-        t.shape == state[k].shape and torch.equal(t, state[k]) for k, t in b.backbone.state_dict().items())
+    return a.spatial == b.spatial and _same_weights(a.backbone.state_dict(), b.backbone.state_dict())
+
+
+def _same_weights(state, other):
+    """Whether two state_dicts hold the same tensors under the same names."""
+    return state.keys() == other.keys() and all(
+        t.shape == state[k].shape and torch.equal(t, state[k]) for k, t in other.items())
 
 
 class Ensemble(Generation, nn.Module):
