@@ -32,6 +32,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from pillow_heif import register_heif_opener
 from torch.nn import functional as nn_functional
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -41,9 +42,10 @@ from tqdm import tqdm
 from image_intial_model import EOS_IDX, PAD_IDX, SOS_IDX, SPECIALS, UNK_IDX, autocast, autocast_dtype, cuda_graphed
 
 log = logging.getLogger("captioner")
+register_heif_opener()  # HEIC/HEIF, the iPhone's default format, opens as any other image
 
 IMAGE_DIRS = ("Images", "Flicker8k_Dataset", "Flickr8k_Dataset", "flickr30k-images", "flickr30k_images")
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".heic", ".heif"}
 SPLIT_FRACTIONS = {"train": 6000 / 8000, "dev": 1000 / 8000, "test": 1000 / 8000}
 LAYOUT_HELP = ("expected DIR/Images/ + DIR/captions.txt (Kaggle's layout, or your own photos), "
                "DIR/Flicker8k_Dataset/ + DIR/Flickr8k.token.txt (the original), or Karpathy's "
@@ -371,21 +373,30 @@ def _open_image(path):
             yield im
 
 
-def load_image(path):
-    """Open an image as upright RGB, or raise DataError with one line saying why not."""
+def load_image(path, size=None, name=None):
+    """Open an image as upright RGB, or raise DataError with one line saying why not. path: a file's path, or a
+    binary file object (an upload held in memory; `name` then labels it in errors). size: the side the image
+    will be resized to: a JPEG at least twice as large each way is decoded at a reduced scale (DCT scaling,
+    1/2 to 1/8, never below size) rather than in full and then shrunk, so a 12-megapixel phone photo costs
+    little more than a small one."""
+    name = name or path
     try:
         with _open_image(path) as im:
+            if size and im.format == "JPEG":
+                im.draft("RGB", (size, size))
             return _to_rgb(ImageOps.exif_transpose(im))  # phones store rotation in EXIF: caption it upright
     except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
+        raise DataError(f"{name}: no such file") from None
     except IsADirectoryError:
-        raise DataError(f"{path}: is a folder") from None
+        raise DataError(f"{name}: is a folder") from None
+    except PermissionError:
+        raise DataError(f"{name}: not allowed to read it") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise DataError(f"{path}: refused: over {Image.MAX_IMAGE_PIXELS:,} pixels, too large to be a photo") from None
+        raise DataError(f"{name}: refused: over {Image.MAX_IMAGE_PIXELS:,} pixels, too large to be a photo") from None
     except UnidentifiedImageError:
-        raise DataError(f"{path}: not an image Pillow can read") from None
+        raise DataError(f"{name}: not an image Pillow can read") from None
     except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt files
-        raise DataError(f"{path}: unreadable image ({e})") from None
+        raise DataError(f"{name}: unreadable image ({e})") from None
 
 
 def list_images(path):
@@ -590,7 +601,9 @@ class FileSource:
         decoded = decode_jpegs(chunks, device)
         for k, path, im in zip(pack["jpeg_at"], pack["jpeg_paths"], decoded):
             try:  # if the device's decoder refused it: Pillow's path and rules
-                images[k] = im if im is not None else to_device(resize_pil(load_image(path), self.size), device)
+                if im is None:
+                    im = to_device(resize_pil(load_image(path, self.size), self.size), device)
+                images[k] = im
             except DataError as e:
                 errors.append(str(e))
         for e in errors:
@@ -640,7 +653,7 @@ def read_image(path, size, raw_jpeg=False):
                     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning):
             pass  # load_image says what is wrong, in one line
-    return resize_pil(load_image(path), size)
+    return resize_pil(load_image(path, size), size)
 
 
 class _Loadable(Dataset):
