@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from confidence import GOOD_CIDER, LEVELS, TARGET, Calibration, captions_with_signals, pooled_features, reliability
 from image_intial_model import EncoderWeightsError, autocast, has_pypi_imagenet_cnn
 from image_loader import (
     Batches,
@@ -37,14 +38,16 @@ from image_loader import (
     default_workers,
     feature_source,
 )
-from inference import attention_map
+from inference import attention_map, read_calibration
 from utils import (
     HelpFormatter,
     find_checkpoint,
+    load_checkpoint,
     models_from_checkpoints,
     non_negative,
     pick_device,
     positive,
+    save_checkpoint,
 )
 
 # What pycocoevalcap's PTBTokenizer drops after tokenising (it lowercases first, so its brackets, written
@@ -172,6 +175,77 @@ def caption_loader(model, batches, vocab, device, beam=3, length_penalty=0.0, ma
     return out
 
 
+def per_image_cider(references, hypotheses):
+    """Each hypothesis's CIDEr-D against its own references (python_tokenize, the scored references' document
+    frequencies: as pycocoevalcap's per-image scores, whose mean is its CIDEr): a float tensor [N]."""
+    refs = [[python_tokenize(r).split() for r in rs] for rs in references]
+    cider = CiderD(refs)
+    return torch.tensor([cider.score(python_tokenize(h).split(), [cider.vector(r) for r in rs])
+                         for h, rs in zip(hypotheses, refs)])
+
+
+@torch.no_grad()
+def caption_with_signals(model, batches, vocab, device, beam=3, length_penalty=0.0, max_len=40,
+                         desc="captioning"):
+    """caption_loader's captions, and each one's confidence signals: ({name: text}, decoder signals [N, 5],
+    pooled features [N, F]), in the same order (see confidence.captions_with_signals)."""
+    model.eval()
+    out, decoder, pooled = {}, [], []
+    for batch in tqdm(batches, desc=desc, unit="batch", leave=False, disable=None):
+        ids, _, d, f = captions_with_signals(model, batch.x, beam, max_len, length_penalty,
+                                             from_features=batches.from_features)
+        out.update((n, vocab.decode(s)) for n, s in zip(batch.names, ids))
+        decoder.append(d)
+        pooled.append(f)
+    return out, torch.cat(decoder), torch.cat(pooled)
+
+
+BANK_PHOTOS = 1000  # training photos that familiarity is measured against (2.5 MB in fp16 with 1,280 features)
+
+
+def calibrate(args, model, vocab, preset, data, device, path):
+    """Fit the confidence (confidence.Calibration) on this split's photos, against TARGET, and store it in the
+    checkpoint at `path`, rewritten atomically. Returns the fit's reliability on this split."""
+    workers = args.workers or default_workers()
+
+    def batches(names):
+        source = FileSource.for_device(data.images_dir, names, preset["resize"], workers, device)
+        return Batches(source, CaptionTable([[] for _ in names], device), names, device, preset, "eval",
+                       args.batch_size)
+
+    generated, decoder, pooled = caption_with_signals(model, batches(data.splits[args.split]), vocab, device,
+                                                      args.beam, args.length_penalty, args.max_len,
+                                                      desc=f"captioning {args.split}")
+    train = sorted(data.splits["train"])
+    train = [train[i] for i in torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:BANK_PHOTOS]]
+    bank = []
+    for batch in tqdm(batches(train), desc="training photos", unit="batch", leave=False, disable=None):
+        bank.append(pooled_features(model.encoderCNN.extract(batch.x)))
+    cider = per_image_cider([data.captions[n] for n in generated], list(generated.values()))
+    good = cider >= GOOD_CIDER
+    about = {"fitted_on": f"{args.split} split, {len(generated)} photos, beam {args.beam}; familiarity against "
+                          f"{len(train)} training photos"}
+    calibration = Calibration.fit(decoder, pooled, good, torch.cat(bank), about)
+    ckpt = load_checkpoint(path)
+    ckpt["calibration"] = calibration.state
+    save_checkpoint(ckpt, path)
+    confidence, levels, _ = calibration.assess(decoder, pooled)
+    print(f"calibrated on {len(generated)} {args.split} photos ({int(good.sum())} good: {TARGET}); "
+          f"wrote it into {path}")
+    return reliability(confidence, levels, cider, good)
+
+
+def print_reliability(table, split):
+    print(f"confidence on the {split} split (good: {table['target']}):")
+    print("  level    photos  mean CIDEr-D  good  mean confidence")
+    for level in reversed(LEVELS):
+        row = table["levels"][level]
+        if row["photos"]:
+            print(f"  {level:8s} {row['photos']:6d}  {row['mean_cider']:12.3f}  {row['good']:4.2f}  "
+                  f"{row['mean_confidence']:.3f}")
+    print(f"  calibration error (10 bins): {table['calibration_error']:.3f}")
+
+
 GALLERY_ATTENTION_MAPS = 8  # attention models: images of the gallery shown with their attention maps
 
 
@@ -210,6 +284,9 @@ def get_args_parser():
                    help="loader worker processes (default: the cores this process may use, at most 16)")
     p.add_argument("--no-java", action="store_true", help="score as on a machine without Java (no METEOR)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split when the data has no split files")
+    p.add_argument("--calibrate", action="store_true",
+                   help="fit the model's confidence on this split (dev: never the test split) and store it in the "
+                        "checkpoint; the fit's inputs, target and levels are in confidence.py")
     return p
 
 
@@ -229,6 +306,12 @@ def main(args):
     model, vocab, preset = models_from_checkpoints(paths)
     model.to(device).eval()
     data = Flickr8k.load(args.data, seed=args.seed)
+    if args.calibrate:
+        if len(paths) > 1:
+            raise DataError("--calibrate fits one checkpoint: give a single --checkpoint")
+        table = calibrate(args, model, vocab, preset, data, device, paths[0])
+        print_reliability(table, args.split)
+        return {"reliability": table}
     workers = args.workers or default_workers()
     # the images themselves, each read as inference reads it; also for an ensemble whose models' CNNs differ
     # (fine-tuned, or pooled beside regions), which one CNN's feature cache cannot serve, and for a fine-tuned
@@ -246,8 +329,14 @@ def main(args):
     batches = Batches(source, CaptionTable([[] for _ in names], device), names, device, preset, transform,
                       args.batch_size)
     start = time.time()
-    generated = caption_loader(model, batches, vocab, device, args.beam, args.length_penalty, args.max_len,
-                               desc=f"captioning {args.split}")
+    calibration = read_calibration(paths)
+    if calibration:
+        generated, decoder, pooled = caption_with_signals(model, batches, vocab, device, args.beam,
+                                                          args.length_penalty, args.max_len,
+                                                          desc=f"captioning {args.split}")
+    else:
+        generated = caption_loader(model, batches, vocab, device, args.beam, args.length_penalty, args.max_len,
+                                   desc=f"captioning {args.split}")
     seconds = time.time() - start
     java = not args.no_java and java_available()
     references = [data.captions[n] for n in generated]
@@ -271,6 +360,8 @@ def main(args):
             r["attention_map"] = f"attention/{Path(r['image']).stem}.png"
             sheet.save(out / r["attention_map"])
     results = {"metrics": metrics, "settings": settings, "images": rows}
+    if calibration:
+        results["reliability"] = confidence_report(calibration, decoder, pooled, references, rows)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     write_gallery(out / "gallery.html", rows, data.images_dir, metrics)
     print(f"{args.split} split, {len(rows)} images, beam {args.beam}, tokenizer {settings['tokenizer']}")
@@ -278,12 +369,27 @@ def main(args):
         print(f"  {k:8s} {v:.4f}")
     if not java:
         print("  METEOR   skipped: Java not found")
+    if calibration:
+        print_reliability(results["reliability"], args.split)
     print(f"wrote {out / 'results.json'} and {out / 'gallery.html'}")
     return results
 
 
+def confidence_report(calibration, decoder, pooled, references, rows):
+    """The reliability of the model's confidence on the scored photos (confidence.reliability); each row of
+    `rows` gets its confidence, level and CIDEr-D."""
+    confidence, levels, _ = calibration.assess(decoder, pooled)
+    cider = per_image_cider(references, [r["caption"] for r in rows])
+    for r, c, level, score in zip(rows, confidence.tolist(), levels, cider.tolist()):
+        r.update(confidence=round(c, 3), confidence_level=level, cider=round(score, 3))
+    return reliability(confidence, levels, cider, cider >= GOOD_CIDER)
+
+
 def cli(argv=None):
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.calibrate and args.split == "test":
+        parser.error("--calibrate fits on --split dev (or train), never on the test split that scores the fit")
     try:
         main(args)
     except (DataError, EncoderWeightsError) as e:

@@ -407,6 +407,11 @@ class Generation:
         see n_best_search."""
         return n_best_search(self.decoderRNN, self.features(x, from_features), max_len, beam, n, length_penalty)
 
+    @torch.inference_mode()
+    def word_log_probs(self, x, captions, from_features=False):
+        """How sure the model was of each word of given captions: see teacher_forced."""
+        return teacher_forced(self.decoderRNN, self.features(x, from_features), captions)
+
 
 class CNN_RNN(Generation, nn.Module):
     # Attribute names follow the seed tutorial (encoderCNN, decoderRNN.embed/lstm/linear), so its
@@ -621,6 +626,23 @@ def n_best_search(decoder, feats, max_len, k, n=1, length_penalty=0.0):
     seqs = torch.stack(seq[::-1], -1).tolist()  # [B, n, steps]
     return [[{"ids": trim_at_eos(ids), "log_prob": lp, "length": int(m)} for ids, lp, m in zip(*per_image)]
             for per_image in zip(seqs, log_probs, n_words)]
+
+
+def teacher_forced(decoder, feats, captions):
+    """The decoder's next-word log-probabilities along each row's caption (word ids without SOS/EOS), read word by
+    word as generation reads them (so an ensemble's too): ([N, T, V], the words they predict [N, T]: the caption,
+    EOS, then PAD), T the longest caption's words + 1."""
+    n, device = _rows(feats)
+    words = torch.full((n, max(map(len, captions)) + 1), PAD_IDX, dtype=torch.long)
+    for i, ids in enumerate(captions):
+        words[i, :len(ids) + 1] = torch.tensor([*ids, EOS_IDX])
+    words = words.to(device)
+    state, tokens, out = decoder.start(feats), torch.full((n,), SOS_IDX, dtype=torch.long, device=device), []
+    for t in range(words.shape[1]):
+        logits, state = _next_word_logits(decoder, tokens, state)
+        out.append(logits.float().log_softmax(-1))
+        tokens = words[:, t]  # PAD after a caption's EOS: its later steps are never read
+    return torch.stack(out, 1), words
 
 
 def sample_captions(decoder, feats, max_len):

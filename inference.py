@@ -1,24 +1,32 @@
 """Caption photos with a trained checkpoint, on CPU or GPU.
 
     python inference.py photo.jpg [more.jpg folder/ ...] [--checkpoint checkpoints/best.pth.tar] [--json]
+    python inference.py photos/ --alt-text [--write-metadata]
 
 With no --checkpoint: your own training's checkpoints/best.pth.tar (or last.pth.tar), else the model that
 ships with the code (checkpoints/pretrained/model.pth); the choice is said on stderr.
 
-Prints one line per image: "NAME: caption". A folder captions every image in it. Images that cannot be
-read are reported on stderr, one line each, and the exit status is 1; the others are still captioned.
+Prints one line per image: "NAME: caption" (with --alt-text, "NAME: alt text": the caption as a sentence,
+hedged by how sure the model is: see confidence.py). A folder captions every image in it. Images that cannot
+be read (or written, with --write-metadata) are reported on stderr, one line each, and the exit status is 1;
+the others are still captioned.
 """
 
 import argparse
 import json
 import math
 import os
+import shutil
+import stat
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
+from confidence import Calibration, alt_text, captions_with_signals
 from image_intial_model import EncoderWeightsError
 from image_loader import DataError, EvalTransform, list_images, load_image, load_vocab_file
 from utils import (
@@ -26,6 +34,7 @@ from utils import (
     HelpFormatter,
     checkpoint_paths,
     find_checkpoint,
+    load_checkpoint,
     models_from_checkpoints,
     non_negative,
     pick_device,
@@ -37,9 +46,9 @@ def get_args_parser():
     p = argparse.ArgumentParser(description="Caption images with a trained CNN + LSTM captioner.",
                                 formatter_class=HelpFormatter)
     p.add_argument("images", nargs="+", help="image files or folders of images")
-    p.add_argument("--checkpoint", nargs="+", help="checkpoint to use (default: the first of "
-                   f"{', '.join(USER_CHECKPOINTS)}, else the model that ships in checkpoints/pretrained/); several: "
-                   "their ensemble, each word chosen from the mean of their next-word probabilities")
+    p.add_argument("--checkpoint", action="append", help="checkpoint to use (default: the first of "
+                   f"{', '.join(USER_CHECKPOINTS)}, else the model that ships in checkpoints/pretrained/); given "
+                   "several times: their ensemble, each word chosen from the mean of their next-word probabilities")
     p.add_argument("--vocab", help="vocabulary.pkl, for seed-style checkpoints that do not hold their vocabulary "
                                    "(default: the one next to the checkpoint)")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
@@ -53,13 +62,23 @@ def get_args_parser():
     p.add_argument("--attention-map", metavar="DIR",
                    help="attention models: write DIR/NAME.png per photo, the photo once per word, lit where the "
                         "decoder looked for that word")
-    p.add_argument("--json", action="store_true", help="print one JSON list of {image, caption} / {image, error} "
-                                                       "({image, caption, n_best: [...]} with --n-best)")
+    p.add_argument("--alt-text", action="store_true",
+                   help="print NAME: alt text: the caption as one sentence for an HTML alt attribute, hedged when "
+                        "the model is unsure (\"Probably …\"), or \"No reliable description.\" for a photo unlike "
+                        "any it knows")
+    p.add_argument("--write-metadata", action="store_true",
+                   help="write each photo's alt text into its XMP (Iptc4xmpCore:AltTextAccessibility), losslessly: "
+                        "the image data is not re-encoded, and the file is replaced whole or not at all")
+    p.add_argument("--batch-size", type=positive(int), default=8, help="photos captioned at once")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON list of {image, caption, alt_text, confidence, confidence_level} or "
+                        "{image, error} (n_best: [...] too with --n-best)")
     return p
 
 
 class Captioner:
-    """A checkpoint ready to caption image files with the preprocessing it was trained with."""
+    """A checkpoint ready to describe photos with the preprocessing it was trained with, and with its
+    confidence calibration where it has one (evaluate.py --calibrate)."""
 
     def __init__(self, checkpoint, device="cpu", vocab_path=None):
         """checkpoint: a path, or a list of paths for an ensemble of their models."""
@@ -69,28 +88,60 @@ class Captioner:
         if vocab_path and load_vocab_file(vocab_path).itos != self.vocab.itos:
             raise DataError(f"{vocab_path} is not the vocabulary {paths[0]} was trained with (leave out --vocab: "
                             "the checkpoint holds its own)")
+        self.calibration = read_calibration(paths)
         self.device = torch.device(device)
         self.model.to(self.device).eval()
         self.transform = EvalTransform(self.preset)
 
-    def _image(self, path):
-        return self.transform(load_image(path)).unsqueeze(0).to(self.device)
+    def load(self, path, name=None):
+        """A photo (a path or a binary file object) as upright RGB, large JPEGs decoded at a reduced scale."""
+        return load_image(path, self.preset["resize"], name)
+
+    def _batch(self, images):
+        return torch.stack([self.transform(im) for im in images]).to(self.device)
+
+    def caption(self, path, beam=3, max_len=40, length_penalty=0.0):
+        return self.describe([self.load(path)], beam, max_len, length_penalty)[0]["caption"]
 
     @torch.no_grad()
-    def caption(self, path, beam=3, max_len=40, length_penalty=0.0):
-        ids = self.model.generate(self._image(path), max_len=max_len, beam=beam, length_penalty=length_penalty)[0]
-        return self.vocab.decode(ids)
+    def describe(self, images, beam=3, max_len=40, length_penalty=0.0, n_best=None):
+        """PIL images, captioned as one batch -> one dict each: caption, alt_text, confidence (the estimated
+        probability that the caption is good; None without a calibration), confidence_level (high, medium,
+        low, or None), and with n_best=K, n_best: see n_best_entries."""
+        ids, best, decoder, pooled = captions_with_signals(self.model, self._batch(images), beam, max_len,
+                                                           length_penalty, n_best)
+        if self.calibration:
+            confidence, levels, unfamiliar = self.calibration.assess(decoder, pooled)
+            confidence = [round(c, 3) for c in confidence.tolist()]
+        else:
+            confidence, levels, unfamiliar = [None] * len(ids), [None] * len(ids), [False] * len(ids)
+        out = []
+        for i, words in enumerate(ids):
+            caption = self.vocab.decode(words)
+            out.append({"caption": caption, "alt_text": alt_text(caption, levels[i], bool(unfamiliar[i])),
+                        "confidence": confidence[i], "confidence_level": levels[i]})
+            if best:
+                out[-1]["n_best"] = self.n_best_entries(best[i])
+        return out
+
+    def n_best_entries(self, best):
+        """A beam search's n best (n_best_search) as {"caption", "log_prob", "mean_word_prob"}, best first; a
+        caption's mean per-word probability is exp(log_prob / its words, EOS included)."""
+        return [{"caption": self.vocab.decode(c["ids"]), "log_prob": round(c["log_prob"], 4),
+                 "mean_word_prob": round(math.exp(c["log_prob"] / max(c["length"], 1)), 4)} for c in best]
 
     def attention_map(self, path, beam=3, max_len=40, length_penalty=0.0):
         """(the caption, a PIL image of the attention for each of its words: see attention_png)."""
         return attention_map(self.model, self.vocab, self.transform, path, self.device, beam, max_len, length_penalty)
 
-    def n_best(self, path, n, beam=3, max_len=40, length_penalty=0.0):
-        """The n best captions, best first: [{"caption", "log_prob", "mean_word_prob"}, ...]; a caption's
-        mean per-word probability is exp(log_prob / its words, EOS included)."""
-        best = self.model.n_best(self._image(path), n, max_len, beam, length_penalty)[0]
-        return [{"caption": self.vocab.decode(c["ids"]), "log_prob": round(c["log_prob"], 4),
-                 "mean_word_prob": round(math.exp(c["log_prob"] / max(c["length"], 1)), 4)} for c in best]
+
+def read_calibration(paths):
+    """The confidence calibration of a single checkpoint, or None (an ensemble of several files, or a
+    checkpoint never calibrated). The file is read again for it: models_from_checkpoints keeps only the model."""
+    if len(paths) != 1:
+        return None
+    state = load_checkpoint(paths[0]).get("calibration")
+    return Calibration(state) if state else None
 
 
 PANEL, TITLE, COLUMNS = 224, 22, 5  # attention maps: each panel's side and title bar (pixels); panels a row
@@ -124,7 +175,7 @@ def attention_map(model, vocab, transform, path, device, beam=3, max_len=40, len
 
 
 def main(args):
-    """Caption every image; returns the list of {"image", "caption"} or {"image", "error"} results."""
+    """Describe every image; returns the list of {"image", "caption", ...} or {"image", "error"} results."""
     if args.n_best and args.n_best > args.beam:
         raise DataError(f"--n-best {args.n_best} needs --beam {args.n_best} or more: a beam search of "
                         f"{args.beam} keeps {args.beam} captions")
@@ -133,51 +184,116 @@ def main(args):
         which = "not all these decoders have" if len(args.checkpoint or ()) > 1 else "this checkpoint's decoder has"
         print(f"no attention maps: {which} attention (trained without --attention)", file=sys.stderr)
         args.attention_map = None
-    results = []
+    if (args.alt_text or args.write_metadata) and captioner.calibration is None:
+        print("this model has no confidence calibration (evaluate.py --calibrate makes one): alt text is not "
+              "hedged", file=sys.stderr)
+    results, paths = [], []
     for arg in args.images:
-        paths = list_images(arg)
-        if not paths:
+        found = list_images(arg)
+        if not found:
             results.append({"image": arg, "error": f"{arg}: folder holds no images"})
-        for path in paths:
-            try:
-                results.append(caption_one(captioner, path, args))
-            except DataError as e:
-                results.append({"image": str(path), "error": str(e)})
-            if not args.json:
-                print_result(results[-1])
+            show(results[-1], args)
+        paths += found
+    with tqdm(total=len(paths), unit="photo", desc="captioning", disable=len(paths) <= PROGRESS_FROM,
+              leave=False) as bar:
+        for start in range(0, len(paths), args.batch_size):
+            for r in describe_files(captioner, paths[start:start + args.batch_size], args):
+                results.append(r)
+                show(r, args, bar)
+            bar.update(min(args.batch_size, len(paths) - start))
     if args.json:
         print(json.dumps(results, indent=2))
     return results
 
 
-def caption_one(captioner, path, args):
-    search = (args.beam, args.max_len, args.length_penalty)
-    best = captioner.n_best(path, args.n_best, *search) if args.n_best else None
-    if args.attention_map:
-        caption, sheet = captioner.attention_map(path, *search)
-        out = Path(args.attention_map) / f"{Path(path).stem}.png"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        sheet.save(out)
-    else:
-        caption = best[0]["caption"] if best else captioner.caption(path, *search)
-    result = {"image": str(path), "caption": caption}
-    if best:
-        result["n_best"] = best
-    if args.attention_map:
-        result["attention_map"] = str(out)
-    return result
+PROGRESS_FROM = 4  # photos: a progress bar (on stderr) for more than this many
 
 
-def print_result(r):
+def describe_files(captioner, paths, args):
+    """Results for some photo files, described as one batch; those that cannot be read get an error each."""
+    loaded, results = [], {}
+    for path in paths:
+        try:
+            loaded.append((path, captioner.load(path)))
+        except DataError as e:
+            results[path] = {"image": str(path), "error": str(e)}
+    described = captioner.describe([im for _, im in loaded], args.beam, args.max_len, args.length_penalty,
+                                   args.n_best) if loaded else []
+    for (path, _), r in zip(loaded, described):
+        results[path] = {"image": str(path), **r}
+        try:
+            if args.attention_map:
+                results[path]["attention_map"] = write_attention_map(captioner, path, args)
+            if args.write_metadata:
+                write_alt_text(path, r["alt_text"])
+        except DataError as e:
+            results[path]["error"] = str(e)
+    return [results[p] for p in paths]
+
+
+def write_attention_map(captioner, path, args):
+    sheet = captioner.attention_map(path, args.beam, args.max_len, args.length_penalty)[1]
+    out = Path(args.attention_map) / f"{Path(path).stem}.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out)
+    return str(out)
+
+
+ALT_TEXT_KEY = "Xmp.iptc.AltTextAccessibility"  # Iptc4xmpCore:AltTextAccessibility, IPTC's field for alt text
+
+
+def write_alt_text(path, text):
+    """Store `text` in the photo's XMP as its alt text, without re-encoding the image: exiv2 writes a copy in the
+    same folder, which then replaces the original in one rename, so a crash leaves the photo as it was. Raises
+    DataError (one line) for a read-only file or a format exiv2 cannot write."""
+    import pyexiv2  # only this option needs it
+
+    path = Path(path)
+    if not path.stat().st_mode & stat.S_IWUSR:  # even for root, who may write anything: the owner said no
+        raise DataError(f"{path}: read-only: alt text not written")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise DataError(f"{path}: cannot write beside it ({e.strerror}): alt text not written") from None
+    try:
+        with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
+            shutil.copyfileobj(src, out)
+        shutil.copymode(path, tmp)
+        with pyexiv2.Image(tmp) as im:
+            im.modify_xmp({ALT_TEXT_KEY: {'lang="x-default"': text}})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # exiv2 raises RuntimeError for formats it cannot write
+        Path(tmp).unlink(missing_ok=True)
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"{path}: alt text not written ({reason})") from None
+
+
+def read_alt_text(path):
+    """The alt text in a photo's XMP, or None."""
+    import pyexiv2
+
+    with pyexiv2.Image(str(path)) as im:
+        value = im.read_xmp().get(ALT_TEXT_KEY)
+    return value.get('lang="x-default"') if isinstance(value, dict) else value
+
+
+def show(r, args, bar=None):
+    """Print one result as it comes (not with --json, which prints them all at the end)."""
+    write = bar.write if bar is not None and not bar.disable else print
+    if args.json:
+        return
     if "error" in r:
-        print(f"error: {r['error']}", file=sys.stderr, flush=True)
-    elif "n_best" not in r:
-        print(f"{r['image']}: {r['caption']}", flush=True)
-    else:
-        print(f"{r['image']}:")
+        write(f"error: {r['error']}", file=sys.stderr)
+    elif "n_best" in r:
+        write(f"{r['image']}:")
         for i, c in enumerate(r["n_best"], 1):
-            print(f"  {i}. {c['caption']}  (log-probability {c['log_prob']:.2f}, mean word probability "
-                  f"{c['mean_word_prob']:.2f})", flush=True)
+            write(f"  {i}. {c['caption']}  (log-probability {c['log_prob']:.2f}, mean word probability "
+                  f"{c['mean_word_prob']:.2f})")
+    else:
+        write(f"{r['image']}: {r['alt_text'] if args.alt_text else r['caption']}")
+    sys.stdout.flush()
 
 
 def cli(argv=None):
