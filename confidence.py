@@ -62,12 +62,12 @@ def decoder_signals(model, inp, from_features, ids):
     """The first five SIGNALS, [N, 5], of each caption `ids` of the images whose generation input is `inp`."""
     logp, words = model.word_log_probs(inp, ids, from_features=from_features)  # [N, T, V], [N, T]
     mask = words != 0  # PAD after each caption's EOS
-    chosen = logp.gather(-1, words.unsqueeze(-1)).squeeze(-1)  # [N, T]
+    chosen = logp.gather(-1, words.unsqueeze(-1)).squeeze(-1)  # [N, T]; -inf at PAD, a banned word
     other = logp.scatter(-1, words.unsqueeze(-1), -math.inf).amax(-1)  # the likeliest word not chosen
     n = mask.sum(1)
-    mean = (chosen * mask).sum(1) / n
+    mean = chosen.masked_fill(~mask, 0.0).sum(1) / n
     least = chosen.masked_fill(~mask, math.inf).amin(1)
-    margin = ((chosen - other).clamp(min=-20) * mask).sum(1) / n
+    margin = (chosen - other).clamp(min=-20).masked_fill(~mask, 0.0).sum(1) / n
     entropy = torch.zeros_like(mean)
     if model.args.attention and all(ids):
         for i, m in enumerate(model.attention_maps(inp, ids, from_features=from_features)):  # [words, h, w] each

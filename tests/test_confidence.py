@@ -18,6 +18,7 @@ from confidence import (
     alt_text,
     calibration_error,
     captions_with_signals,
+    decoder_signals,
     pooled_features,
     sentence,
 )
@@ -102,6 +103,19 @@ def test_signals_come_with_the_captions_that_generate_gives(attention):
         assert (decoder[:, 0] <= 0).all() and (decoder[:, 1] <= decoder[:, 0] + 1e-6).all()  # log-probabilities
         assert torch.allclose(pooled.norm(dim=1), torch.ones(3))
         assert ((decoder[:, 4] > 0) == attention).all()  # the attention's spread, where there is attention
+
+
+def test_signals_of_captions_of_different_lengths_are_each_their_own():
+    torch.manual_seed(0)
+    model = CNN_RNN(ModelArgs(vocab_size=30, encoder="efficientnet_lite0", embed_size=16, hidden_size=16,
+                              attention=True), weights=None).eval()
+    x = torch.randn(2, 3, 64, 64)
+    feats = model.encoderCNN.extract(x)
+    ids = [[5, 6, 7, 8, 9], [5]]  # the second is padded in the batch
+    both = decoder_signals(model, feats, True, ids)
+    alone = torch.cat([decoder_signals(model, feats[i:i + 1], True, ids[i:i + 1]) for i in range(2)])
+    assert torch.isfinite(both).all() and torch.allclose(both, alone, atol=1e-5)
+    assert both[:, 3].tolist() == [5, 1]
 
 
 # ---------------------------------------------------------------------------------- the shipped model
