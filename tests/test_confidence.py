@@ -205,3 +205,10 @@ def test_calibrate_writes_a_fit_into_the_checkpoint_and_refuses_test(demo_run, t
     r = Captioner(ckpt).describe([load_image(PHOTO)])[0]
     assert r["confidence_level"] in LEVELS and 0 <= r["confidence"] <= 1
     assert pooled_features(torch.randn(2, 5, 7)).shape == (2, 7)
+
+
+def test_a_release_keeps_the_confidence_calibration(shipped, tmp_path):
+    from export import release
+
+    path = release(SHIPPED_CHECKPOINT, tmp_path / "release", half=True)
+    assert load_checkpoint(path)["calibration"]["weights"] == shipped.calibration.state["weights"]
