@@ -26,7 +26,8 @@ import torch
 from tqdm import tqdm
 
 from confidence import GOOD_CIDER, LEVELS, TARGET, Calibration, captions_with_signals, pooled_features, reliability
-from image_intial_model import EncoderWeightsError, autocast, has_pypi_imagenet_cnn
+from features import split_sources
+from image_intial_model import EncoderWeightsError, has_pypi_imagenet_cnn
 from image_loader import (
     Batches,
     CaptionTable,
@@ -34,13 +35,12 @@ from image_loader import (
     EvalTransform,
     FileSource,
     Flickr8k,
-    cached_features,
     default_workers,
-    feature_source,
 )
 from inference import attention_map, read_calibration
 from utils import (
     HelpFormatter,
+    autocast,
     find_checkpoint,
     load_checkpoint,
     models_from_checkpoints,
@@ -88,39 +88,53 @@ def tokenize_all(texts, java):
     return [out[i][0] for i in range(len(texts))]
 
 
-def score_captions(references, hypotheses, java=None, metrics=("bleu", "meteor", "rouge", "cider")):
+def score_captions(references, hypotheses, java=None, metrics=("bleu", "meteor", "rouge", "cider"), bar=None):
     """Corpus scores of hypotheses[i] against references[i] (a list of texts).
 
-    Returns {"Bleu_1".."Bleu_4", "METEOR", "ROUGE_L", "CIDEr"} as asked for; METEOR only where Java is."""
+    Returns {"Bleu_1".."Bleu_4", "METEOR", "ROUGE_L", "CIDEr"} as asked for; METEOR only where Java is.
+    bar: a progress bar of the scorers (METEOR alone takes most of a minute on 1,000 captions): True on any
+    stderr, None on a terminal only."""
     java = java_available() if java is None else java
+    metrics = [m for m in metrics if m != "meteor" or java]
     flat = [r for refs in references for r in refs] + list(hypotheses)
-    tokens = tokenize_all(flat, java)
-    gts, res, k = {}, {}, 0
-    for i, refs in enumerate(references):
-        gts[i], k = tokens[k:k + len(refs)], k + len(refs)
-    for i in range(len(hypotheses)):
-        res[i] = [tokens[k + i]]
-    scores = {}
-    if "bleu" in metrics:
+    with tqdm(total=len(metrics) + 1, desc="scoring: tokenizing", unit="step", leave=False,
+              disable=None if bar is None else not bar) as progress:
+        tokens = tokenize_all(flat, java)
+        gts, res, k = {}, {}, 0
+        for i, refs in enumerate(references):
+            gts[i], k = tokens[k:k + len(refs)], k + len(refs)
+        for i in range(len(hypotheses)):
+            res[i] = [tokens[k + i]]
+        scores = {}
+        for metric in metrics:
+            progress.update()
+            progress.set_description(f"scoring: {metric}")
+            scores.update(_score(metric, gts, res))
+        progress.update()
+    return {k: float(v) for k, v in scores.items()}
+
+
+def _score(metric, gts, res):
+    """One pycocoevalcap scorer's corpus scores of the tokenised captions `res` against `gts`."""
+    if metric == "bleu":
         from pycocoevalcap.bleu.bleu import Bleu
 
         bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-        scores.update({f"Bleu_{n + 1}": b for n, b in enumerate(bleu)})
-    if "meteor" in metrics and java:
+        return {f"Bleu_{n + 1}": b for n, b in enumerate(bleu)}
+    if metric == "meteor":
         from pycocoevalcap.meteor.meteor import Meteor
 
         meteor = Meteor()  # a Java subprocess, ended when the object is deleted
-        scores["METEOR"], _ = meteor.compute_score(gts, res)
+        score, _ = meteor.compute_score(gts, res)
         del meteor
-    if "rouge" in metrics:
+        return {"METEOR": score}
+    if metric == "rouge":
         from pycocoevalcap.rouge.rouge import Rouge
 
-        scores["ROUGE_L"], _ = Rouge().compute_score(gts, res)
-    if "cider" in metrics:
-        from pycocoevalcap.cider.cider import Cider
+        return {"ROUGE_L": Rouge().compute_score(gts, res)[0]}
+    from pycocoevalcap.cider.cider import Cider
 
-        scores["CIDEr"], _ = Cider().compute_score(gts, res)
-    return {k: float(v) for k, v in scores.items()}
+    return {"CIDEr": Cider().compute_score(gts, res)[0]}
 
 
 def _ngrams(seq, n):
@@ -163,11 +177,12 @@ class CiderD:
 
 @torch.no_grad()
 def caption_loader(model, batches, vocab, device, beam=3, length_penalty=0.0, max_len=40, desc="captioning",
-                   precision="auto"):
-    """Captions for every image of a Batches: {image name: text}."""
+                   precision="auto", bar=None):
+    """Captions for every image of a Batches: {image name: text}. bar: the progress bar on any stderr (True), or
+    on a terminal only (None)."""
     model.eval()
     out = {}
-    for batch in tqdm(batches, desc=desc, unit="batch", leave=False, disable=None):
+    for batch in tqdm(batches, desc=desc, unit="batch", leave=False, disable=None if bar is None else not bar):
         with autocast(device, precision):
             ids = model.generate(batch.x, max_len=max_len, beam=beam, length_penalty=length_penalty,
                                  from_features=batches.from_features)
@@ -186,12 +201,12 @@ def per_image_cider(references, hypotheses):
 
 @torch.no_grad()
 def caption_with_signals(model, batches, vocab, device, beam=3, length_penalty=0.0, max_len=40,
-                         desc="captioning"):
+                         desc="captioning", bar=None):
     """caption_loader's captions, and each one's confidence signals: ({name: text}, decoder signals [N, 5],
-    pooled features [N, F]), in the same order (see confidence.captions_with_signals)."""
+    pooled features [N, F]), in the same order (see confidence.captions_with_signals). bar: as caption_loader's."""
     model.eval()
     out, decoder, pooled = {}, [], []
-    for batch in tqdm(batches, desc=desc, unit="batch", leave=False, disable=None):
+    for batch in tqdm(batches, desc=desc, unit="batch", leave=False, disable=None if bar is None else not bar):
         ids, _, d, f = captions_with_signals(model, batch.x, beam, max_len, length_penalty,
                                              from_features=batches.from_features)
         out.update((n, vocab.decode(s)) for n, s in zip(batch.names, ids))
@@ -268,8 +283,9 @@ def write_gallery(path, rows, images_dir, metrics):
 def get_args_parser():
     p = argparse.ArgumentParser(description="Caption a Flickr8k split and score it with the standard metrics.",
                                 formatter_class=HelpFormatter)
-    p.add_argument("--checkpoint", nargs="+", help="checkpoint to evaluate (default: as inference.py: your "
-                   "checkpoints/best.pth.tar, else the model that ships with the code); several: their ensemble")
+    p.add_argument("--checkpoint", action="append", help="checkpoint to evaluate (default: as inference.py: your "
+                   "checkpoints/best.pth.tar, else the model that ships with the code); repeat the flag for an "
+                   "ensemble of several")
     p.add_argument("--data", required=True, help="Flickr8k folder (either layout, as for training)")
     p.add_argument("--split", choices=["test", "dev", "train"], default="test", help="which images to caption")
     p.add_argument("--beam", type=positive(int), default=3, help="beam width; 1 is greedy decoding")
@@ -299,6 +315,23 @@ def _fine_tuned(model):
         return False
 
 
+def split_batches(args, model, preset, data, device):
+    """The Batches of the split to caption: the feature cache that training filled (every split in it) for a
+    frozen CNN; else the images themselves, each read as inference reads it: for an ensemble whose models' CNNs
+    differ (fine-tuned, or pooled beside regions), which one CNN's feature cache cannot serve, and for a
+    fine-tuned CNN, whose features of every split (the cache) would serve this checkpoint alone."""
+    workers = args.workers or default_workers()
+    if args.no_cache or not getattr(model, "shared_cnn", True) or _fine_tuned(model):
+        names = data.splits[args.split]
+        source = FileSource.for_device(data.images_dir, names, preset["resize"], workers, device)
+        transform = "eval"
+    else:
+        (source, names), transform = split_sources(model, data, [args.split], preset, device, args.cache_dir,
+                                                   workers)[args.split], None
+    return Batches(source, CaptionTable([[] for _ in names], device), names, device, preset, transform,
+                   args.batch_size)
+
+
 def main(args):
     """Caption and score; returns the results dict that is written to results.json."""
     device = pick_device(args.device)
@@ -312,35 +345,20 @@ def main(args):
         table = calibrate(args, model, vocab, preset, data, device, paths[0])
         print_reliability(table, args.split)
         return {"reliability": table}
-    workers = args.workers or default_workers()
-    # the images themselves, each read as inference reads it; also for an ensemble whose models' CNNs differ
-    # (fine-tuned, or pooled beside regions), which one CNN's feature cache cannot serve, and for a fine-tuned
-    # CNN, whose features of every split (the cache) would serve this checkpoint alone
-    if args.no_cache or not getattr(model, "shared_cnn", True) or _fine_tuned(model):
-        names = data.splits[args.split]
-        source = FileSource.for_device(data.images_dir, names, preset["resize"], workers, device)
-        transform = "eval"
-    else:  # the cache that training filled, with every split in it
-        kept, features = cached_features(model, data.images_dir, sorted(set().union(*data.splits.values())),
-                                         preset, device, args.cache_dir, workers)
-        row = {n: i for i, n in enumerate(kept)}
-        names = [n for n in data.splits[args.split] if n in row]
-        source, transform = feature_source(features, [row[n] for n in names], workers), None
-    batches = Batches(source, CaptionTable([[] for _ in names], device), names, device, preset, transform,
-                      args.batch_size)
+    batches = split_batches(args, model, preset, data, device)
     start = time.time()
     calibration = read_calibration(paths)
     if calibration:
         generated, decoder, pooled = caption_with_signals(model, batches, vocab, device, args.beam,
                                                           args.length_penalty, args.max_len,
-                                                          desc=f"captioning {args.split}")
+                                                          desc=f"captioning {args.split}", bar=True)
     else:
         generated = caption_loader(model, batches, vocab, device, args.beam, args.length_penalty, args.max_len,
-                                   desc=f"captioning {args.split}")
+                                   desc=f"captioning {args.split}", bar=True)
     seconds = time.time() - start
     java = not args.no_java and java_available()
     references = [data.captions[n] for n in generated]
-    metrics = score_captions(references, list(generated.values()), java=java)
+    metrics = score_captions(references, list(generated.values()), java=java, bar=True)
     settings = {"checkpoint": str(paths[0]), "data": str(args.data), "split": args.split,
                 "images": len(generated), "beam": args.beam, "length_penalty": args.length_penalty,
                 "max_len": args.max_len, "tokenizer": "PTBTokenizer (Java)" if java else "python_tokenize",
@@ -354,7 +372,7 @@ def main(args):
     if model.args.attention:  # what the decoder looked at for each word, for the gallery's first images
         (out / "attention").mkdir(exist_ok=True)
         transform = EvalTransform(preset)
-        for r in rows[:GALLERY_ATTENTION_MAPS]:
+        for r in tqdm(rows[:GALLERY_ATTENTION_MAPS], desc="attention maps", unit="photo", leave=False):
             sheet = attention_map(model, vocab, transform, data.images_dir / r["image"], device, args.beam,
                                   args.max_len, args.length_penalty)[1]
             r["attention_map"] = f"attention/{Path(r['image']).stem}.png"

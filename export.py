@@ -1,17 +1,18 @@
 """Export a checkpoint for phones and small devices, and caption with the export alone.
 
     python export.py --checkpoint checkpoints/best.pth.tar --format onnx --out export/
-    python export.py --check export/ photo.jpg [more.jpg ...] [--beam 3] [--compare checkpoints/best.pth.tar]
-    python export.py --checkpoint CKPT [CKPT ...] --format release --scores eval/results.json \
-        --trained-with "CMD" [--half] --out checkpoints/pretrained  # the model that ships: model.pth + vocabulary.pkl
+    python export.py --check export/ photo.jpg [more.jpg photos/ ...] [--beam 3] [--compare checkpoints/best.pth.tar]
+    python export.py --checkpoint CKPT [--checkpoint CKPT ...] --format release --scores eval/results.json
+        --trained-with "CMD" [--half] --out DIR       # a model to share: DIR/model.pth + DIR/vocabulary.pkl
 
 An export is two graphs and a JSON file:
   encoder.onnx (or .pt)      image [B, 3, S, S] -> the decoder's first state (the CNN, the projection and the
                              decoder's look at the image, all in one graph)
   decoder_step.onnx (.pt)    (word ids [B], state...) -> (next-word logits [B, V], state...)
   captioner.json             vocabulary, preprocessing, and which axis of each state tensor is the batch
-The caption loop (greedy or beam search) runs in the runner below, in NumPy. `--check` with an ONNX export
-uses ONNX Runtime, Pillow and NumPy only: this module imports PyTorch only to export, or to `--compare`.
+The caption loop (greedy or beam search) runs in export.py's Runner, in NumPy. `--check` with an ONNX export
+uses ONNX Runtime, Pillow and NumPy only (PyTorch is imported only to export, or to `--compare`), and reads
+image files and folders as inference.py does: a file it cannot read gets one line, the others are captioned.
 
 A release (`--format release`) is a checkpoint to share, for inference.py and evaluate.py: the trained weights,
 vocabulary and preprocessing, its test scores and the commands that trained it, without the optimizer's state
@@ -29,7 +30,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# image_loader.IMAGE_SUFFIXES, which cannot be imported here (image_loader brings PyTorch; tested equal)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".heic", ".heif"}
 
 # ------------------------------------------------------------------------------------------- export
 
@@ -82,10 +86,8 @@ def export(checkpoint, fmt, out):
 def release(checkpoints, out, scores=None, trained_with=(), half=False):
     """Write out/model.pth (see the module's docstring) and out/vocabulary.pkl; returns the model file's path.
     Several checkpoints: their ensemble, in one file. half: the weights in fp16 (half the size)."""
-    import torch
-
     from image_intial_model import Ensemble
-    from utils import checkpoint_paths, checkpoint_state, models_from_checkpoints
+    from utils import checkpoint_paths, checkpoint_state, load_checkpoint, models_from_checkpoints, save_checkpoint
 
     paths = checkpoint_paths(checkpoints)
     model, vocab, preset = models_from_checkpoints(paths)
@@ -98,6 +100,8 @@ def release(checkpoints, out, scores=None, trained_with=(), half=False):
         parts.append({"model_args": asdict(m.args), "model": weights, "encoder_weights": cnn})
     state = checkpoint_state(members[0], vocab, preset, test_scores=_test_scores(scores) if scores else None,
                              trained_with=list(trained_with))
+    if len(paths) == 1 and "calibration" in (ckpt := load_checkpoint(paths[0])):
+        state["calibration"] = ckpt["calibration"]  # the confidence fit (evaluate.py --calibrate) travels with it
     if len(members) == 1:
         state.update(parts[0])
     else:
@@ -105,7 +109,7 @@ def release(checkpoints, out, scores=None, trained_with=(), half=False):
         state["members"] = parts
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.save(state, out / "model.pth")
+    save_checkpoint(state, out / "model.pth")  # atomic, as every checkpoint: a crash leaves no half release
     vocab.save(out / "vocabulary.pkl")
     print(f"{out / 'model.pth'}: {(out / 'model.pth').stat().st_size / 2**20:.1f} MiB")
     return out / "model.pth"
@@ -176,8 +180,30 @@ def _decoders(model):
 # ------------------------------------------------------------------------------- runner (no PyTorch)
 
 def preprocess(path, preset):
-    """The evaluation preset in NumPy: what image_loader.load_image + EvalTransform do, for one image."""
-    with Image.open(path) as im:  # as image_loader.load_image, which this runner cannot import (it needs torch)
+    """The evaluation preset in NumPy: what image_loader.load_image + EvalTransform do, for one image. Raises
+    UnreadableImage, with one line, as load_image raises DataError."""
+    try:
+        return _preprocess(path, preset)
+    except FileNotFoundError:
+        raise UnreadableImage(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise UnreadableImage(f"{path}: is a folder") from None
+    except PermissionError:
+        raise UnreadableImage(f"{path}: not allowed to read it") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UnreadableImage(f"{path}: refused: over {Image.MAX_IMAGE_PIXELS:,} pixels, too large to be a photo") \
+            from None
+    except UnidentifiedImageError:
+        raise UnreadableImage(f"{path}: not an image Pillow can read") from None
+    except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt files
+        raise UnreadableImage(f"{path}: unreadable image ({e})") from None
+
+
+def _preprocess(path, preset):
+    with warnings.catch_warnings():  # as image_loader.load_image, which this runner cannot import (it needs torch)
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        im = Image.open(path)
+    with im:
         im = ImageOps.exif_transpose(im)
         if im.mode.startswith("I"):  # 16-bit greyscale: scale, do not clip
             im = Image.fromarray((np.asarray(im, dtype=np.float64) / 256).clip(0, 255).astype(np.uint8))
@@ -293,20 +319,42 @@ def timed_caption(caption, path, repeat=3):
 
 
 def check(folder, images, beam, compare=None):
-    """Caption with the export; with `compare`, also with the PyTorch checkpoint, and time both per image
-    (file to text: reading, preprocessing, encoder, caption loop)."""
+    """Caption with the export each image path, and each image in a folder, of `images`, as inference.py does:
+    a row {"image", "caption", "export_s"} per image, or {"image", "error"} for one that cannot be read (and for
+    a folder with no images), the others still captioned. With `compare`, also with the PyTorch checkpoint, and
+    time both per image (file to text: reading, preprocessing, encoder, caption loop)."""
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()  # iPhone photos, as image_loader reads them
     runner = Runner(folder)
     rows = []
     for path in images:
-        text, seconds = timed_caption(lambda p: runner.caption(p, beam), path)
-        rows.append({"image": str(path), "caption": text, "export_s": seconds})
+        found = list_images(path)
+        if not found:
+            rows.append({"image": str(path), "error": f"{path}: folder holds no images"})
+        for image in found:
+            try:
+                text, seconds = timed_caption(lambda p: runner.caption(p, beam), image)
+                rows.append({"image": str(image), "caption": text, "export_s": seconds})
+            except UnreadableImage as e:
+                rows.append({"image": str(image), "error": str(e)})
     if compare:
         from inference import Captioner
 
         captioner = Captioner(compare)
         for r in rows:
-            r["pytorch_caption"], r["pytorch_s"] = timed_caption(lambda p: captioner.caption(p, beam), r["image"])
+            if "caption" in r:
+                r["pytorch_caption"], r["pytorch_s"] = timed_caption(lambda p: captioner.caption(p, beam),
+                                                                     r["image"])
     return rows
+
+
+def list_images(path):
+    """image_loader.list_images, without PyTorch: an image path, or every image file directly in a folder."""
+    path = Path(path)
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return [path]
 
 
 def _positive_int(text):
@@ -317,11 +365,13 @@ def _positive_int(text):
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Export the captioner to ONNX or TorchScript, or caption with an export.")
-    p.add_argument("--checkpoint", nargs="+", help="checkpoint to export (default: as inference.py: your "
-                   "checkpoints/best.pth.tar, else the model that ships with the code); several: their ensemble")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", action="append", help="checkpoint to export (default: as inference.py: your "
+                   "checkpoints/best.pth.tar, else the model that ships with the code); repeat the flag for an "
+                   "ensemble of several")
     p.add_argument("--format", choices=["onnx", "torchscript", "release"], default="onnx",
-                   help="export format; release: a checkpoint to share (see above)")
+                   help="export format; release: one file to share, for inference.py and evaluate.py (weights, "
+                        "vocabulary, preprocessing, test scores, training commands; no optimizer state)")
     p.add_argument("--out", default="export", help="folder for the exported files")
     p.add_argument("--scores", metavar="RESULTS_JSON", help="with --format release: evaluate.py's results.json "
                                                              "of the test split, kept in the release")
@@ -329,7 +379,8 @@ def get_args_parser():
                    help="with --format release: a command that trained the model (repeat, in order)")
     p.add_argument("--half", action="store_true", help="with --format release: store the weights in fp16 "
                                                         "(half the size; check its scores with evaluate.py)")
-    p.add_argument("--check", nargs="+", metavar=("DIR", "IMAGE"), help="caption IMAGEs with the export in DIR")
+    p.add_argument("--check", nargs="+", metavar=("DIR", "IMAGE"),
+                   help="caption IMAGEs (files or folders of them) with the export in DIR")
     p.add_argument("--beam", type=_positive_int, default=3, help="beam width for --check; 1 is greedy")
     p.add_argument("--compare", metavar="CHECKPOINT", help="with --check: caption with PyTorch too and time both")
     return p
@@ -337,6 +388,10 @@ def get_args_parser():
 
 class ExportError(Exception):
     """A problem the user can fix, reported as one line."""
+
+
+class UnreadableImage(ExportError):
+    """An image --check cannot read: reported in one line, and the other images still captioned."""
 
 
 def run_export(args):
@@ -355,22 +410,31 @@ def run_export(args):
 
 
 def run_check(args):
+    """Caption with an export (see check); prints a line per image, errors on stderr. Returns whether all were
+    captioned."""
     if len(args.check) < 2:
         raise ExportError("--check takes the export folder and at least one image")
     if not (Path(args.check[0]) / "captioner.json").is_file():
         raise ExportError(f"{args.check[0]} holds no export (no captioner.json)")
-    for r in check(args.check[0], args.check[1:], args.beam, args.compare):
+    rows = check(args.check[0], args.check[1:], args.beam, args.compare)
+    for r in rows:
+        if "error" in r:
+            print(f"error: {r['error']}", file=sys.stderr)
+            continue
         line = f"{r['image']}: {r['caption']}  [{r['export_s'] * 1000:.0f} ms]"
         if "pytorch_caption" in r:
             same = "same" if r["pytorch_caption"] == r["caption"] else f"PyTorch: {r['pytorch_caption']}"
             line += f"  (PyTorch {r['pytorch_s'] * 1000:.0f} ms, {same})"
         print(line)
+    return not any("error" in r for r in rows)
 
 
 def cli(argv=None):
     args = get_args_parser().parse_args(argv)
     try:
-        run_check(args) if args.check else run_export(args)
+        if args.check:
+            return 0 if run_check(args) else 1
+        run_export(args)
     except (ExportError, OSError) as e:  # OSError: a missing or unreadable file
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -5,7 +5,8 @@
     python image_training.py --data DIR --resume checkpoints/last.pth.tar
 
 With a frozen CNN (the default) each image's CNN feature is computed once and cached on disk, and the
-decoder trains from the cache. Checkpoints go to --checkpoint-dir, TensorBoard logs to --log-dir.
+decoder trains from the cache. Checkpoints go to --checkpoint-dir, TensorBoard logs to --log-dir (a resumed run
+goes on in its own TensorBoard run). The functions below come in the order main calls them.
 """
 
 import argparse
@@ -26,22 +27,18 @@ from torch import nn
 from tqdm import tqdm
 
 from evaluate import CiderD, caption_loader, score_captions
+from features import ImageStore, StoreSource, split_sources
 from image_intial_model import (
     CNN_RNN,
     ENCODERS,
     PAD_IDX,
-    PRECISIONS,
     SOS_IDX,
     EncoderWeightsError,
     ModelArgs,
-    autocast,
-    autocast_dtype,
     caption_log_probs,
     preprocessing,
     sample_captions,
-    step_precision,
     trim_at_eos,
-    tune_for,
 )
 from image_loader import (
     Batches,
@@ -49,18 +46,17 @@ from image_loader import (
     DataError,
     EvalTransform,
     Flickr8k,
-    ImageStore,
-    StoreSource,
-    cached_features,
     default_workers,
-    feature_source,
     load_image,
     train_size,
 )
 from utils import (
+    PRECISIONS,
     SHIPPED_CHECKPOINT,
     Dist,
     HelpFormatter,
+    autocast,
+    autocast_dtype,
     checkpoint_state,
     init_distributed,
     load_checkpoint,
@@ -72,6 +68,8 @@ from utils import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    step_precision,
+    tune_for,
 )
 
 log = logging.getLogger("captioner")
@@ -81,7 +79,11 @@ DEMO = {  # --demo's defaults
     "lr": 2e-3,  # 200 images: few steps per epoch, so larger steps
     "min_freq": 3,
     "lr_decay": 1.0,  # never: 25 dev images score too noisily to steer by
+    # a folder of its own: checkpoints/best.pth.tar is the one the other commands take by default, and a model
+    # of 200 images must not replace the model that ships
+    "checkpoint_dir": "checkpoints/demo",
 }
+SELECT_METRICS = {"cider": "CIDEr", "bleu4": "Bleu_4"}
 
 
 def get_args_parser(add_help=True):
@@ -162,88 +164,301 @@ def get_args_parser(add_help=True):
 
 
 def parse_args(argv=None):
-    """The command line, with --demo's defaults where --demo is given."""
+    """The command line, with --demo's defaults where --demo is given; a wrong flag ends it with one line (exit
+    2). Fills in the loader's workers."""
     parser = get_args_parser()
     if parser.parse_known_args(argv)[0].demo:
         parser.set_defaults(**DEMO)
-    return parser.parse_args(argv)
-
-
-def check_args(args):
-    """Refuse what the parser cannot see is wrong, in one line; fill in the loader's workers."""
-    if args.lr_decay > 1:
-        raise DataError(f"--lr-decay must be in (0, 1], got {args.lr_decay}")
-    if not args.data:
-        raise DataError("say where Flickr8k is with --data DIR, or try --demo")
-    if args.attention and args.num_layers > 1:
-        raise DataError("the attention decoder has one LSTM layer: drop --num-layers or --attention")
-    if not 0 <= args.dropout < 1:
-        raise DataError(f"--dropout must be in [0, 1), got {args.dropout}")
-    if args.resume and args.init_from:
-        raise DataError("--resume continues a run and --init-from starts one: give one of them")
-    if args.scst and args.attention_reg:
-        raise DataError("--attention-reg regularises the word loss, which --scst does not use: drop one")
-    if args.scst and args.scst_samples < 2:
-        raise DataError("--scst-samples must be at least 2: each sample's baseline is the other samples' mean")
-    if Path(args.checkpoint_dir).resolve() == SHIPPED_CHECKPOINT.parent:
-        raise DataError(f"{args.checkpoint_dir} holds the model that ships with the code: train into another "
-                        "--checkpoint-dir")
+    args = parser.parse_args(argv)
+    problem = flag_problem(args)
+    if problem:
+        parser.error(problem)
     args.workers = args.workers or default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return args
 
 
-# ----------------------------------------------------------------------------------------- training
+def flag_problem(args):
+    """What is wrong with these flags together that the parser cannot see, in one line; None if nothing."""
+    problems = [
+        (args.lr_decay > 1, f"--lr-decay must be in (0, 1], got {args.lr_decay}"),
+        (not args.data, "say where Flickr8k is with --data DIR, or try --demo"),
+        (args.attention and args.num_layers > 1,
+         "the attention decoder has one LSTM layer: drop --num-layers or --attention"),
+        (not 0 <= args.dropout < 1, f"--dropout must be in [0, 1), got {args.dropout}"),
+        (args.resume and args.init_from, "--resume continues a run and --init-from starts one: give one of them"),
+        (args.scst and args.attention_reg,
+         "--attention-reg regularises the word loss, which --scst does not use: drop one"),
+        (args.scst and args.scst_samples < 2,
+         "--scst-samples must be at least 2: each sample's baseline is the other samples' mean"),
+        (Path(args.checkpoint_dir).resolve() == SHIPPED_CHECKPOINT.parent,
+         f"{args.checkpoint_dir} holds the model that ships with the code: train into another --checkpoint-dir"),
+    ]
+    return next((text for wrong, text in problems if wrong), None)
+
+
+def usage_error(problem):
+    """A problem with the flags that shows only once a checkpoint is read: one line and exit 2, as the parser's."""
+    get_args_parser().error(problem)
+
+
+# ------------------------------------------------------------------------------------------------ a run
+
+def main(args):
+    """Train; returns {"history": [this run's per-epoch dicts], "best_score": float, "checkpoint_dir": Path,
+    "stopped": whether SIGINT/SIGTERM ended it}. Under torchrun, rank 0 writes logs and checkpoints."""
+    args.workers = args.workers or default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    dist, device = init_distributed(pick_device(args.device))
+    tune_for(device)
+    run = Run.start(args, dist, device)
+    first, train, stop = len(run.state.history), run.batches["train"], StopFlag()
+    log.info("training %d images (%d captions) on %s%s, %s, epochs %d..%d", len(train.names),
+             len(train.captions.lengths), device, f" x {dist.world} processes" if dist.world > 1 else "",
+             "from cached features" if train.from_features else "through the CNN", run.state.epoch + 1, args.epochs)
+    with stop.installed():
+        for epoch in range(run.state.epoch + 1, args.epochs + 1):
+            if not run.epoch(epoch, stop):
+                break
+    run.finish(examples=len(run.state.history) > first and not stop.requested)
+    return {"history": run.state.history[first:], "best_score": run.state.best_score,
+            "checkpoint_dir": run.ckpt_dir, "stopped": stop.requested}
+
 
 @dataclass
-class Progress:
-    """Running totals of one training pass; saved in a checkpoint taken mid-epoch, so that a resumed run skips
-    the batches already done and reports the same figure for the epoch."""
-    batches: int = 0
-    total: float = 0.0  # the objective's figure, summed: the word loss, or with --scst the samples' CIDEr-D
-    count: int = 0  # what `total` sums over: words, or sampled captions
-    captions: int = 0
-    seconds: float = 0.0
+class Run:
+    """One training run: its data, model and trainer, where it stands, and (rank 0) where it writes."""
+    args: argparse.Namespace
+    data: Flickr8k
+    vocab: object
+    model: nn.Module
+    preset: dict
+    batches: dict
+    trainer: "Trainer"
+    schedule: object
+    state: "TrainState"
+    logger: "Logger" = None
 
     @property
-    def mean(self):
-        return self.total / max(self.count, 1)
-
-    @property
-    def captions_per_s(self):
-        return self.captions / max(self.seconds, 1e-9)
+    def ckpt_dir(self):
+        return Path(self.args.checkpoint_dir)
 
     @classmethod
-    def from_dict(cls, saved):
-        renamed = {"loss_sum": "total", "words": "count"}  # their names in checkpoints of earlier versions
-        return cls(**{renamed.get(k, k): v for k, v in saved.items()})
+    def start(cls, args, dist, device):
+        """A new run, or the one --resume names, as its checkpoint left it."""
+        data, vocab, model, preset, ckpt = build(args, device)
+        batches = make_batches(args, data, vocab, model, preset, device, dist)
+        precision = step_precision(device, args.precision, model.args, batches["train"].from_features)
+        optimizer, schedule, scaler, state = training_state(args, model, device, ckpt, precision)
+        trainer = Trainer(model if dist.world == 1 else nn.parallel.DistributedDataParallel(model),
+                          make_objective(args, data, vocab, batches["train"].names), device, optimizer, scaler,
+                          args.grad_clip, dist, precision)
+        run = cls(args, data, vocab, model, preset, batches, trainer, schedule, state)
+        if dist.main:
+            run.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            vocab.save(run.ckpt_dir / "vocabulary.pkl")
+            # a resumed run goes on in its own TensorBoard run, from its next epoch: what the stopped run logged
+            # after its last checkpoint is dropped (purge_step), so no epoch is shown twice
+            resumed = state.run is not None
+            state.run = state.run or time.strftime("%Y%m%d-%H%M%S")
+            run.logger = Logger(Path(args.log_dir) / state.run, data, data.splits["dev"][:3],
+                                purge_step=state.epoch + 1 if resumed else None)
+        return run
+
+    def epoch(self, epoch, stop):
+        """Train one epoch, score it on dev and save the checkpoints; False if training stops after it."""
+        args, state, train, dist = self.args, self.state, self.batches["train"], self.trainer.dist
+        train.sampler.generator.manual_seed(args.seed * 100003 + epoch)  # the order: seed and epoch alone
+        progress = Progress.from_dict(state.progress or {})
+        done_before = progress.batches
+        self.trainer.run(train, f"epoch {epoch}/{args.epochs}", progress, stop)
+        state.step += progress.batches - done_before
+        if progress.batches < len(train):  # stopped mid-epoch: keep the place, not the epoch
+            state.progress = asdict(progress)
+            if dist.main:
+                last = self.save("last.pth.tar")
+                log.info("saved %s at epoch %d, batch %d: continue with --resume %s", last, epoch,
+                         progress.batches, last)
+            return False
+        state.epoch, state.progress = epoch, None
+        score = dist.from_main(self.score(epoch, progress))
+        self.schedule.step(score)  # on every process, so that all keep the same learning rate
+        if score > state.best_score:
+            state.best_score, state.best_epoch = score, epoch
+        if dist.main:
+            self.save("last.pth.tar")
+            if state.best_epoch == epoch:
+                self.save("best.pth.tar")
+            if epoch % args.save_every == 0:
+                self.save(f"checkpoint_epoch_{epoch}.pth.tar")
+        if stop.requested:
+            return False
+        if args.early_stop and epoch - state.best_epoch >= args.early_stop:
+            log.info("stopping early: no better dev %s for %d epochs (best %.4f at epoch %d)", args.select_metric,
+                     args.early_stop, state.best_score, state.best_epoch)
+            return False
+        return True
+
+    def score(self, epoch, progress):
+        """The epoch's figure over all processes; rank 0 adds its history row with the dev scores, and returns
+        the dev score that selects models (the others 0: rank 0's is broadcast)."""
+        dist, optimizer = self.trainer.dist, self.trainer.optimizer
+        figure = dist.all_sum(progress.total) / max(dist.all_sum(progress.count), 1)  # all processes' mean
+        if not dist.main:
+            return 0.0
+        row = {"epoch": epoch, self.trainer.objective.history_key: figure, "lr": optimizer.param_groups[0]["lr"],
+               "captions_per_s": progress.captions_per_s * dist.world}
+        score = end_of_epoch(self.args, row, self.trainer, self.data, self.vocab, self.model, self.batches,
+                             self.logger)
+        self.state.history.append(row)
+        return score
+
+    def save(self, name):
+        """Write a checkpoint of everything the run needs to go on; returns its path."""
+        trainer, path = self.trainer, self.ckpt_dir / name
+        save_checkpoint(checkpoint_state(self.model, self.vocab, self.preset,
+                                         optimizer=trainer.optimizer.state_dict(), schedule=self.schedule.state_dict(),
+                                         scaler=trainer.scaler.state_dict(), rng=rng_state(),
+                                         train_args=_plain(vars(self.args)), **asdict(self.state)), path)
+        return path
+
+    def finish(self, examples):
+        """Close the logs; print a few dev captions if epochs were trained; leave the process group."""
+        if self.logger is not None:
+            self.logger.close()
+            if examples:
+                print_examples(self.model, self.batches["score"], self.vocab)
+        if self.trainer.dist.world > 1:
+            self.trainer.dist.barrier()
+            torch.distributed.destroy_process_group()
 
 
-class StopFlag:
-    """SIGINT or SIGTERM ask training to stop after the step in flight; a second SIGINT stops at once."""
+def build(args, device):
+    """Data, vocabulary, model, preprocessing and (when resuming) the checkpoint to continue from."""
+    data = Flickr8k.load(args.data, seed=args.seed, max_images=args.max_images)
+    ckpt = None
+    if args.resume:
+        ckpt = load_checkpoint(args.resume)
+        if "optimizer" not in ckpt:
+            raise DataError(f"{args.resume} holds no training state to resume from")
+        was_scst = bool(ckpt.get("train_args", {}).get("scst", False))
+        if was_scst != args.scst:  # a run goes on with the objective it started with
+            usage_error(f"{args.resume} was trained {'with' if was_scst else 'without'} --scst: "
+                        "resume it the same way")
+        model, vocab, preset = model_from_checkpoint(ckpt)
+        log.info("resuming from %s (epoch %d)", args.resume, ckpt["epoch"])
+    elif args.init_from:
+        model, vocab, preset = model_from_checkpoint(load_checkpoint(args.init_from))
+        log.info("starting from the model of %s (%s encoder%s)", args.init_from, model.args.encoder,
+                 ", attention" if model.args.attention else "")
+    else:
+        vocab = data.train_vocab(args.min_freq)
+        margs = ModelArgs(vocab_size=len(vocab), encoder=args.encoder, embed_size=args.embed_size,
+                          hidden_size=args.hidden_size, num_layers=args.num_layers, dropout=args.dropout,
+                          attention=args.attention, attention_dim=args.attention_dim)
+        weights = "random" if args.no_pretrained else (args.encoder_weights or "imagenet")
+        model = CNN_RNN(margs, weights=weights)
+        preset = preprocessing(args.encoder)
+    if args.attention_reg and not model.args.attention:
+        usage_error("--attention-reg regularises an attention decoder's weights: add --attention")
+    model.encoderCNN.set_train_cnn(args.train_cnn)
+    log.info("vocabulary: %d words (min frequency %d, training captions only)", len(vocab), args.min_freq)
+    model.to(device)
+    if device.type == "cuda":  # convolutions on tensor cores want NHWC
+        model.encoderCNN.backbone.to(memory_format=torch.channels_last)
+    return data, vocab, model, preset, ckpt
 
-    def __init__(self):
-        self.requested = False
 
-    @contextlib.contextmanager
-    def installed(self):
-        """Handle the signals while training runs; the caller's handlers come back afterwards."""
-        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
-            yield self
-            return
-        old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield self
-        finally:
-            for s, handler in old.items():
-                signal.signal(s, handler)
+def make_batches(args, data, vocab, model, preset, device, dist):
+    """Batches of the training split, the dev split (dev loss) and the first --dev-images dev images (scores).
+    A frozen CNN's features come from the feature cache; a CNN that learns (or --no-cache) reads images from
+    image stores: the training split at train_size (random crops) with --train-cnn, else at the evaluation
+    size. Under torchrun, rank 0 fills the caches once; the others then read them."""
+    from_features = not args.train_cnn and not args.no_cache
+    with dist.main_first():
+        if from_features:
+            sources = split_sources(model, data, ("train", "dev"), preset, device, args.cache_dir, args.workers,
+                                    args.precision, args.features_on_disk or None)
+        else:
+            sizes = {"train": train_size(preset) if args.train_cnn else preset["resize"], "dev": preset["resize"]}
+            sources = {}
+            for s, size in sizes.items():
+                store = ImageStore.open(data.images_dir, data.splits[s], size, device, args.cache_dir, args.workers)
+                sources[s] = StoreSource(store, args.workers), store.names
+    transforms = {"train": None if from_features else "train" if args.train_cnn else "eval",
+                  "dev": None if from_features else "eval"}
 
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        log.warning("%s: stopping after this step and saving a checkpoint to resume from",
-                    signal.Signals(signum).name)
+    captions = {s: CaptionTable([[vocab.numericalize(c) for c in data.captions[n]] for n in names], device)
+                for s, (_, names) in sources.items()}
 
+    def batches(split, limit=None, **sharding):  # the scoring sample is a prefix of dev: the same caption rows
+        source, names = sources[split]
+        return Batches(source, captions[split], names[:limit], device, preset, transforms[split], args.batch_size,
+                       **sharding)
+
+    return {"train": batches("train", shuffle=True, rank=dist.rank, world=dist.world), "dev": batches("dev"),
+            "score": batches("dev", limit=args.dev_images)}
+
+
+def training_state(args, model, device, ckpt=None, precision="auto"):
+    """The optimizer, its schedule, the gradient scaler for steps in `precision` and where training stands: new,
+    or as `ckpt` left them (the RNGs too)."""
+    optimizer = make_optimizer(args, model)
+    schedule = make_schedule(args, optimizer)
+    # fp16 needs its gradients scaled up, or small ones flush to zero; bf16 has fp32's range and needs none
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(device, precision) == torch.float16)
+    if ckpt is None:
+        return optimizer, schedule, scaler, TrainState()
+    optimizer.load_state_dict(ckpt["optimizer"])
+    schedule.load_state_dict(ckpt["schedule"])
+    scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])
+    return optimizer, schedule, scaler, TrainState.from_checkpoint(ckpt)
+
+
+def make_optimizer(args, model):
+    groups = [{"params": [p for n, p in model.named_parameters() if not n.startswith("encoderCNN.backbone.")],
+               "lr": args.lr}]
+    if args.train_cnn:
+        groups.append({"params": model.encoderCNN.backbone.parameters(), "lr": args.cnn_lr})
+    # fused: one kernel for all parameters' updates (CUDA and CPU alike), not several per parameter
+    return torch.optim.Adam(groups, fused=True)
+
+
+def make_schedule(args, optimizer):
+    """Multiply the learning rates by --lr-decay after --lr-patience epochs without a better dev score
+    (--lr-decay 1: never; the scheduler insists on a factor below 1, so it gets endless patience instead)."""
+    never = args.lr_decay >= 1
+    # The scheduler acts once its count of epochs without a better score exceeds `patience`: N - 1 acts on the Nth.
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5 if never else args.lr_decay,
+                                                      patience=math.inf if never else args.lr_patience - 1)
+
+
+@dataclass
+class TrainState:
+    """Where training stands: the last finished epoch and, after a stop mid-epoch, how far the next got."""
+    epoch: int = 0
+    step: int = 0
+    best_score: float = -math.inf
+    best_epoch: int = 0
+    history: list = field(default_factory=list)
+    progress: dict = None  # Progress of the unfinished epoch, as a dict
+    run: str = None  # the TensorBoard run's folder under --log-dir, which a resumed run goes on writing to
+
+    @classmethod
+    def from_checkpoint(cls, ckpt):
+        return cls(**{f: ckpt[f] for f in cls.__dataclass_fields__ if f in ckpt})
+
+
+def make_objective(args, data, vocab, train_names):
+    """The word loss, or with --scst self-critical training on the training images' references."""
+    if not args.scst:
+        return WordLoss(args.label_smoothing, args.attention_reg)
+    names = set(train_names)
+    return SelfCritical([it for it in data.items("train", vocab) if it[0] in names], args.scst_samples, args.max_len)
+
+
+# ------------------------------------------------------------------------------------------- objectives
 
 class WordLoss:
     """The word loss: the cross-entropy of each next word of the reference captions (teacher forcing)."""
@@ -313,6 +528,8 @@ class SelfCritical:
         return loss, reward.sum(), words.shape[0]
 
 
+# ---------------------------------------------------------------------------------------------- passes
+
 @dataclass
 class Trainer:
     """Training passes: `objective` (WordLoss or SelfCritical) says what each batch minimises."""
@@ -366,6 +583,30 @@ class Trainer:
         return progress
 
 
+@dataclass
+class Progress:
+    """Running totals of one training pass; saved in a checkpoint taken mid-epoch, so that a resumed run skips
+    the batches already done and reports the same figure for the epoch."""
+    batches: int = 0
+    total: float = 0.0  # the objective's figure, summed: the word loss, or with --scst the samples' CIDEr-D
+    count: int = 0  # what `total` sums over: words, or sampled captions
+    captions: int = 0
+    seconds: float = 0.0
+
+    @property
+    def mean(self):
+        return self.total / max(self.count, 1)
+
+    @property
+    def captions_per_s(self):
+        return self.captions / max(self.seconds, 1e-9)
+
+    @classmethod
+    def from_dict(cls, saved):
+        renamed = {"loss_sum": "total", "words": "count"}  # their names in checkpoints of earlier versions
+        return cls(**{renamed.get(k, k): v for k, v in saved.items()})
+
+
 def _settle(progress, pending, bar, objective):
     """Add the figures still on the device to `progress`, read back at once: one wait for the device every few
     steps, not one per step, so that the CPU queues the next steps while the device computes."""
@@ -378,272 +619,40 @@ def _settle(progress, pending, bar, objective):
     bar.set_postfix({objective.figure: f"{progress.mean:.3f}"})  # the epoch's running mean, as before
 
 
-@torch.no_grad()
-def dev_loss(model, batches, objective, device, precision="auto"):
-    """The word loss on dev, per word, teacher forced, with dropout off."""
-    model.eval()
-    totals, words = [], 0
-    for batch in tqdm(batches, desc="dev loss", unit="batch", leave=False, disable=None):
-        with autocast(device, precision):
-            totals.append(objective(model, batch, batches.from_features)[1])
-        words += batch.words
-    return float(torch.stack(totals).sum()) / max(words, 1) if totals else 0.0
-
-
 def _check_finite(loss):
     if not torch.isfinite(loss):
         raise FloatingPointError(f"the loss became {loss.item()}: stopped, and the last checkpoint kept; "
                                  "lower --lr or check the data")
 
 
-SELECT_METRICS = {"cider": "CIDEr", "bleu4": "Bleu_4"}
+class StopFlag:
+    """SIGINT or SIGTERM ask training to stop after the step in flight; a second SIGINT stops at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    @contextlib.contextmanager
+    def installed(self):
+        """Handle the signals while training runs; the caller's handlers come back afterwards."""
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield self
+            return
+        old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("%s: stopping after this step and saving a checkpoint to resume from",
+                    signal.Signals(signum).name)
 
 
-def dev_scores(model, batches, data, vocab, device, max_len, precision="auto"):
-    """Greedy captions for the dev sample, scored with BLEU and CIDEr (Python tokenisation: fast, no Java)."""
-    generated = caption_loader(model, batches, vocab, device, beam=1, max_len=max_len, desc="captioning dev",
-                               precision=precision)
-    scores = score_captions([data.captions[n] for n in generated], list(generated.values()), java=False,
-                            metrics=("bleu", "cider"))
-    return scores, generated
-
-
-class Logger:
-    """TensorBoard scalars, plus a few dev images with their generated and reference captions."""
-
-    def __init__(self, log_dir, data, names):
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(log_dir)
-        self.data, self.names = data, names
-        self.images_logged = False
-
-    def epoch(self, epoch, scalars, generated):
-        for k, v in scalars.items():
-            self.writer.add_scalar(k, v, epoch)
-        for n in self.names:
-            refs = "  \n".join(self.data.captions[n])
-            text = f"**generated:** {generated.get(n, '')}  \n**references:**  \n{refs}"
-            self.writer.add_text(f"dev/{n}", text, epoch)
-            if not self.images_logged:
-                image = EvalTransform({"resize": 224, "crop": 224, "mean": [0] * 3, "std": [1] * 3})(
-                    load_image(self.data.images_dir / n))
-                self.writer.add_image(f"dev/{n}", image, epoch)
-        self.images_logged = True
-        self.writer.flush()
-
-    def close(self):
-        self.writer.close()
-
-
-def build(args, device):
-    """Data, vocabulary, model, preprocessing and (when resuming) the checkpoint to continue from."""
-    data = Flickr8k.load(args.data, seed=args.seed, max_images=args.max_images)
-    ckpt = None
-    if args.resume:
-        ckpt = load_checkpoint(args.resume)
-        if "optimizer" not in ckpt:
-            raise DataError(f"{args.resume} holds no training state to resume from")
-        was_scst = bool(ckpt.get("train_args", {}).get("scst", False))
-        if was_scst != args.scst:  # a run goes on with the objective it started with
-            raise DataError(f"{args.resume} was trained {'with' if was_scst else 'without'} --scst: "
-                            "resume it the same way")
-        model, vocab, preset = model_from_checkpoint(ckpt)
-        log.info("resuming from %s (epoch %d)", args.resume, ckpt["epoch"])
-    elif args.init_from:
-        model, vocab, preset = model_from_checkpoint(load_checkpoint(args.init_from))
-        log.info("starting from the model of %s (%s encoder%s)", args.init_from, model.args.encoder,
-                 ", attention" if model.args.attention else "")
-    else:
-        vocab = data.train_vocab(args.min_freq)
-        margs = ModelArgs(vocab_size=len(vocab), encoder=args.encoder, embed_size=args.embed_size,
-                          hidden_size=args.hidden_size, num_layers=args.num_layers, dropout=args.dropout,
-                          attention=args.attention, attention_dim=args.attention_dim)
-        weights = "random" if args.no_pretrained else (args.encoder_weights or "imagenet")
-        model = CNN_RNN(margs, weights=weights)
-        preset = preprocessing(args.encoder)
-    if args.attention_reg and not model.args.attention:
-        raise DataError("--attention-reg regularises an attention decoder's weights: add --attention")
-    model.encoderCNN.set_train_cnn(args.train_cnn)
-    log.info("vocabulary: %d words (min frequency %d, training captions only)", len(vocab), args.min_freq)
-    model.to(device)
-    if device.type == "cuda":  # convolutions on tensor cores want NHWC
-        model.encoderCNN.backbone.to(memory_format=torch.channels_last)
-    return data, vocab, model, preset, ckpt
-
-
-def make_batches(args, data, vocab, model, preset, device, dist):
-    """Batches of the training split, the dev split (dev loss) and the first --dev-images dev images (scores).
-    A frozen CNN's features come from the feature cache; a CNN that learns (or --no-cache) reads images from
-    image stores: the training split at train_size (random crops) with --train-cnn, else at the evaluation
-    size. Under torchrun, rank 0 fills the caches once; the others then read them."""
-    from_features = not args.train_cnn and not args.no_cache
-    with dist.main_first():
-        if from_features:
-            names = sorted(set().union(*data.splits.values()))  # test too: evaluate.py then finds them cached
-            kept, features = cached_features(model, data.images_dir, names, preset, device, args.cache_dir,
-                                             args.workers, args.precision, args.features_on_disk or None)
-            row, sources = {n: i for i, n in enumerate(kept)}, {}
-            for s in ("train", "dev"):
-                split = [n for n in data.splits[s] if n in row]
-                sources[s] = feature_source(features, [row[n] for n in split], args.workers), split
-        else:
-            sizes = {"train": train_size(preset) if args.train_cnn else preset["resize"], "dev": preset["resize"]}
-            sources = {}
-            for s, size in sizes.items():
-                store = ImageStore.open(data.images_dir, data.splits[s], size, device, args.cache_dir, args.workers)
-                sources[s] = StoreSource(store, args.workers), store.names
-    transforms = {"train": None if from_features else "train" if args.train_cnn else "eval",
-                  "dev": None if from_features else "eval"}
-
-    captions = {s: CaptionTable([[vocab.numericalize(c) for c in data.captions[n]] for n in names], device)
-                for s, (_, names) in sources.items()}
-
-    def batches(split, limit=None, **sharding):  # the scoring sample is a prefix of dev: the same caption rows
-        source, names = sources[split]
-        return Batches(source, captions[split], names[:limit], device, preset, transforms[split], args.batch_size,
-                       **sharding)
-
-    return {"train": batches("train", shuffle=True, rank=dist.rank, world=dist.world), "dev": batches("dev"),
-            "score": batches("dev", limit=args.dev_images)}
-
-
-def make_optimizer(args, model):
-    groups = [{"params": [p for n, p in model.named_parameters() if not n.startswith("encoderCNN.backbone.")],
-               "lr": args.lr}]
-    if args.train_cnn:
-        groups.append({"params": model.encoderCNN.backbone.parameters(), "lr": args.cnn_lr})
-    # fused: one kernel for all parameters' updates (CUDA and CPU alike), not several per parameter
-    return torch.optim.Adam(groups, fused=True)
-
-
-def make_schedule(args, optimizer):
-    """Multiply the learning rates by --lr-decay after --lr-patience epochs without a better dev score
-    (--lr-decay 1: never; the scheduler insists on a factor below 1, so it gets endless patience instead)."""
-    never = args.lr_decay >= 1
-    # The scheduler acts once its count of epochs without a better score exceeds `patience`: N - 1 acts on the Nth.
-    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5 if never else args.lr_decay,
-                                                      patience=math.inf if never else args.lr_patience - 1)
-
-
-@dataclass
-class TrainState:
-    """Where training stands: the last finished epoch and, after a stop mid-epoch, how far the next got."""
-    epoch: int = 0
-    step: int = 0
-    best_score: float = -math.inf
-    best_epoch: int = 0
-    history: list = field(default_factory=list)
-    progress: dict = None  # Progress of the unfinished epoch, as a dict
-
-    @classmethod
-    def from_checkpoint(cls, ckpt):
-        return cls(**{f: ckpt[f] for f in cls.__dataclass_fields__ if f in ckpt})
-
-
-def main(args):
-    """Train; returns {"history": [this run's per-epoch dicts], "best_score": float, "checkpoint_dir": Path,
-    "stopped": whether SIGINT/SIGTERM ended it}. Under torchrun, rank 0 writes logs and checkpoints."""
-    args = check_args(args)
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    dist, device = init_distributed(pick_device(args.device))
-    tune_for(device)
-    data, vocab, model, preset, ckpt = build(args, device)
-    batches = make_batches(args, data, vocab, model, preset, device, dist)
-    precision = step_precision(device, args.precision, model.args, batches["train"].from_features)
-    optimizer, schedule, scaler, state = training_state(args, model, device, ckpt, precision)
-    trainer = Trainer(model if dist.world == 1 else nn.parallel.DistributedDataParallel(model),
-                      make_objective(args, data, vocab, batches["train"].names), device, optimizer, scaler,
-                      args.grad_clip, dist, precision)
-    ckpt_dir, logger = Path(args.checkpoint_dir), None
-    if dist.main:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        vocab.save(ckpt_dir / "vocabulary.pkl")
-        logger = Logger(Path(args.log_dir) / time.strftime("%Y%m%d-%H%M%S"), data, data.splits["dev"][:3])
-
-    def save(name):
-        save_checkpoint(checkpoint_state(model, vocab, preset, optimizer=optimizer.state_dict(),
-                                         schedule=schedule.state_dict(), scaler=scaler.state_dict(), rng=rng_state(),
-                                         train_args=_plain(vars(args)), **asdict(state)), ckpt_dir / name)
-
-    first, train = len(state.history), batches["train"]
-    log.info("training %d images (%d captions) on %s%s, %s, epochs %d..%d", len(train.names),
-             len(train.captions.lengths), device, f" x {dist.world} processes" if dist.world > 1 else "",
-             "from cached features" if train.from_features else "through the CNN", state.epoch + 1, args.epochs)
-    stop = StopFlag()
-    with stop.installed():
-        for epoch in range(state.epoch + 1, args.epochs + 1):
-            train.sampler.generator.manual_seed(args.seed * 100003 + epoch)  # the order: seed and epoch alone
-            progress = Progress.from_dict(state.progress or {})
-            done_before = progress.batches
-            trainer.run(train, f"epoch {epoch}/{args.epochs}", progress, stop)
-            state.step += progress.batches - done_before
-            if progress.batches < len(train):  # stopped mid-epoch: keep the place, not the epoch
-                state.progress = asdict(progress)
-                if dist.main:
-                    save("last.pth.tar")
-                    log.info("saved %s at epoch %d, batch %d: continue with --resume %s", ckpt_dir / "last.pth.tar",
-                             epoch, progress.batches, ckpt_dir / "last.pth.tar")
-                break
-            state.epoch, state.progress = epoch, None
-            figure = dist.all_sum(progress.total) / max(dist.all_sum(progress.count), 1)  # all processes' mean
-            score = 0.0
-            if dist.main:
-                row = {"epoch": epoch, trainer.objective.history_key: figure, "lr": optimizer.param_groups[0]["lr"],
-                       "captions_per_s": progress.captions_per_s * dist.world}
-                score = end_of_epoch(args, row, trainer, data, vocab, model, batches, logger)
-                state.history.append(row)
-            score = dist.from_main(score)
-            schedule.step(score)  # on every process, so that all keep the same learning rate
-            if score > state.best_score:
-                state.best_score, state.best_epoch = score, epoch
-            if dist.main:
-                save("last.pth.tar")
-                if state.best_epoch == epoch:
-                    save("best.pth.tar")
-                if epoch % args.save_every == 0:
-                    save(f"checkpoint_epoch_{epoch}.pth.tar")
-            if stop.requested:
-                break
-            if args.early_stop and epoch - state.best_epoch >= args.early_stop:
-                log.info("stopping early: no better dev %s for %d epochs (best %.4f at epoch %d)",
-                         args.select_metric, args.early_stop, state.best_score, state.best_epoch)
-                break
-    if logger is not None:
-        logger.close()
-        if len(state.history) > first and not stop.requested:
-            print_examples(model, batches["score"], vocab)
-    if dist.world > 1:
-        dist.barrier()
-        torch.distributed.destroy_process_group()
-    return {"history": state.history[first:], "best_score": state.best_score, "checkpoint_dir": ckpt_dir,
-            "stopped": stop.requested}
-
-
-def training_state(args, model, device, ckpt=None, precision="auto"):
-    """The optimizer, its schedule, the gradient scaler for steps in `precision` and where training stands: new,
-    or as `ckpt` left them (the RNGs too)."""
-    optimizer = make_optimizer(args, model)
-    schedule = make_schedule(args, optimizer)
-    # fp16 needs its gradients scaled up, or small ones flush to zero; bf16 has fp32's range and needs none
-    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(device, precision) == torch.float16)
-    if ckpt is None:
-        return optimizer, schedule, scaler, TrainState()
-    optimizer.load_state_dict(ckpt["optimizer"])
-    schedule.load_state_dict(ckpt["schedule"])
-    scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"])
-    return optimizer, schedule, scaler, TrainState.from_checkpoint(ckpt)
-
-
-def make_objective(args, data, vocab, train_names):
-    """The word loss, or with --scst self-critical training on the training images' references."""
-    if not args.scst:
-        return WordLoss(args.label_smoothing, args.attention_reg)
-    names = set(train_names)
-    return SelfCritical([it for it in data.items("train", vocab) if it[0] in names], args.scst_samples, args.max_len)
-
+# ------------------------------------------------------------------------------------------ end of epoch
 
 def end_of_epoch(args, row, trainer, data, vocab, model, batches, logger):
     """Rank 0: dev loss and scores into the epoch's history row, the log line, TensorBoard.
@@ -663,6 +672,57 @@ def end_of_epoch(args, row, trainer, data, vocab, model, batches, logger):
                                 "bleu4/dev": scores["Bleu_4"], "cider/dev": scores["CIDEr"], "lr": row["lr"],
                                 "speed/captions_per_s": row["captions_per_s"]}, generated)
     return scores[SELECT_METRICS[args.select_metric]]
+
+
+@torch.no_grad()
+def dev_loss(model, batches, objective, device, precision="auto"):
+    """The word loss on dev, per word, teacher forced, with dropout off."""
+    model.eval()
+    totals, words = [], 0
+    for batch in tqdm(batches, desc="dev loss", unit="batch", leave=False, disable=None):
+        with autocast(device, precision):
+            totals.append(objective(model, batch, batches.from_features)[1])
+        words += batch.words
+    return float(torch.stack(totals).sum()) / max(words, 1) if totals else 0.0
+
+
+def dev_scores(model, batches, data, vocab, device, max_len, precision="auto"):
+    """Greedy captions for the dev sample, scored with BLEU and CIDEr (Python tokenisation: fast, no Java)."""
+    generated = caption_loader(model, batches, vocab, device, beam=1, max_len=max_len, desc="captioning dev",
+                               precision=precision)
+    scores = score_captions([data.captions[n] for n in generated], list(generated.values()), java=False,
+                            metrics=("bleu", "cider"))
+    return scores, generated
+
+
+class Logger:
+    """TensorBoard scalars, plus a few dev images with their generated and reference captions."""
+
+    def __init__(self, log_dir, data, names, purge_step=None):
+        """purge_step: a resumed run's first epoch; its events from that epoch on, logged before it stopped, are
+        dropped (the dev images, logged at its first epoch, are kept)."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir, purge_step=purge_step)
+        self.data, self.names = data, names
+        self.images_logged = purge_step is not None
+
+    def epoch(self, epoch, scalars, generated):
+        for k, v in scalars.items():
+            self.writer.add_scalar(k, v, epoch)
+        for n in self.names:
+            refs = "  \n".join(self.data.captions[n])
+            text = f"**generated:** {generated.get(n, '')}  \n**references:**  \n{refs}"
+            self.writer.add_text(f"dev/{n}", text, epoch)
+            if not self.images_logged:
+                image = EvalTransform({"resize": 224, "crop": 224, "mean": [0] * 3, "std": [1] * 3})(
+                    load_image(self.data.images_dir / n))
+                self.writer.add_image(f"dev/{n}", image, epoch)
+        self.images_logged = True
+        self.writer.flush()
+
+    def close(self):
+        self.writer.close()
 
 
 def _plain(d):

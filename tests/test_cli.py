@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from image_intial_model import preprocessing
 from image_loader import Flickr8k
 from inference import COLUMNS, PANEL, TITLE, attention_png
 from tests.conftest import SAMPLE, run_script, train_args
-from utils import SHIPPED_CHECKPOINT, load_checkpoint
+from utils import SHIPPED_CHECKPOINT, find_checkpoint, load_checkpoint
 
 PHOTO = SAMPLE / "Images" / "2364096157_eb7970a69a.jpg"
 
@@ -94,11 +95,21 @@ def test_training_refuses_bad_input_up_front(flags, message):
     assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_resume_continues_exactly_where_the_run_stopped(demo_run, tmp_path, cache_dir):
-    """Resuming from epoch 1 reproduces the uninterrupted run's epoch 2: same loss, same weights."""
+def test_resume_continues_exactly_where_the_run_stopped_in_the_same_tensorboard_run(demo_run, tmp_path, cache_dir):
+    """Resuming from epoch 1 reproduces the uninterrupted run's epoch 2: same loss, same weights; and TensorBoard
+    shows one run, epoch 2 once (what the run logged after the checkpoint it resumes from is dropped)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    shutil.copytree(demo_run / "runs", tmp_path / "runs")  # train_args logs to tmp_path / "runs"
     result = image_training.main(train_args(tmp_path, cache_dir, "--epochs", "2", "--device", "cpu", "--resume",
                                             str(demo_run / "checkpoints" / "checkpoint_epoch_1.pth.tar")))
     assert [h["epoch"] for h in result["history"]] == [2]
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1 and len(list(runs[0].glob("events.out.tfevents.*"))) == 2
+    events = EventAccumulator(str(runs[0])).Reload()
+    resumed_loss = [e.value for e in events.Scalars("loss/train")]
+    assert [e.step for e in events.Scalars("loss/train")] == [1, 2]
+    assert resumed_loss[1] == pytest.approx(result["history"][0]["train_loss"])
     straight = load_checkpoint(demo_run / "checkpoints" / "last.pth.tar")
     resumed = load_checkpoint(tmp_path / "ck" / "last.pth.tar")
     assert resumed["epoch"] == 2 and resumed["step"] == straight["step"]
@@ -107,7 +118,7 @@ def test_resume_continues_exactly_where_the_run_stopped(demo_run, tmp_path, cach
         torch.testing.assert_close(resumed["model"][k], v, msg=k)
 
 
-def test_scst_fine_tunes_a_trained_model_from_the_command_line(demo_run, tmp_path, cache_dir):
+def test_scst_fine_tunes_a_trained_model_from_the_command_line(demo_run, tmp_path, cache_dir, capsys):
     start = demo_run / "checkpoints" / "best.pth.tar"
     result = image_training.main(train_args(tmp_path, cache_dir, "--epochs", "1", "--init-from", str(start),
                                             "--scst", "--scst-samples", "3", "--lr", "5e-5"))
@@ -115,18 +126,31 @@ def test_scst_fine_tunes_a_trained_model_from_the_command_line(demo_run, tmp_pat
     tuned, before = load_checkpoint(tmp_path / "ck" / "last.pth.tar"), load_checkpoint(start)
     assert tuned["model_args"] == before["model_args"] and tuned["vocab"] == before["vocab"]
     assert any(not torch.equal(tuned["model"][k], v) for k, v in before["model"].items())  # it learned
-    with pytest.raises(image_training.DataError, match="give one of them"):
-        image_training.main(train_args(tmp_path, cache_dir, "--init-from", str(start), "--resume", str(start)))
-    with pytest.raises(image_training.DataError, match="trained with --scst"):
-        image_training.main(train_args(tmp_path, cache_dir, "--resume", str(tmp_path / "ck" / "last.pth.tar")))
+    for flags, message in ((["--init-from", str(start), "--resume", str(start)], "give one of them"),
+                           (["--resume", str(tmp_path / "ck" / "last.pth.tar")], "trained with --scst")):
+        with pytest.raises(SystemExit) as stopped:  # wrong flags: the parser's one line, exit 2
+            image_training.main(train_args(tmp_path, cache_dir, *flags))
+        assert stopped.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_the_attention_regulariser_needs_an_attention_decoder_and_the_word_loss(demo_run, tmp_path, cache_dir):
-    with pytest.raises(image_training.DataError, match="add --attention"):
-        image_training.main(train_args(tmp_path, cache_dir, "--attention-reg", "1"))
-    with pytest.raises(image_training.DataError, match="which --scst does not use"):
-        image_training.main(train_args(tmp_path, cache_dir, "--attention", "--attention-reg", "1", "--scst",
-                                       "--init-from", str(demo_run / "checkpoints" / "best.pth.tar")))
+def test_the_attention_regulariser_needs_an_attention_decoder_and_the_word_loss(demo_run, tmp_path, cache_dir,
+                                                                                capsys):
+    for flags, message in ((["--attention-reg", "1"], "add --attention"),
+                           (["--attention", "--attention-reg", "1", "--scst", "--init-from",
+                             str(demo_run / "checkpoints" / "best.pth.tar")], "which --scst does not use")):
+        with pytest.raises(SystemExit) as stopped:
+            image_training.main(train_args(tmp_path, cache_dir, *flags))
+        assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_demo_trains_into_a_folder_of_its_own_that_never_becomes_the_default(tmp_path, monkeypatch):
+    """The quick start's demo model (200 images) must not replace the shipped model for the other commands."""
+    args = image_training.parse_args(["--demo"])
+    monkeypatch.chdir(tmp_path)
+    demo_best = Path(args.checkpoint_dir) / "best.pth.tar"
+    demo_best.parent.mkdir(parents=True)
+    demo_best.write_bytes(b"")
+    assert find_checkpoint(None) == SHIPPED_CHECKPOINT
 
 
 def test_inference_n_best_prints_ranked_captions_with_probabilities(demo_run, capsys):
@@ -160,16 +184,16 @@ def test_inference_with_several_checkpoints_captions_with_their_ensemble(demo_ru
     ckpts = demo_run / "checkpoints"
     last = ckpts / "last.pth.tar"
     alone = run_script("inference.py", PHOTO, "--checkpoint", last, "--json")
-    twice = run_script("inference.py", PHOTO, "--checkpoint", last, last, "--json")  # the mean of equals: the same
-    both = run_script("inference.py", PHOTO, "--checkpoint", ckpts / "checkpoint_epoch_1.pth.tar", last, "--json",
-                      "--n-best", "2")
+    twice = run_script("inference.py", PHOTO, "--checkpoint", last, "--checkpoint", last, "--json")  # mean of equals
+    both = run_script("inference.py", PHOTO, "--checkpoint", ckpts / "checkpoint_epoch_1.pth.tar", "--checkpoint",
+                      last, "--json", "--n-best", "2")
     assert alone.returncode == twice.returncode == both.returncode == 0, both.stderr
     assert json.loads(twice.stdout)[0]["caption"] == json.loads(alone.stdout)[0]["caption"]
     assert len(json.loads(both.stdout)[0]["n_best"]) == 2
     other = load_checkpoint(last)
     other["vocab"] = other["vocab"][:4] + other["vocab"][5:] + other["vocab"][4:5]  # same words, other ids
     torch.save(other, tmp_path / "other.pth.tar")
-    proc = run_script("inference.py", PHOTO, "--checkpoint", last, tmp_path / "other.pth.tar")
+    proc = run_script("inference.py", PHOTO, "--checkpoint", last, "--checkpoint", tmp_path / "other.pth.tar")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == f"error: {tmp_path / 'other.pth.tar'} has another vocabulary than {last}: an " \
         "ensemble's models must share theirs (train them on the same data with the same --min-freq)"

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import evaluate
+import features
 from tests.conftest import SAMPLE, run_script
 from utils import load_checkpoint
 
@@ -42,7 +43,7 @@ def test_python_tokenize_agrees_with_ptb_on_flickr8k_references(shared_flickr8k)
 
 
 @pytest.mark.parametrize("java", [False, pytest.param(True, marks=needs_java)])
-def test_evaluate_writes_results_and_gallery(demo_run, tmp_path, cache_dir, java):
+def test_evaluate_writes_results_and_gallery_with_progress_bars(demo_run, tmp_path, cache_dir, java):
     out = tmp_path / "eval"
     flags = [] if java else ["--no-java"]
     proc = run_script("evaluate.py", "--checkpoint", demo_run / "checkpoints" / "best.pth.tar", "--data", SAMPLE,
@@ -58,13 +59,15 @@ def test_evaluate_writes_results_and_gallery(demo_run, tmp_path, cache_dir, java
     gallery = (out / "gallery.html").read_text()
     assert gallery.count("<img") == 25 and results["images"][0]["caption"] in gallery
     assert (out / gallery.split('src="')[1].split('"')[0]).is_file()  # the images are found from the gallery
+    # a run of a minute or more shows where it is, on any stderr (here a pipe), not only on a terminal
+    assert "captioning test" in proc.stderr and "scoring: cider" in proc.stderr
 
 
 def test_evaluate_scores_an_ensemble_of_checkpoints(demo_run, tmp_path, cache_dir):
     ckpts = demo_run / "checkpoints"
     paths = [ckpts / "checkpoint_epoch_1.pth.tar", ckpts / "last.pth.tar"]
-    proc = run_script("evaluate.py", "--checkpoint", *paths, "--data", SAMPLE, "--split", "test", "--out",
-                      tmp_path, "--cache-dir", cache_dir, "--no-java", "--beam", "2")
+    proc = run_script("evaluate.py", "--checkpoint", paths[0], "--checkpoint", paths[1], "--data", SAMPLE, "--split",
+                      "test", "--out", tmp_path, "--cache-dir", cache_dir, "--no-java", "--beam", "2")
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["settings"]["ensemble"] == [str(p) for p in paths] and len(results["images"]) == 25
@@ -74,8 +77,8 @@ def test_evaluate_reads_only_the_splits_images_for_a_fine_tuned_cnn(demo_run, tm
     """A frozen CNN's feature cache (every split, shared with training) serves evaluation; a fine-tuned CNN's
     features would serve that checkpoint alone, so its split's images are read instead."""
     filled = []
-    fill = evaluate.cached_features
-    monkeypatch.setattr(evaluate, "cached_features", lambda *a, **k: filled.append(1) or fill(*a, **k))
+    fill = features.cached_features
+    monkeypatch.setattr(features, "cached_features", lambda *a, **k: filled.append(1) or fill(*a, **k))
     ckpt = load_checkpoint(demo_run / "checkpoints" / "best.pth.tar")
     torch.save(ckpt, tmp_path / "frozen.pth.tar")
     ckpt["model"]["encoderCNN.backbone.conv_stem.weight"] *= 1.01  # as if trained with --train-cnn

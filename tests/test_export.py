@@ -1,13 +1,15 @@
 """Exports caption like the PyTorch model, and the ONNX runner needs no PyTorch."""
 
 import re
+import shutil
 
 import pytest
 import torch
 
+import evaluate
 import export
 from image_intial_model import CNN_RNN, ModelArgs, preprocessing
-from image_loader import SPECIALS, Vocab
+from image_loader import IMAGE_SUFFIXES, SPECIALS, Vocab
 from inference import Captioner
 from tests.conftest import SAMPLE, run_script
 from utils import checkpoint_state, save_checkpoint
@@ -81,3 +83,38 @@ def test_an_ensemble_exports_and_captions_like_pytorch(tmp_path):
 def test_check_of_a_folder_without_an_export_is_one_line(tmp_path):
     proc = run_script("export.py", "--check", tmp_path, PHOTOS[0])
     assert proc.returncode == 1 and "holds no export" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_check_reads_files_and_folders_as_inference_does(onnx_export, tmp_path):
+    """A folder is captioned image by image; a bad file, a missing one and a folder with no images each get one
+    line on stderr, the others are still captioned, and the exit status is 1 (with PyTorch unimportable)."""
+    out, _ = onnx_export
+    photos, empty = tmp_path / "photos", tmp_path / "empty"
+    photos.mkdir()
+    empty.mkdir()
+    (photos / "a_notes.jpg").write_text("not an image")
+    shutil.copy(PHOTOS[0], photos / "b_dog.jpg")
+    (photos / "c_readme.txt").write_text("not an image file name: not listed")
+    proc = run_script("-c", WITHOUT_TORCH, "--check", out, photos, tmp_path / "missing.jpg", empty, PHOTOS[1],
+                      "--beam", "1")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert [line.split(": ", 1)[0] for line in proc.stdout.splitlines()] == [str(photos / "b_dog.jpg"), str(PHOTOS[1])]
+    assert proc.stderr.splitlines() == [f"error: {photos / 'a_notes.jpg'}: not an image Pillow can read",
+                                        f"error: {tmp_path / 'missing.jpg'}: no such file",
+                                        f"error: {empty}: folder holds no images"]
+
+
+def test_the_image_suffixes_are_image_loaders():
+    assert export.IMAGE_SUFFIXES == IMAGE_SUFFIXES
+
+
+def test_checkpoint_takes_one_path_and_repeats_for_an_ensemble():
+    assert export.get_args_parser().parse_args(["--checkpoint", "a", "--checkpoint", "b"]).checkpoint == ["a", "b"]
+    assert evaluate.get_args_parser().parse_args(["--checkpoint", "a", "--checkpoint", "b", "--data", "d"]
+                                                 ).checkpoint == ["a", "b"]
+
+
+def test_help_describes_every_format_with_nothing_left_to_find():
+    text = export.get_args_parser().format_help()
+    assert "see above" not in text and "A release (`--format release`)" in text
+    assert "python export.py --check export/ photo.jpg" in text

@@ -8,8 +8,9 @@ from torch import nn
 
 import image_intial_model as M
 import image_training
+from features import FeatureSource
 from image_intial_model import CNN_RNN, EncoderWeightsError, ModelArgs, build_backbone, preprocessing
-from image_loader import SPECIALS, Batch, Batches, CaptionTable, EvalTransform, FeatureSource, Vocab, load_image
+from image_loader import SPECIALS, Batch, Batches, CaptionTable, EvalTransform, Vocab, load_image
 from tests.conftest import SAMPLE
 from utils import SEED_PREPROCESSING, model_from_checkpoint, save_checkpoint
 

@@ -17,22 +17,25 @@ from torchvision import transforms
 import image_intial_model as M
 import image_loader
 import image_training
+import utils
+from features import (
+    FeatureFile,
+    FeatureSource,
+    ImageStore,
+    StoreSource,
+    cached_features,
+    extract_features,
+    feature_cache_key,
+)
 from image_loader import (
     Batches,
     CaptionTable,
     DataError,
     EvalTransform,
-    FeatureFile,
-    FeatureSource,
     FileSource,
     Flickr8k,
-    ImageStore,
-    StoreSource,
     augment,
-    cached_features,
     default_workers,
-    extract_features,
-    feature_cache_key,
     load_image,
     normalize,
     read_image,
@@ -180,7 +183,8 @@ def test_image_store_is_built_once_read_back_exactly_and_never_stale(tmp_path, c
         store = ImageStore.open(images, train, 64, CPU, tmp_path / "cache", workers=1)
         assert "stored 4 images at 64 px" in caplog.text and "skipped 1 unreadable images" in caplog.text
         assert store.names == train[:4]
-        expected = torch.stack([resize_pil(load_image(images / n), 64) for n in store.names])
+        # as the store decodes them: load_image told the size, so a large JPEG is decoded at a reduced scale
+        expected = torch.stack([resize_pil(load_image(images / n, 64), 64) for n in store.names])
         assert torch.equal(store.read([0, 1, 2, 3]), expected)
         caplog.clear()
         again = ImageStore.open(images, train, 64, CPU, tmp_path / "cache", workers=1)
@@ -241,10 +245,10 @@ def test_a_resumed_pass_skips_batches_unread_and_augments_the_rest_the_same(tmp_
 
 def test_mixed_precision_runs_on_the_cpu_as_on_a_gpu(tmp_path, cache_dir):
     model = M.CNN_RNN(M.ModelArgs(vocab_size=30, encoder="efficientnet_lite0"), weights="random")
-    with M.autocast(CPU, "bf16"):
+    with utils.autocast(CPU, "bf16"):
         logits = model(torch.randn(2, 1280), torch.ones(2, 5, dtype=torch.long), from_features=True)
     assert logits.dtype == torch.bfloat16
-    assert M.autocast_dtype(CPU) is None and M.autocast_dtype(CPU, "fp16") == torch.float16
+    assert utils.autocast_dtype(CPU) is None and utils.autocast_dtype(CPU, "fp16") == torch.float16
     import image_training
 
     result = image_training.main(train_args(tmp_path, cache_dir, "--epochs", "1", "--max-images", "40",
@@ -256,11 +260,11 @@ def test_auto_precision_trains_the_attention_decoder_on_cached_features_in_fp32_
     """Only auto changes, only on CUDA, only for the attention decoder with no CNN in the step; a dtype the
     user names is kept. (A CUDA device object needs no GPU to be made.)"""
     cuda, attention, plain = torch.device("cuda"), M.ModelArgs(10, attention=True), M.ModelArgs(10)
-    assert M.step_precision(cuda, "auto", attention, from_features=True) == "fp32"
-    assert M.step_precision(cuda, "auto", attention, from_features=False) == "auto"
-    assert M.step_precision(cuda, "auto", plain, from_features=True) == "auto"
-    assert M.step_precision(cuda, "bf16", attention, from_features=True) == "bf16"
-    assert M.step_precision(CPU, "auto", attention, from_features=True) == "auto"
+    assert utils.step_precision(cuda, "auto", attention, from_features=True) == "fp32"
+    assert utils.step_precision(cuda, "auto", attention, from_features=False) == "auto"
+    assert utils.step_precision(cuda, "auto", plain, from_features=True) == "auto"
+    assert utils.step_precision(cuda, "bf16", attention, from_features=True) == "bf16"
+    assert utils.step_precision(CPU, "auto", attention, from_features=True) == "auto"
 
 
 def test_self_critical_learning_in_eval_mode_keeps_the_lstm_off_cudnn(monkeypatch):
@@ -303,7 +307,7 @@ def test_bench_smoke_run_prints_every_figure(tmp_path):
 
 
 def test_cached_features_give_the_same_loss_as_the_cnn_on_the_image_store(tmp_path, cache_dir):
-    args = image_training.check_args(train_args(tmp_path, cache_dir, "--max-images", "16", "--device", "cpu"))
+    args = train_args(tmp_path, cache_dir, "--max-images", "16", "--device", "cpu")
     device = torch.device("cpu")
     data, vocab, model, preset, _ = image_training.build(args, device)
     cached = image_training.make_batches(args, data, vocab, model, preset, device, Dist())
@@ -324,7 +328,7 @@ def test_features_read_from_their_file_train_as_the_in_memory_cache(tmp_path, ca
         runs[mode] = image_training.main(args)["history"]
     assert [e["train_loss"] for e in runs["memory"]] == [e["train_loss"] for e in runs["disk"]]
     assert [e["dev_loss"] for e in runs["memory"]] == [e["dev_loss"] for e in runs["disk"]]
-    args = image_training.check_args(train_args(tmp_path, cache_dir, "--max-images", "40", "--device", "cpu"))
+    args = train_args(tmp_path, cache_dir, "--max-images", "40", "--device", "cpu")
     data, _, model, preset, _ = image_training.build(args, CPU)
     names = sorted(set().union(*data.splits.values()))
     kept, file = cached_features(model, data.images_dir, names, preset, CPU, cache_dir, 0, on_disk=True)
@@ -378,7 +382,7 @@ def test_a_feature_cache_larger_than_memory_trains_with_bounded_memory(tmp_path)
              "--cache-dir", tmp_path / "cache", "--checkpoint-dir", tmp_path / "ck", "--log-dir", tmp_path / "runs"]
     # The cache the run would compute (its key: these files, the encoder's weights, the preprocessing), filled
     # with random regions instead: the CNN on 20,000 images takes a CPU a quarter of an hour.
-    args = image_training.check_args(image_training.parse_args([str(f) for f in flags]))
+    args = image_training.parse_args([str(f) for f in flags])
     loaded = Flickr8k.load(data)
     names = sorted(set().union(*loaded.splits.values()))
     _, _, model, preset, _ = image_training.build(args, CPU)
@@ -395,7 +399,7 @@ def test_a_feature_cache_larger_than_memory_trains_with_bounded_memory(tmp_path)
 
 
 def test_feature_cache_key_changes_with_images_and_preprocessing(tmp_path, cache_dir):
-    args = image_training.check_args(train_args(tmp_path, cache_dir, "--max-images", "8"))
+    args = train_args(tmp_path, cache_dir, "--max-images", "8")
     data = Flickr8k.load(args.data, max_images=8)
     images = tmp_path / "Images"
     shutil.copytree(data.images_dir, images)
