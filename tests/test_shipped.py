@@ -3,14 +3,14 @@ own, and it says "dog" for dogs it never saw in training."""
 
 import json
 import re
+import shlex
 
 import pytest
 import torch
 
-import image_training
 from export import release
 from image_intial_model import CNN_RNN, Ensemble, ModelArgs, has_pypi_imagenet_cnn, preprocessing
-from image_loader import DataError, Vocab, load_vocab_file
+from image_loader import Vocab, load_vocab_file
 from inference import Captioner
 from tests.conftest import ROOT, SAMPLE, run_script, train_args
 from utils import SHIPPED_CHECKPOINT, checkpoint_state, load_checkpoint, model_from_checkpoint
@@ -52,8 +52,19 @@ def test_commands_use_the_shipped_model_when_the_user_has_none(tmp_path):
     assert (tmp_path / "ts" / "encoder.pt").is_file()
 
 
+def readme_command(script, section):
+    """The first `python SCRIPT ...` command of a README section, its words split as a shell splits them, with
+    the paths that lie in the checkout made absolute."""
+    text = (ROOT / "README.md").read_text().split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    line = next(x for x in text.splitlines() if x.startswith(f"python {script} "))
+    return [str(ROOT / w) if (ROOT / w).exists() else w for w in shlex.split(line.split("#")[0])[2:]]
+
+
 def test_evaluate_uses_the_shipped_model_and_shows_its_attention_in_the_gallery(tmp_path):
-    proc = run_script(ROOT / "evaluate.py", "--data", SAMPLE, "--split", "test", "--no-java", "--out", tmp_path / "ev",
+    """The README's evaluation command, as a newcomer runs it: on the sample that ships, with the shipped model
+    (here without Java, and writing into tmp_path)."""
+    flags = readme_command("evaluate.py", "Evaluation")
+    proc = run_script(ROOT / "evaluate.py", *flags, "--no-java", "--out", tmp_path / "ev",
                       "--cache-dir", tmp_path / "cache", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "ships with the code" in proc.stderr
@@ -64,10 +75,10 @@ def test_evaluate_uses_the_shipped_model_and_shows_its_attention_in_the_gallery(
                                   for m in maps)
 
 
-def test_training_never_writes_into_the_shipped_models_folder(tmp_path, cache_dir):
-    args = train_args(tmp_path, cache_dir, "--checkpoint-dir", str(SHIPPED_CHECKPOINT.parent))
-    with pytest.raises(DataError, match="ships with the code"):
-        image_training.check_args(args)
+def test_training_never_writes_into_the_shipped_models_folder(tmp_path, cache_dir, capsys):
+    with pytest.raises(SystemExit):
+        train_args(tmp_path, cache_dir, "--checkpoint-dir", str(SHIPPED_CHECKPOINT.parent))
+    assert "ships with the code" in capsys.readouterr().err
 
 
 def test_a_release_leaves_out_an_imagenet_cnn_keeps_a_fine_tuned_one_and_loads_back_the_same_model(tmp_path):
