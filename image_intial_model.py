@@ -5,9 +5,11 @@ then the caption's words follow (teacher forcing in training, the model's own wo
 `ModelArgs` is the model's whole shape: a checkpoint stores it, so a checkpoint alone rebuilds the model.
 """
 
+import contextlib
 import dataclasses
 import importlib
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -221,6 +223,19 @@ class CNN_encoder(nn.Module):
         return self.project(self.extract(images))
 
 
+@contextlib.contextmanager
+def _plain_cpu_lstm(x):
+    """Under bf16 autocast on a CPU without bf16 instructions (AVX2 only), oneDNN's LSTM has no kernel ("could
+    not create a primitive descriptor"): there, PyTorch's own LSTM, which runs it in fp32."""
+    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        with warnings.catch_warnings():  # setting the oneDNN flags warns about Intel GPUs, which is no news here
+            warnings.simplefilter("ignore", UserWarning)
+            with torch.backends.mkldnn.flags(enabled=False):
+                yield
+    else:
+        yield
+
+
 class RNN_decoder(nn.Module):
     state_batch_axes = (1, 1)  # (h, c), each [L, N, H]
 
@@ -239,7 +254,7 @@ class RNN_decoder(nn.Module):
         x = torch.cat([features.unsqueeze(1), self.dropout(self.embed(tokens))], dim=1)  # [N, T+1, E]
         # cuDNN's LSTM has no backward in eval mode, which self-critical training uses (it learns with dropout
         # off): there, PyTorch's own kernel, which has one.
-        with torch.backends.cudnn.flags(enabled=self.training or not torch.is_grad_enabled()):
+        with torch.backends.cudnn.flags(enabled=self.training or not torch.is_grad_enabled()), _plain_cpu_lstm(x):
             hiddens, _ = self.lstm(x)
         return self.linear(self.dropout(hiddens[:, 1:]))
 
