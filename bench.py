@@ -33,37 +33,34 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from image_intial_model import (
-    CNN_RNN,
-    ENCODERS,
-    PRECISIONS,
-    EncoderWeightsError,
-    ModelArgs,
-    autocast,
-    autocast_dtype,
-    preprocessing,
-    step_precision,
-    tune_for,
-)
+from features import FeatureSource, ImageStore, StoreSource, extract_features
+from image_intial_model import CNN_RNN, ENCODERS, EncoderWeightsError, ModelArgs, preprocessing
 from image_loader import (
     Batches,
     CaptionTable,
     DataError,
     EvalTransform,
-    FeatureSource,
     FileSource,
     Flickr8k,
-    ImageStore,
-    StoreSource,
     Vocab,
     default_workers,
-    extract_features,
     image_batches,
     load_image,
     train_size,
 )
 from image_training import Trainer, WordLoss, make_optimizer
-from utils import HelpFormatter, load_checkpoint, model_from_checkpoint, pick_device, positive
+from utils import (
+    PRECISIONS,
+    HelpFormatter,
+    autocast,
+    autocast_dtype,
+    load_checkpoint,
+    model_from_checkpoint,
+    pick_device,
+    positive,
+    step_precision,
+    tune_for,
+)
 
 FLICKR8K_VOCAB = 2548
 WORDS = ["a", "the", "dog", "man", "woman", "child", "runs", "jumps", "sits", "on", "in", "through", "water",
