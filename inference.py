@@ -101,7 +101,10 @@ class Captioner:
         return torch.stack([self.transform(im) for im in images]).to(self.device)
 
     def caption(self, path, beam=3, max_len=40, length_penalty=0.0):
-        return self.describe([self.load(path)], beam, max_len, length_penalty)[0]["caption"]
+        """The caption alone, without describe's confidence signals (and their extra decoder pass)."""
+        ids = self.model.generate(self._batch([self.load(path)]), max_len=max_len, beam=beam,
+                                  length_penalty=length_penalty)
+        return self.vocab.decode(ids[0])
 
     @torch.no_grad()
     def describe(self, images, beam=3, max_len=40, length_penalty=0.0, n_best=None):
