@@ -33,9 +33,9 @@ from image_loader import (
     CaptionTable,
     DataError,
     EvalTransform,
-    FileSource,
     Flickr8k,
     default_workers,
+    image_batches,
 )
 from inference import attention_map, read_calibration
 from utils import (
@@ -224,9 +224,8 @@ def calibrate(args, model, vocab, preset, data, device, path):
     workers = args.workers or default_workers()
 
     def batches(names):
-        source = FileSource.for_device(data.images_dir, names, preset["resize"], workers, device)
-        return Batches(source, CaptionTable([[] for _ in names], device), names, device, preset, "eval",
-                       args.batch_size)
+        return image_batches(data.images_dir, names, preset["resize"], device, workers, args.batch_size, "eval",
+                             preset)
 
     generated, decoder, pooled = caption_with_signals(model, batches(data.splits[args.split]), vocab, device,
                                                       args.beam, args.length_penalty, args.max_len,
@@ -322,14 +321,10 @@ def split_batches(args, model, preset, data, device):
     fine-tuned CNN, whose features of every split (the cache) would serve this checkpoint alone."""
     workers = args.workers or default_workers()
     if args.no_cache or not getattr(model, "shared_cnn", True) or _fine_tuned(model):
-        names = data.splits[args.split]
-        source = FileSource.for_device(data.images_dir, names, preset["resize"], workers, device)
-        transform = "eval"
-    else:
-        (source, names), transform = split_sources(model, data, [args.split], preset, device, args.cache_dir,
-                                                   workers)[args.split], None
-    return Batches(source, CaptionTable([[] for _ in names], device), names, device, preset, transform,
-                   args.batch_size)
+        return image_batches(data.images_dir, data.splits[args.split], preset["resize"], device, workers,
+                             args.batch_size, "eval", preset)
+    source, names = split_sources(model, data, [args.split], preset, device, args.cache_dir, workers)[args.split]
+    return Batches(source, CaptionTable([[] for _ in names], device), names, device, preset, None, args.batch_size)
 
 
 def main(args):
