@@ -73,9 +73,10 @@ def export(checkpoint, fmt, out):
         with torch.no_grad():
             torch.jit.trace(encoder, (image,)).save(str(out / "encoder.pt"))
             torch.jit.trace(step, (tokens, *state)).save(str(out / "decoder_step.pt"))
+    # decoder: "topdown", say, or an ensemble's "plain + attention"; attention: whether it has attention maps
     config = {"format": fmt, "vocab": vocab.itos, "preprocessing": preset, "state_batch_axes": axes,
               "never_say": list(NEVER_SAY), "specials": SPECIALS, "encoder": model.args.encoder,
-              "attention": model.args.attention}
+              "attention": model.args.attention, "decoder": model.decoder_kind}
     (out / "captioner.json").write_text(json.dumps(config))
     sizes = {p.name: p.stat().st_size for p in sorted(out.iterdir())}
     for name, n in sizes.items():

@@ -2,7 +2,9 @@
 
 Show-and-Tell style: the CNN's pooled feature, projected to the embedding size, is the LSTM's first input step;
 then the caption's words follow (teacher forcing in training, the model's own words when generating).
-`ModelArgs` is the model's whole shape: a checkpoint stores it, so a checkpoint alone rebuilds the model.
+With attention, the decoder instead reads the CNN's regions at every word: Show-Attend-Tell's (AttentionDecoder) or
+the top-down decoder of Anderson et al. 2018 (TopDownDecoder). `ModelArgs` is the model's whole shape: a checkpoint
+stores it, so a checkpoint alone rebuilds the model.
 """
 
 import contextlib
@@ -47,12 +49,36 @@ class ModelArgs:
     hidden_size: int = 256
     num_layers: int = 1
     dropout: float = 0.5
-    attention: bool = False  # Show-Attend-Tell soft attention over the CNN's feature map
+    attention: bool = False  # the decoder attends over the CNN's regions (it has attention maps)
     attention_dim: int = 256
+    # With attention: the top-down decoder instead of Show-Attend-Tell's. A field of its own, not a new value of
+    # `attention`, so that everything that asks "does it attend over regions?" (the feature cache, attention maps,
+    # confidence, ensembles) reads `attention` as before, and checkpoints made before it (no such key) load as
+    # they were made.
+    topdown: bool = False
+
+    def __post_init__(self):
+        if self.topdown and not self.attention:
+            raise ValueError("the top-down decoder attends over regions: topdown=True needs attention=True")
 
     @property
     def feature_dim(self):
         return ENCODERS[self.encoder]["features"]
+
+    @property
+    def decoder(self):
+        """Which of DECODERS this shape has."""
+        return "topdown" if self.topdown else "attention" if self.attention else "plain"
+
+
+DECODERS = ("plain", "attention", "topdown")
+
+
+def decoder_fields(decoder):
+    """The ModelArgs fields that make a decoder of the kind `decoder` (one of DECODERS)."""
+    if decoder not in DECODERS:
+        raise ValueError(f"unknown decoder {decoder!r}; choose from {', '.join(DECODERS)}")
+    return {"attention": decoder != "plain", "topdown": decoder == "topdown"}
 
 
 def preprocessing(encoder):
@@ -186,7 +212,8 @@ def build_backbone(name, weights):
 class CNN_encoder(nn.Module):
     """Pretrained CNN -> pooled feature [B, F] -> projection to the embedding size [B, E].
 
-    With attention, the feature map's regions instead: [B, R, F] -> [B, R, E] (R = h * w)."""
+    With attention (either attention decoder), the feature map's regions instead: [B, R, F] -> [B, R, E]
+    (R = h * w)."""
 
     def __init__(self, args: ModelArgs, weights=None):
         super().__init__()
@@ -286,7 +313,46 @@ class RNN_decoder(nn.Module):
         return tuple(s[:, rows] for s in state)
 
 
-class AttentionDecoder(nn.Module):
+class _RegionDecoder(nn.Module):
+    """What the decoders that attend over the image's regions [N, R, E] share: the additive attention, the pass
+    over a caption, one generation step. A subclass gives `start(regions)` (the first state, a tuple whose
+    tensors' batch axes are state_batch_axes) and `_advance(word_emb, state)` (one word: -> (the output h [N, H]
+    that predicts the next word, the next state, the weights [N, R] it looked at the regions with)), and has
+    embed, linear, dropout, att_hidden and att_score."""
+
+    def _weights(self, h, keys):
+        """How much the LSTM in state h looks at each region: [N, R], each row summing to 1."""
+        return self.att_score(torch.tanh(keys + self.att_hidden(h).unsqueeze(1))).squeeze(-1).softmax(-1)
+
+    def attention(self, regions, tokens):
+        """regions [N, R, E], tokens [N, T] (SOS w1 .. wn) -> the weights [N, T, R] over the regions with which
+        the decoder predicted each of w1 .. wn EOS: what it looked at for each word."""
+        return self(regions, tokens, with_attention=True)[1]
+
+    def forward(self, regions, tokens, with_attention=False):
+        """regions [N, R, E], tokens [N, T] (SOS w1 .. wn, padded) -> logits [N, T, V] for (w1 .. wn EOS), and
+        with_attention, the weights [N, T, R] each of them was predicted with too."""
+        state, emb, outs, weights = self.start(regions), self.dropout(self.embed(tokens)), [], []
+        for t in range(tokens.shape[1]):
+            h, state, w = self._advance(emb[:, t], state)
+            outs.append(h)
+            weights.append(w)
+        logits = self.linear(self.dropout(torch.stack(outs, 1)))
+        return (logits, torch.stack(weights, 1)) if with_attention else logits
+
+    def step(self, tokens, state):
+        """tokens [N] -> logits [N, V] for the next word, and the new state."""
+        h, state, _ = self._advance(self.embed(tokens), state)
+        return self.linear(h), state
+
+    @staticmethod
+    def select(state, rows):
+        """The state of the captions `rows` (beam search reorders and repeats captions): every tensor of it has
+        its batch on axis 0."""
+        return tuple(s[rows] for s in state)
+
+
+class AttentionDecoder(_RegionDecoder):
     """Show, Attend and Tell (Xu et al. 2015), soft attention: at every word the LSTM looks again at the
     image's regions, weighted by how well each matches its state. Regions [N, R, E] stand for the image."""
 
@@ -307,10 +373,6 @@ class AttentionDecoder(nn.Module):
         mean = regions.mean(1)
         return torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean)), regions, self.att_regions(regions)
 
-    def _weights(self, h, keys):
-        """How much the LSTM in state h looks at each region: [N, R], each row summing to 1."""
-        return self.att_score(torch.tanh(keys + self.att_hidden(h).unsqueeze(1))).squeeze(-1).softmax(-1)
-
     def _advance(self, word_emb, state):
         """One word: -> (h [N, H], the next state, the weights [N, R] it looked at the regions with)."""
         h, c, regions, keys = state
@@ -319,29 +381,48 @@ class AttentionDecoder(nn.Module):
         h, c = self.cell(torch.cat([word_emb, torch.sigmoid(self.gate(h)) * context], -1), (h, c))
         return h, (h, c, regions, keys), weights
 
-    def attention(self, regions, tokens):
-        """regions [N, R, E], tokens [N, T] (SOS w1 .. wn) -> the weights [N, T, R] over the regions with which
-        the decoder predicted each of w1 .. wn EOS: what it looked at for each word."""
-        return self(regions, tokens, with_attention=True)[1]
 
-    def forward(self, regions, tokens, with_attention=False):
-        """regions [N, R, E], tokens [N, T] (SOS w1 .. wn, padded) -> logits [N, T, V] for (w1 .. wn EOS), and
-        with_attention, the weights [N, T, R] each of them was predicted with too."""
-        state, emb, outs, weights = self.start(regions), self.dropout(self.embed(tokens)), [], []
-        for t in range(tokens.shape[1]):
-            h, state, w = self._advance(emb[:, t], state)
-            outs.append(h)
-            weights.append(w)
-        logits = self.linear(self.dropout(torch.stack(outs, 1)))
-        return (logits, torch.stack(weights, 1)) if with_attention else logits
+class TopDownDecoder(_RegionDecoder):
+    """The top-down decoder of Bottom-Up and Top-Down Attention (Anderson et al. 2018), over the CNN's grid of
+    regions (not a detector's boxes): two LSTMs at every word. The attention LSTM reads the language LSTM's last
+    output, the mean region and the word, and from its state the decoder chooses where to look; the language
+    LSTM reads what it saw there and the attention LSTM's state, and says the next word. Unlike Show-Attend-Tell,
+    the weights come from a state that has already read the current word. Both LSTMs start from zeros, as in
+    the paper: the mean region, which AttentionDecoder starts from, reaches the attention LSTM at every word."""
 
-    def step(self, tokens, state):
-        h, state, _ = self._advance(self.embed(tokens), state)
-        return self.linear(h), state
+    # h1, c1 (attention LSTM), h2, c2 (language LSTM) [N, H]; regions [N, R, E]; their attention keys [N, R, A];
+    # the mean region [N, E] (computed once, read at every word)
+    state_batch_axes = (0, 0, 0, 0, 0, 0, 0)
 
-    @staticmethod
-    def select(state, rows):
-        return tuple(s[rows] for s in state)
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        e, h, a = args.embed_size, args.hidden_size, args.attention_dim
+        self.embed = nn.Embedding(args.vocab_size, e)
+        self.att_lstm = nn.LSTMCell(h + 2 * e, h)  # [language h, mean region, word]
+        self.att_regions, self.att_hidden, self.att_score = nn.Linear(e, a), nn.Linear(h, a), nn.Linear(a, 1)
+        self.lang_lstm = nn.LSTMCell(e + h, h)  # [attended region, attention h]
+        self.linear = nn.Linear(h, args.vocab_size)
+        self.dropout = nn.Dropout(args.dropout)
+
+    def start(self, regions):
+        # four tensors, not one four times: an export's encoder graph names each state output apart
+        h1, c1, h2, c2 = (regions.new_zeros(regions.shape[0], self.lang_lstm.hidden_size) for _ in range(4))
+        return h1, c1, h2, c2, regions, self.att_regions(regions), regions.mean(1)
+
+    def _advance(self, word_emb, state):
+        """One word: -> (the language LSTM's h [N, H], the next state, the weights [N, R] it looked at the
+        regions with)."""
+        h1, c1, h2, c2, regions, keys, mean = state
+        h1, c1 = self.att_lstm(torch.cat([h2, mean, word_emb], -1), (h1, c1))
+        weights = self._weights(h1, keys)
+        seen = (weights.unsqueeze(-1) * regions).sum(1)  # [N, E]
+        h2, c2 = self.lang_lstm(torch.cat([seen, h1], -1), (h2, c2))
+        return h2, (h1, c1, h2, c2, regions, keys, mean), weights
+
+
+def make_decoder(args: ModelArgs):
+    """The decoder that `args` describes (see ModelArgs.decoder)."""
+    return {"plain": RNN_decoder, "attention": AttentionDecoder, "topdown": TopDownDecoder}[args.decoder](args)
 
 
 class Generation:
@@ -375,7 +456,12 @@ class CNN_RNN(Generation, nn.Module):
         super().__init__()
         self.args = args
         self.encoderCNN = CNN_encoder(args, weights)
-        self.decoderRNN = AttentionDecoder(args) if args.attention else RNN_decoder(args)
+        self.decoderRNN = make_decoder(args)
+
+    @property
+    def decoder_kind(self):
+        """Its decoder, one of DECODERS: what a user-facing line names it."""
+        return self.args.decoder
 
     def features(self, x, from_features=False):
         """Images [B, 3, S, S], or cached CNN features [B, F] / [B, R, F] when from_features -> [B, E] / [B, R, E]."""
@@ -465,7 +551,13 @@ class Ensemble(Generation, nn.Module):
         self.decoderRNN = EnsembleDecoder([m.decoderRNN for m in models])
         self.shared_cnn = all(_same_cnn(models[0].encoderCNN, m.encoderCNN) for m in models[1:])
         # What callers read from a model's args (its encoder; whether it has attention maps) holds for all
-        self.args = dataclasses.replace(models[0].args, attention=all(m.args.attention for m in models))
+        self.args = dataclasses.replace(models[0].args, attention=all(m.args.attention for m in models),
+                                        topdown=all(m.args.topdown for m in models))
+
+    @property
+    def decoder_kind(self):
+        """Its members' decoders, as "attention + topdown": what a user-facing line names it."""
+        return " + ".join(m.decoder_kind for m in self.models)
 
     @property
     def encoderCNN(self):

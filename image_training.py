@@ -30,12 +30,14 @@ from evaluate import CiderD, caption_loader, score_captions
 from features import ImageStore, StoreSource, split_sources
 from image_intial_model import (
     CNN_RNN,
+    DECODERS,
     ENCODERS,
     PAD_IDX,
     SOS_IDX,
     EncoderWeightsError,
     ModelArgs,
     caption_log_probs,
+    decoder_fields,
     preprocessing,
     sample_captions,
     trim_at_eos,
@@ -108,17 +110,7 @@ def get_args_parser(add_help=True):
                    help="read cached CNN features from their file a batch at a time instead of holding them in "
                         "memory (the default only for a cache larger than a quarter of RAM, or half the GPU's "
                         "free memory)")
-    g = p.add_argument_group("model")
-    g.add_argument("--encoder", choices=sorted(ENCODERS), default="inception_v3", help="CNN encoder")
-    g.add_argument("--no-pretrained", action="store_true", help="start the CNN from random weights")
-    g.add_argument("--encoder-weights", metavar="FILE", help="local ImageNet state_dict for the encoder (offline use)")
-    g.add_argument("--embed-size", type=positive(int), default=256, help="word and image embedding size")
-    g.add_argument("--hidden-size", type=positive(int), default=256, help="LSTM hidden size")
-    g.add_argument("--num-layers", type=positive(int), default=1, help="LSTM layers")
-    g.add_argument("--dropout", type=float, default=0.5, help="dropout on embeddings and LSTM outputs")
-    g.add_argument("--attention", action="store_true",
-                   help="Show-Attend-Tell decoder: soft attention over the CNN's feature map at every word")
-    g.add_argument("--attention-dim", type=positive(int), default=256, help="size of the attention layer")
+    add_model_flags(p.add_argument_group("model"))
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=positive(int), default=30, help="epochs to train")
     g.add_argument("--batch-size", type=positive(int), default=32,
@@ -147,7 +139,12 @@ def get_args_parser(add_help=True):
     g.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     g.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="autocast dtype; auto: bf16 on CUDA (fp16 on cards without bf16), fp32 elsewhere")
-    g = p.add_argument_group("checkpoints and logs")
+    add_output_flags(p.add_argument_group("checkpoints and logs"))
+    return p
+
+
+def add_output_flags(g):
+    """Where a run writes, and where it starts from."""
     g.add_argument("--checkpoint-dir", default="checkpoints", help="where checkpoints and vocabulary.pkl go")
     g.add_argument("--save-every", type=positive(int), default=5, help="keep checkpoint_epoch_N every N epochs")
     g.add_argument("--resume", metavar="PATH", help="continue from this checkpoint (model, optimizer, epoch, RNG)")
@@ -160,7 +157,25 @@ def get_args_parser(add_help=True):
     g.add_argument("--select-metric", choices=sorted(SELECT_METRICS), default="cider",
                    help="dev score that picks best.pth.tar and drives --lr-decay and --early-stop")
     g.add_argument("--max-len", type=positive(int), default=40, help="longest generated caption, in words")
-    return p
+
+
+def add_model_flags(g):
+    """The model's shape: its encoder and its decoder."""
+    g.add_argument("--encoder", choices=sorted(ENCODERS), default="inception_v3", help="CNN encoder")
+    g.add_argument("--no-pretrained", action="store_true", help="start the CNN from random weights")
+    g.add_argument("--encoder-weights", metavar="FILE", help="local ImageNet state_dict for the encoder (offline use)")
+    g.add_argument("--embed-size", type=positive(int), default=256, help="word and image embedding size")
+    g.add_argument("--hidden-size", type=positive(int), default=256, help="LSTM hidden size")
+    g.add_argument("--num-layers", type=positive(int), default=1, help="LSTM layers")
+    g.add_argument("--dropout", type=float, default=0.5, help="dropout on embeddings and LSTM outputs")
+    g.add_argument("--decoder", choices=DECODERS,
+                   help="plain (the default): the image is the LSTM's first input; attention: Show-Attend-Tell, "
+                        "soft attention over the CNN's feature map at every word; topdown: Anderson et al.'s "
+                        "top-down decoder, an attention LSTM that chooses where to look at every word and a "
+                        "language LSTM that says it (one layer each)")
+    g.add_argument("--attention", action="store_true", help="the same as --decoder attention")
+    g.add_argument("--attention-dim", type=positive(int), default=256,
+                   help="size of the attention layer (--decoder attention or topdown)")
 
 
 def parse_args(argv=None):
@@ -173,17 +188,28 @@ def parse_args(argv=None):
     problem = flag_problem(args)
     if problem:
         parser.error(problem)
+    args.decoder = chosen_decoder(args)  # so that the checkpoint's train_args name it
     args.workers = args.workers or default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return args
 
 
+def chosen_decoder(args):
+    """The decoder the flags ask for, one of DECODERS: --decoder, or --attention (its old spelling)."""
+    return args.decoder or ("attention" if args.attention else "plain")
+
+
 def flag_problem(args):
     """What is wrong with these flags together that the parser cannot see, in one line; None if nothing."""
+    decoder = chosen_decoder(args)
     problems = [
         (args.lr_decay > 1, f"--lr-decay must be in (0, 1], got {args.lr_decay}"),
         (not args.data, "say where Flickr8k is with --data DIR, or try --demo"),
-        (args.attention and args.num_layers > 1,
+        (args.attention and decoder != "attention",
+         f"--attention means --decoder attention, not --decoder {decoder}: give one of them"),
+        (decoder == "attention" and args.num_layers > 1,
          "the attention decoder has one LSTM layer: drop --num-layers or --attention"),
+        (decoder == "topdown" and args.num_layers > 1,
+         "the topdown decoder has two LSTMs of one layer each: drop --num-layers"),
         (not 0 <= args.dropout < 1, f"--dropout must be in [0, 1), got {args.dropout}"),
         (args.resume and args.init_from, "--resume continues a run and --init-from starts one: give one of them"),
         (args.scst and args.attention_reg,
@@ -349,18 +375,19 @@ def build(args, device):
         log.info("resuming from %s (epoch %d)", args.resume, ckpt["epoch"])
     elif args.init_from:
         model, vocab, preset = model_from_checkpoint(load_checkpoint(args.init_from))
-        log.info("starting from the model of %s (%s encoder%s)", args.init_from, model.args.encoder,
-                 ", attention" if model.args.attention else "")
+        log.info("starting from the model of %s (%s encoder, %s decoder)", args.init_from, model.args.encoder,
+                 model.decoder_kind)
     else:
         vocab = data.train_vocab(args.min_freq)
         margs = ModelArgs(vocab_size=len(vocab), encoder=args.encoder, embed_size=args.embed_size,
                           hidden_size=args.hidden_size, num_layers=args.num_layers, dropout=args.dropout,
-                          attention=args.attention, attention_dim=args.attention_dim)
+                          attention_dim=args.attention_dim, **decoder_fields(chosen_decoder(args)))
         weights = "random" if args.no_pretrained else (args.encoder_weights or "imagenet")
         model = CNN_RNN(margs, weights=weights)
         preset = preprocessing(args.encoder)
     if args.attention_reg and not model.args.attention:
-        usage_error("--attention-reg regularises an attention decoder's weights: add --attention")
+        usage_error("--attention-reg regularises an attention decoder's weights: add --attention "
+                    "(or --decoder topdown)")
     model.encoderCNN.set_train_cnn(args.train_cnn)
     log.info("vocabulary: %d words (min frequency %d, training captions only)", len(vocab), args.min_freq)
     model.to(device)
