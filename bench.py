@@ -45,7 +45,16 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from features import FeatureSource, ImageStore, StoreSource, extract_features
+from features import (
+    RUNTIME_HELP,
+    RUNTIMES,
+    FeatureSource,
+    ImageStore,
+    StoreSource,
+    export_backbone,
+    extract_features,
+    use_runtime,
+)
 from image_intial_model import CNN_RNN, ENCODERS, EncoderWeightsError, ModelArgs, preprocessing
 from image_loader import (
     Batches,
@@ -104,6 +113,9 @@ def get_args_parser():
                    help="time the attention decoder (hidden 512 unless --hidden-size says otherwise), the "
                         "README's best recipe")
     p.add_argument("--batch-size", type=positive(int), default=32, help="images per training batch, as in training")
+    p.add_argument("--runtime", choices=RUNTIMES, default="auto", help=RUNTIME_HELP)
+    p.add_argument("--no-compile", action="store_true",
+                   help="leave out torch.compile's ceiling (it compiles for about a minute a shape on a small CPU)")
     p.add_argument("--embed-size", type=positive(int), default=256, help="decoder shape, as in training")
     p.add_argument("--hidden-size", type=positive(int), help="decoder shape (default 256; 512 with --attention)")
     p.add_argument("--serve", action="store_true",
@@ -209,6 +221,31 @@ class Bench:
                 enc.extract(x)
 
         return batch / timed(forward, repeat, sync=self.sync)
+
+    @torch.inference_mode()
+    def ceilings(self, repeat, batch, compile_too, cache_dir):
+        """The same frozen CNN's forward under each runtime, on in-memory tensors, CPU only: {runtime:
+        (images/s in batches of `batch`, seconds for one image)}, and torch.compile's compile time (both
+        shapes). ONNX Runtime with its default options (its threads spin between calls: its fastest)."""
+        size, backbone = self.preset["crop"], self.model.encoderCNN.backbone.eval()
+        x, one = torch.randn(batch, 3, size, size), torch.randn(1, 3, size, size)
+        path = Path(cache_dir) / "ceiling.onnx"
+        export_backbone(backbone, size, path)
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        session = ort.InferenceSession(str(path), options, ["CPUExecutionProvider"])
+        engines = {"eager": backbone.forward_features,
+                   "onnx": lambda t: session.run(None, {"image": t.numpy()})}
+        compile_s = None
+        if compile_too:
+            compiled = torch.compile(backbone.forward_features)
+            start = time.perf_counter()
+            compiled(x), compiled(one)
+            compile_s, engines["compile"] = time.perf_counter() - start, compiled
+        return {name: (batch / timed(lambda f=f: f(x), repeat), timed(lambda f=f: f(one), repeat * 3, 2))
+                for name, f in engines.items()}, compile_s
 
     def loader(self, n):
         """Images/s decoded and resized from JPEG files by the loader alone, over one pass that starts its
@@ -375,11 +412,16 @@ def run(args, data_dir, cache_dir):
     bench = Bench(args, device, data)
     _, n_feature, n_frozen, n_finetune, repeat = size_of_run(args)
     n_feature = min(len(bench.names), n_feature)
+    runtime = use_runtime(bench.model, bench.preset, args.runtime, cache_dir, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     r = {"device": name, "encoder": args.encoder, "decoder": "attention" if bench.model.args.attention else "plain",
          "hidden_size": bench.model.args.hidden_size, "precision": str(bench.dtype or "fp32").replace("torch.", ""),
          "decoder_precision": str(autocast_dtype(device, bench.decoder_precision) or "fp32").replace("torch.", ""),
-         "workers": args.workers, "data": f"Flickr8k at {args.data}" if args.data else "generated JPEGs"}
+         "workers": args.workers, "data": f"Flickr8k at {args.data}" if args.data else "generated JPEGs",
+         "runtime": runtime}
+    if device.type == "cpu":  # the CPU's real limit: the same CNN under each runtime, in this run
+        r["ceilings"], r["compile_s"] = bench.ceilings(repeat, min(64, n_feature), not (args.smoke or args.no_compile),
+                                                       cache_dir)
     # in batches as the feature pass makes them (64, or fewer when it has fewer images)
     r["encoder_forward_images_per_s"] = bench.encoder_forward(repeat, batch=min(64, n_feature))
     r["loader_images_per_s"], r["loader_warm_images_per_s"], r["loader_first_batch_s"] = bench.loader(n_feature)
@@ -398,6 +440,9 @@ def run(args, data_dir, cache_dir):
     greedy, beam3, encode, words = bench.caption_latency(repeat)
     r.update(caption_greedy_s=greedy, caption_beam3_s=beam3, encoder_one_image_s=encode, caption_words=words,
              checkpoint=args.checkpoint, caption_latency_ratio=beam3 / encode, peak_memory_mb=peak_memory_mb(device))
+    if "ceilings" in r:
+        r["feature_pass_of_onnx"] = r["feature_pass_images_per_s"] / r["ceilings"]["onnx"][0]
+        r["caption_beam3_per_onnx_image"] = beam3 / r["ceilings"]["onnx"][1]
     return r
 
 
@@ -425,7 +470,20 @@ def report(r):
           f"{r['caption_beam3_s'] * 1000:.1f} ms beam 3; encoder forward alone "
           f"{r['encoder_one_image_s'] * 1000:.1f} ms; ratio {r['caption_latency_ratio']:.2f} "
           f"({r['caption_words']} words, {'trained' if r['checkpoint'] else 'untrained'} decoder)")
+    if "ceilings" in r:
+        report_ceilings(r)
     print(f"peak memory       {r['peak_memory_mb']:8.0f} MiB")
+
+
+def report_ceilings(r):
+    c = r["ceilings"]
+    compiled = f" (torch.compile: {r['compile_s']:.0f} s to compile both shapes)" if r["compile_s"] else \
+        " (torch.compile not measured)"
+    print(f"CNN ceilings      the same CNN's forward on tensors{compiled}; the tool ran it on {r['runtime']}:")
+    for name, (batched, one) in c.items():
+        print(f"  {name:<15} {batched:8.1f} images/s batched, {one * 1000:.1f} ms one image")
+    print(f"  feature pass = {r['feature_pass_of_onnx']:.0%} of ONNX Runtime's batched forward; caption at beam 3 "
+          f"= {r['caption_beam3_per_onnx_image']:.2f}x its one-image forward")
 
 
 def main(args):

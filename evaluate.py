@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from confidence import GOOD_CIDER, LEVELS, TARGET, Calibration, captions_with_signals, pooled_features, reliability
-from features import split_sources
+from features import RUNTIME_HELP, RUNTIMES, split_sources, use_runtime
 from image_intial_model import EncoderWeightsError, has_pypi_imagenet_cnn
 from image_loader import (
     Batches,
@@ -294,6 +294,7 @@ def get_args_parser():
     p.add_argument("--out", default="eval", help="folder for results.json and gallery.html")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--cache-dir", default="cache", help="cached CNN features (shared with training)")
+    p.add_argument("--runtime", choices=RUNTIMES, default="auto", help=RUNTIME_HELP)
     p.add_argument("--no-cache", action="store_true", help="run the CNN on the images instead of the cache")
     p.add_argument("--workers", type=positive(int),
                    help="loader worker processes (default: the cores this process may use, at most 16)")
@@ -333,6 +334,7 @@ def main(args):
     paths = [Path(p) for p in args.checkpoint] if args.checkpoint else [find_checkpoint(None)]
     model, vocab, preset = models_from_checkpoints(paths)
     model.to(device).eval()
+    use_runtime(model, preset, args.runtime, args.cache_dir, device)
     data = Flickr8k.load(args.data, seed=args.seed)
     if args.calibrate:
         if len(paths) > 1:

@@ -224,6 +224,9 @@ class CNN_encoder(nn.Module):
         self.dropout = nn.Dropout(args.dropout)
         self.train_cnn = False
         self.backbone.requires_grad_(False)
+        # a faster engine for the frozen backbone's forward on the CPU (features.use_runtime): images [B, 3, S, S]
+        # fp32 -> feature map [B, F, h, w]; None: PyTorch's own forward
+        self.runtime = None
 
     def set_train_cnn(self, train_cnn):
         self.train_cnn = train_cnn
@@ -238,8 +241,14 @@ class CNN_encoder(nn.Module):
 
     def extract(self, images):
         """images [B, 3, S, S] -> features [B, F] or regions [B, R, F]: what a feature cache stands in for."""
-        with torch.set_grad_enabled(self.train_cnn and torch.is_grad_enabled()):
-            fmap = self.backbone.forward_features(images)  # [B, F, h, w]
+        grad = self.train_cnn and torch.is_grad_enabled()
+        # a CNN that learns changes its weights, which the runtime holds a copy of
+        if self.runtime is not None and not self.train_cnn and images.device.type == "cpu" \
+                and images.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
+            fmap = self.runtime(images)
+        else:
+            with torch.set_grad_enabled(grad):
+                fmap = self.backbone.forward_features(images)  # [B, F, h, w]
         # the mean over the map is the CNN's own global average pool
         return fmap.flatten(2).transpose(1, 2) if self.spatial else fmap.mean((2, 3))
 

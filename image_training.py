@@ -27,7 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from evaluate import CiderD, caption_loader, score_captions
-from features import ImageStore, StoreSource, split_sources
+from features import RUNTIME_HELP, RUNTIMES, ImageStore, StoreSource, split_sources, use_runtime
 from image_intial_model import (
     CNN_RNN,
     DECODERS,
@@ -106,6 +106,7 @@ def get_args_parser(add_help=True):
                    help="run the frozen CNN on every batch (from the image store) instead of caching its features")
     g.add_argument("--cache-dir", default="cache",
                    help="where cached CNN features and image stores (images resized once) are kept")
+    g.add_argument("--runtime", choices=RUNTIMES, default="auto", help=RUNTIME_HELP)
     g.add_argument("--features-on-disk", action="store_true",
                    help="read cached CNN features from their file a batch at a time instead of holding them in "
                         "memory (the default only for a cache larger than a quarter of RAM, or half the GPU's "
@@ -403,6 +404,8 @@ def make_batches(args, data, vocab, model, preset, device, dist):
     size. Under torchrun, rank 0 fills the caches once; the others then read them."""
     from_features = not args.train_cnn and not args.no_cache
     with dist.main_first():
+        if not args.train_cnn:  # the frozen CNN's feature pass (or, with --no-cache, every batch's) on --runtime
+            use_runtime(model, preset, args.runtime, args.cache_dir, device)
         if from_features:
             sources = split_sources(model, data, ("train", "dev"), preset, device, args.cache_dir, args.workers,
                                     args.precision, args.features_on_disk or None)

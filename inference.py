@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from confidence import Calibration, alt_text, captions_with_signals
+from features import RUNTIME_HELP, RUNTIMES, use_runtime
 from image_intial_model import EncoderWeightsError
 from image_loader import DataError, EvalTransform, list_images, load_image, load_vocab_file
 from utils import (
@@ -34,11 +35,13 @@ from utils import (
     HelpFormatter,
     checkpoint_paths,
     find_checkpoint,
+    idle_cores,
     load_checkpoint,
     models_from_checkpoints,
     non_negative,
     pick_device,
     positive,
+    torch_threads,
 )
 
 
@@ -70,6 +73,11 @@ def get_args_parser():
                    help="write each photo's alt text into its XMP (Iptc4xmpCore:AltTextAccessibility), losslessly: "
                         "the image data is not re-encoded, and the file is replaced whole or not at all")
     p.add_argument("--batch-size", type=positive(int), default=8, help="photos captioned at once")
+    p.add_argument("--runtime", choices=RUNTIMES, default="auto", help=RUNTIME_HELP)
+    p.add_argument("--cache-dir", default="cache", help="where the CNN's ONNX file is kept (shared with training)")
+    p.add_argument("--threads", type=positive(int),
+                   help="CPU threads (default: the cores the last minute's load average leaves free, so that "
+                        "captioning beside other work slows down gracefully)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON list of {image, caption, alt_text, confidence, confidence_level} or "
                         "{image, error} (n_best: [...] too with --n-best)")
@@ -80,8 +88,9 @@ class Captioner:
     """A checkpoint ready to describe photos with the preprocessing it was trained with, and with its
     confidence calibration where it has one (evaluate.py --calibrate)."""
 
-    def __init__(self, checkpoint, device="cpu", vocab_path=None):
-        """checkpoint: a path, or a list of paths for an ensemble of their models."""
+    def __init__(self, checkpoint, device="cpu", vocab_path=None, runtime="auto", cache_dir="cache"):
+        """checkpoint: a path, or a list of paths for an ensemble of their models. runtime, cache_dir: what runs
+        the CNN on the CPU (features.use_runtime), and where its ONNX file is kept."""
         paths = checkpoint_paths(checkpoint)
         self.model, self.vocab, self.preset = models_from_checkpoints(paths, vocab_path)
         # a project checkpoint holds its vocabulary; a different --vocab beside it is a mistake to point out
@@ -91,6 +100,7 @@ class Captioner:
         self.calibration = read_calibration(paths)
         self.device = torch.device(device)
         self.model.to(self.device).eval()
+        self.runtime = use_runtime(self.model, self.preset, runtime, cache_dir, self.device)
         self.transform = EvalTransform(self.preset)
 
     def load(self, path, name=None):
@@ -182,7 +192,13 @@ def main(args):
     if args.n_best and args.n_best > args.beam:
         raise DataError(f"--n-best {args.n_best} needs --beam {args.n_best} or more: a beam search of "
                         f"{args.beam} keeps {args.beam} captions")
-    captioner = Captioner(args.checkpoint or find_checkpoint(None), pick_device(args.device), args.vocab)
+    with torch_threads(args.threads or idle_cores()):  # set before the CNN's runtime takes as many
+        return describe_all(args)
+
+
+def describe_all(args):
+    captioner = Captioner(args.checkpoint or find_checkpoint(None), pick_device(args.device), args.vocab,
+                          args.runtime, args.cache_dir)
     if args.attention_map and not captioner.model.args.attention:
         which = "not all these decoders have" if len(args.checkpoint or ()) > 1 else "this checkpoint's decoder has"
         print(f"no attention maps: {which} attention (trained without --attention)", file=sys.stderr)

@@ -43,18 +43,14 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from features import RUNTIME_HELP, RUNTIMES
 from image_intial_model import EncoderWeightsError
 from image_loader import DataError
-from utils import USER_CHECKPOINTS, HelpFormatter, find_checkpoint, pick_device, positive
+from utils import USER_CHECKPOINTS, HelpFormatter, cores, find_checkpoint, pick_device, positive
 
 log = logging.getLogger("serve")
 ARGV_ENV = "CAPTION_SERVE_ARGV"  # --workers: how each worker process gets the command line (uvicorn imports it)
 TOKEN_ENV = "CAPTION_TOKEN"
-
-
-def cores():
-    """CPU cores this process may use (a container's or taskset's limit, not the machine's)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def get_args_parser():
@@ -64,6 +60,8 @@ def get_args_parser():
                    help=f"checkpoint to serve (default: the first of {', '.join(USER_CHECKPOINTS)}, else the model "
                         "that ships in checkpoints/pretrained/); given several times: their ensemble")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    p.add_argument("--runtime", choices=RUNTIMES, default="auto", help=RUNTIME_HELP)
+    p.add_argument("--cache-dir", default="cache", help="where the CNN's ONNX file is kept (shared with training)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; anything but loopback exposes the service: give it a --token")
     p.add_argument("--port", type=int, default=8000, help="TCP port")
@@ -421,7 +419,7 @@ def make_app(args, captioner=None, model_name=None):
     paths = args.checkpoint or [find_checkpoint(None)]  # said once, on stderr, where it chose
     model_pool = model_thread()
     if captioner is None:
-        captioner = model_pool.submit(load_captioner, paths, args.device).result()
+        captioner = model_pool.submit(load_captioner, paths, args).result()
     # load_image makes Pillow's decompression-bomb warning an error within warnings.catch_warnings, which is
     # not thread-safe: with several decode threads one could restore the filters while another decodes. The
     # same rule set process-wide cannot be lost that way.
@@ -472,10 +470,11 @@ def model_thread():
     return pool
 
 
-def load_captioner(paths, device):
+def load_captioner(paths, args):
     from inference import Captioner  # here, not at the top: `serve.py --help` need not load PyTorch's models
 
-    return Captioner(paths if len(paths) > 1 else paths[0], pick_device(device))
+    return Captioner(paths if len(paths) > 1 else paths[0], pick_device(args.device), runtime=args.runtime,
+                     cache_dir=args.cache_dir)
 
 
 def describe_checkpoint(checkpoints):

@@ -304,6 +304,9 @@ def test_bench_smoke_run_prints_every_figure(tmp_path):
                 "finetune_bare_images_per_s", "caption_beam3_s", "peak_memory_mb"):
         assert r[key] > 0, key
     assert r["finetune_measured_images"] == 8 and r["decoder"] == "plain" and r["workers"] >= 1
+    assert r["runtime"] == "onnx" and set(r["ceilings"]) == {"eager", "onnx"} and r["compile_s"] is None  # --smoke
+    assert all(rate > 0 and one > 0 for rate, one in r["ceilings"].values())
+    assert r["feature_pass_of_onnx"] > 0 and r["caption_beam3_per_onnx_image"] > 0
 
 
 def test_cached_features_give_the_same_loss_as_the_cnn_on_the_image_store(tmp_path, cache_dir):

@@ -28,7 +28,7 @@ from image_intial_model import CNN_RNN, EOS_IDX, SPECIALS, ModelArgs, preprocess
 from image_loader import EvalTransform, Vocab, load_image
 from inference import Captioner
 from tests.conftest import ROOT, SAMPLE
-from utils import checkpoint_state, save_checkpoint
+from utils import checkpoint_state, save_checkpoint, torch_threads
 
 PHOTOS = sorted((SAMPLE / "Images").glob("*.jpg"))
 
@@ -83,18 +83,6 @@ def wire_decoder(d, e, gen):
     d.lstm.bias_hh_l0.zero_()
     d.linear.weight.copy_(lin_w)
     d.linear.bias.copy_(lin_b)
-
-
-@contextlib.contextmanager
-def torch_threads(n):
-    """PyTorch's thread count set to n for a while. The probe's operations are tiny: on a CPU shared with other
-    work, two threads that wait for each other at every one of them make it ten times slower than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @torch_threads(1)
