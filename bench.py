@@ -414,7 +414,7 @@ def run(args, data_dir, cache_dir):
     n_feature = min(len(bench.names), n_feature)
     runtime = use_runtime(bench.model, bench.preset, args.runtime, cache_dir, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    r = {"device": name, "encoder": args.encoder, "decoder": "attention" if bench.model.args.attention else "plain",
+    r = {"device": name, "encoder": args.encoder, "decoder": bench.model.decoder_kind,
          "hidden_size": bench.model.args.hidden_size, "precision": str(bench.dtype or "fp32").replace("torch.", ""),
          "decoder_precision": str(autocast_dtype(device, bench.decoder_precision) or "fp32").replace("torch.", ""),
          "workers": args.workers, "data": f"Flickr8k at {args.data}" if args.data else "generated JPEGs",
