@@ -127,9 +127,9 @@ def cores():
 
 def idle_cores():
     """The cores that the last minute's load average leaves free, at least 1: the threads for a short job on
-    a CPU that other work may be using. Measured on 2 cores with two busy processes beside it, one caption
-    with ONNX Runtime took 145 ms on 2 threads against 49 ms on 1 (35 and 42 ms idle): threads that wait for
-    each other at every operation lose most when one of them is waiting for a core."""
+    a CPU that other work may be using. Measured twice on 2 cores with two busy processes beside it, one
+    caption with ONNX Runtime took 145 and 69 ms on 2 threads, 49 and 78 ms on 1 (31-42 ms idle): one thread
+    is at worst 2x idle, two threads, which wait for each other at every operation, up to 4x."""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     return max(1, min(cores(), round(cores() - load)))
 
