@@ -81,6 +81,7 @@ from utils import (
     model_from_checkpoint,
     pick_device,
     positive,
+    set_cnn_layout,
     step_precision,
     tune_for,
 )
@@ -184,8 +185,7 @@ class Bench:
                               attention=args.attention)
             self.model = CNN_RNN(margs, weights="random" if args.no_pretrained else "imagenet")
         self.model.to(device)
-        if device.type == "cuda":
-            self.model.encoderCNN.backbone.to(memory_format=torch.channels_last)
+        set_cnn_layout(self.model, device, False)
         self.names = sorted(data.captions)
         self.dtype = autocast_dtype(device, args.precision)
         self.decoder_precision = step_precision(device, args.precision, self.model.args, from_features=True)
@@ -339,6 +339,7 @@ class Bench:
         reads, random crops and colour jitter on the device) and the training step alone on batches already
         on the device."""
         self.model.encoderCNN.set_train_cnn(True)
+        set_cnn_layout(self.model, self.device, True)  # as training lays it out
         try:
             names = store.names[:n_batches * self.args.batch_size]
             real = self.data.items("train", self.vocab)
@@ -369,6 +370,7 @@ class Bench:
             bare = len(names) / timed(steps, 1, sync=self.sync)
         finally:
             self.model.encoderCNN.set_train_cnn(False)
+            set_cnn_layout(self.model, self.device, False)
         return per_image * 6000, len(names), loader, bare
 
     @torch.no_grad()

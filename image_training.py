@@ -69,6 +69,7 @@ from utils import (
     print_examples,
     rng_state,
     save_checkpoint,
+    set_cnn_layout,
     set_rng_state,
     step_precision,
     tune_for,
@@ -392,8 +393,7 @@ def build(args, device):
     model.encoderCNN.set_train_cnn(args.train_cnn)
     log.info("vocabulary: %d words (min frequency %d, training captions only)", len(vocab), args.min_freq)
     model.to(device)
-    if device.type == "cuda":  # convolutions on tensor cores want NHWC
-        model.encoderCNN.backbone.to(memory_format=torch.channels_last)
+    set_cnn_layout(model, device, args.train_cnn)
     return data, vocab, model, preset, ckpt
 
 

@@ -145,6 +145,15 @@ def torch_threads(n):
         torch.set_num_threads(before)
 
 
+def set_cnn_layout(model, device, train_cnn):
+    """The CNN's weights channels-last where that pays: on CUDA (tensor cores want NHWC), and on the CPU for a
+    CNN that learns (oneDNN's NHWC kernels: a fine-tune step of EfficientNet-Lite1 with the attention decoder,
+    16 images, took 1.49 s against 2.09 s, alternating, median of 3). A frozen CNN on the CPU keeps NCHW: it
+    runs in ONNX Runtime, or in PyTorch on images that come NCHW."""
+    cl = device.type == "cuda" or train_cnn
+    model.encoderCNN.backbone.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
+
+
 def autocast_dtype(device, precision="auto"):
     """The dtype that autocast computes in, or None for full precision. auto: bf16 on CUDA cards that have
     it, fp16 on older ones, full precision elsewhere; bf16 runs on CPUs too, so CI takes the GPU's dtype paths."""
