@@ -249,13 +249,15 @@ def test_seed_style_checkpoint_with_its_vocabulary(tmp_path, inception_state):
     assert rebuilt.eval().generate(x, max_len=5) == model.generate(x, max_len=5)
 
 
-@pytest.mark.parametrize("attention", [False, True])
-def test_sampled_captions_log_probs_are_the_samplers(attention):
-    """caption_log_probs (teacher forcing, batched) scores a sampled caption as its steps did, one by one."""
+@pytest.mark.parametrize("decoder", M.DECODERS)
+def test_sampled_captions_log_probs_are_the_samplers(decoder):
+    """caption_log_probs (teacher forcing, batched) scores a sampled caption as its steps did, one by one: what
+    self-critical training relies on."""
     torch.manual_seed(0)
     model = CNN_RNN(ModelArgs(vocab_size=12, encoder="efficientnet_lite0", embed_size=16, hidden_size=24,
-                              attention=attention), weights="random").eval()
-    feats = model.features(torch.randn(3, 49, 1280) if attention else torch.randn(3, 1280), from_features=True)
+                              **M.decoder_fields(decoder)), weights="random").eval()
+    regions = decoder != "plain"
+    feats = model.features(torch.randn(3, 49, 1280) if regions else torch.randn(3, 1280), from_features=True)
     with torch.no_grad():
         words = M.sample_captions(model.decoderRNN, feats, max_len=6)  # [3, T]
     tokens = torch.cat([torch.full_like(words[:, :1], M.SOS_IDX), words[:, :-1]], 1)

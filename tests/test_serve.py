@@ -330,14 +330,20 @@ def test_command_line_errors_are_one_line(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------- real servers
 
-async def disconnect_mid_upload(url, photo):
-    """Send headers announcing the whole photo, then a third of it, then leave."""
+async def partial_upload(url, photo):
+    """A connection that has sent headers announcing the whole photo, then a third of it: (reader, writer)."""
     host, port = url.removeprefix("http://").split(":")
-    _, writer = await asyncio.open_connection(host, int(port))
+    reader, writer = await asyncio.open_connection(host, int(port))
     data = photo.read_bytes()
     writer.write(f"POST /caption HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/jpeg\r\n"
                  f"Content-Length: {len(data)}\r\n\r\n".encode() + data[:len(data) // 3])
     await writer.drain()
+    return reader, writer
+
+
+async def disconnect_mid_upload(url, photo):
+    """Send headers announcing the whole photo, then a third of it, then leave."""
+    _, writer = await partial_upload(url, photo)
     await asyncio.sleep(0.05)
     writer.close()
     await writer.wait_closed()
@@ -347,12 +353,7 @@ async def disconnect_mid_upload(url, photo):
 async def stall_mid_upload(url, photo, seconds):
     """Send headers announcing the whole photo and a third of it, then nothing for `seconds`: the response (the
     server closes the connection after it: the rest of the body must not be read as another request)."""
-    host, port = url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    data = photo.read_bytes()
-    writer.write(f"POST /caption HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/jpeg\r\n"
-                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data[:len(data) // 3])
-    await writer.drain()
+    reader, writer = await partial_upload(url, photo)
     response = await asyncio.wait_for(reader.read(), seconds + 60)
     writer.close()
     head, _, body = response.partition(b"\r\n\r\n")
@@ -435,12 +436,9 @@ def test_shipped_model_by_default_answers_as_inference_json(tmp_path, monkeypatc
     assert {p.name: r.json() for p, r in zip(photos, answers)} == by_inference
 
 
-def worker_pids(pid):
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return [c for c in children if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
-
-
 def test_workers_share_the_port_each_with_its_model_and_stop_together(probe, tmp_path):
+    from bench import worker_pids
+
     with running_server(tmp_path, "--checkpoint", probe.path, "--workers", "2") as server:
         for _ in range(600):  # uvicorn starts the second once the first is ready
             if len(worker_pids(server.proc.pid)) == 2 and "startup complete" in server.log.read_text()[-2000:]:

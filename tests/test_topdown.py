@@ -160,21 +160,6 @@ def test_the_attention_penalty_reads_the_weights_each_word_was_predicted_with(to
     torch.testing.assert_close(loss - plain, 0.5 * penalty, rtol=1e-4, atol=1e-4)
 
 
-def test_sampled_captions_log_probs_are_the_samplers(topdown):
-    """What self-critical training relies on: the batched pass scores a sampled caption as its steps did."""
-    feats = topdown.features(torch.randn(3, 49, 1280), from_features=True)
-    with torch.no_grad():
-        words = M.sample_captions(topdown.decoderRNN, feats, max_len=6)  # [3, T]
-        tokens = torch.cat([torch.full_like(words[:, :1], M.SOS_IDX), words[:, :-1]], 1)
-        batched = M.caption_log_probs(topdown.decoderRNN(feats, tokens), words)
-        state, expected = topdown.decoderRNN.start(feats), torch.zeros(3)
-        for t in range(words.shape[1]):
-            logits, state = M._next_word_logits(topdown.decoderRNN, tokens[:, t], state)
-            step = logits.log_softmax(-1).gather(1, words[:, t:t + 1]).squeeze(1)
-            expected += step.masked_fill(words[:, t] == M.PAD_IDX, 0.0)
-    torch.testing.assert_close(batched, expected, atol=1e-5, rtol=1e-5)
-
-
 def _mean_probability_log_prob(models, images, caption):
     """log of the members' mean teacher-forced probabilities, summed over a caption's words (EOS included)."""
     words = torch.tensor([caption["ids"] + [M.EOS_IDX] * (caption["length"] > len(caption["ids"]))])
