@@ -340,14 +340,30 @@ class _RegionDecoder(nn.Module):
 
     def forward(self, regions, tokens, with_attention=False):
         """regions [N, R, E], tokens [N, T] (SOS w1 .. wn, padded) -> logits [N, T, V] for (w1 .. wn EOS), and
-        with_attention, the weights [N, T, R] each of them was predicted with too."""
-        state, emb, outs, weights = self.start(regions), self.dropout(self.embed(tokens)), [], []
-        for t in range(tokens.shape[1]):
-            h, state, w = self._advance(emb[:, t], state)
-            outs.append(h)
-            weights.append(w)
-        logits = self.linear(self.dropout(torch.stack(outs, 1)))
-        return (logits, torch.stack(weights, 1)) if with_attention else logits
+        with_attention, the weights [N, T, R] each of them was predicted with too; both zero where tokens is PAD.
+
+        A caption stops at its padding: the rows go longest first and the batch shrinks as captions end, so a
+        batch of Flickr8k captions, padded to its longest, costs about half of what it would word for word. The
+        dropout masks are drawn over the whole padded batch, as a plain pass over it would draw them."""
+        n, steps = tokens.shape
+        emb = self.dropout(self.embed(tokens))
+        lengths = (tokens != PAD_IDX).sum(1)  # [N]: padding only ever follows a caption
+        order = lengths.argsort(descending=True, stable=True)
+        running = (lengths.unsqueeze(1) > torch.arange(steps, device=tokens.device)).sum(0).tolist()  # [T]
+        state, emb, outs, weights = self.start(regions[order]), emb[order], [], []
+        for t, m in enumerate(running):
+            state = tuple(s[:m] for s in state)  # the captions still going: a prefix, longest first
+            h, state, w = self._advance(emb[:m, t], state)
+            outs.append(h if m == n else nn.functional.pad(h, (0, 0, 0, n - m)))
+            weights.append(w if m == n else nn.functional.pad(w, (0, 0, 0, n - m)))
+        unsort = order.argsort()
+        hidden = self.dropout(torch.stack(outs, 1)[unsort])  # [N, T, H]
+        if running[-1] == n:  # no padding anywhere
+            logits = self.linear(hidden)
+        else:  # the output layer only where a word is read: with Flickr8k's batches, half the positions
+            read = tokens != PAD_IDX
+            logits = hidden.new_zeros(n, steps, self.linear.out_features).index_put((read,), self.linear(hidden[read]))
+        return (logits, torch.stack(weights, 1)[unsort]) if with_attention else logits
 
     def step(self, tokens, state):
         """tokens [N] -> logits [N, V] for the next word, and the new state."""
@@ -436,26 +452,33 @@ def make_decoder(args: ModelArgs):
 
 class Generation:
     """Caption generation for anything with `features(x, from_features)` and a `decoderRNN` that has
-    start/step/select: one model (CNN_RNN) or several as one (Ensemble)."""
+    start/step/select: one model (CNN_RNN) or several as one (Ensemble). Generation runs `decoder_runtime`
+    instead where one is set: a faster copy of decoderRNN for a model that no longer learns (features.use_runtime)."""
+
+    decoder_runtime = None
+
+    @property
+    def generator(self):
+        return self.decoder_runtime or self.decoderRNN
 
     @torch.inference_mode()  # lighter than no_grad: generation is many small ops
     def generate(self, x, max_len=40, beam=1, length_penalty=0.0, from_features=False):
         """Captions as lists of word ids (without SOS/EOS), one per image. beam=1 is greedy decoding."""
         feats = self.features(x, from_features)
         if beam == 1:
-            return greedy_search(self.decoderRNN, feats, max_len)
-        return beam_search(self.decoderRNN, feats, max_len, beam, length_penalty)
+            return greedy_search(self.generator, feats, max_len)
+        return beam_search(self.generator, feats, max_len, beam, length_penalty)
 
     @torch.inference_mode()
     def n_best(self, x, n, max_len=40, beam=3, length_penalty=0.0, from_features=False):
         """Each image's n best captions of a beam search (n <= beam), best first, with their log-probabilities:
         see n_best_search."""
-        return n_best_search(self.decoderRNN, self.features(x, from_features), max_len, beam, n, length_penalty)
+        return n_best_search(self.generator, self.features(x, from_features), max_len, beam, n, length_penalty)
 
     @torch.inference_mode()
     def word_log_probs(self, x, captions, from_features=False):
         """How sure the model was of each word of given captions: see teacher_forced."""
-        return teacher_forced(self.decoderRNN, self.features(x, from_features), captions)
+        return teacher_forced(self.generator, self.features(x, from_features), captions)
 
 
 class CNN_RNN(Generation, nn.Module):

@@ -544,15 +544,22 @@ class SelfCritical:
     def __call__(self, model, batch, from_features):
         """-> (minus the samples' log-probabilities weighted by their advantage, summed; their rewards,
         summed; the number of samples)."""
-        inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+        inner = model.module if ddp else model
         x, k = batch.x, self.samples
         rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(k)  # [B*K]: each sample's image
+        # With dropout off the features do not change between the sampling and the pass with gradients: one
+        # pass through the CNN serves both (a CNN that learns: a third less work a step). DDP's gradient hooks
+        # need its own forward, so under DDP the features are computed again there.
+        feats = None if ddp else inner.features(x, from_features)
         with torch.no_grad():
-            words = sample_captions(inner.decoderRNN, inner.features(x, from_features)[rows], self.max_len)  # [B*K, T]
+            sampled_from = inner.features(x, from_features) if ddp else feats.detach()
+            words = sample_captions(inner.decoderRNN, sampled_from[rows], self.max_len)  # [B*K, T]
         reward = self.rewards(words, batch.names).to(x.device)  # [B, K]
         advantage = (reward - (reward.sum(1, keepdim=True) - reward) / (k - 1)).view(-1)  # [B*K]
         tokens = torch.cat([torch.full_like(words[:, :1], SOS_IDX), words[:, :-1]], 1)  # SOS w1 .. w(T-1)
-        logits = model(x, tokens, rows, from_features=from_features)  # the samples again, with gradients (DDP)
+        # the samples again, with gradients
+        logits = model(x, tokens, rows, from_features=from_features) if ddp else inner.decoderRNN(feats[rows], tokens)
         loss = -(advantage * caption_log_probs(logits, words)).sum()
         _check_finite(loss)  # here, not every few steps: a NaN here would make the next samples fail first
         return loss, reward.sum(), words.shape[0]

@@ -273,6 +273,30 @@ def test_sampled_captions_log_probs_are_the_samplers(decoder):
     assert (words[after_eos] == M.PAD_IDX).all()  # padding after the end
 
 
+@pytest.mark.parametrize("decoder", ["attention", "topdown"])
+def test_a_padded_batch_gives_each_caption_what_it_gets_alone(decoder):
+    """The region decoders' pass over a batch stops each caption at its padding (the batch shrinks as captions
+    end): each caption's logits and attention are the ones it gets in a batch of its own, zero at the padding,
+    and a batch without padding keeps its order."""
+    torch.manual_seed(0)
+    model = CNN_RNN(ModelArgs(vocab_size=30, encoder="efficientnet_lite0", embed_size=16, hidden_size=24,
+                              **M.decoder_fields(decoder)), weights="random").eval()
+    lengths = [4, 9, 1, 9, 6, 2]
+    tokens = torch.full((len(lengths), 9), M.PAD_IDX)
+    for i, n in enumerate(lengths):
+        tokens[i, :n] = torch.randint(3, 30, (n,))
+    regions = model.features(torch.randn(len(lengths), 49, 1280), from_features=True)
+    with torch.no_grad():
+        logits, weights = model.decoderRNN(regions, tokens, with_attention=True)
+        for i, n in enumerate(lengths):
+            alone, seen = model.decoderRNN(regions[i:i + 1], tokens[i:i + 1, :n], with_attention=True)
+            torch.testing.assert_close(logits[i, :n], alone[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(weights[i, :n], seen[0], atol=1e-5, rtol=1e-5)
+            assert not logits[i, n:].any() and not weights[i, n:].any()
+        full = tokens[[1, 3]]  # no padding at all
+        torch.testing.assert_close(model.decoderRNN(regions[[1, 3]], full), logits[[1, 3]], atol=1e-5, rtol=1e-5)
+
+
 def test_learning_rate_decays_after_exactly_lr_patience_epochs_without_a_better_score():
     import argparse
 
