@@ -334,7 +334,7 @@ def main(args):
     paths = [Path(p) for p in args.checkpoint] if args.checkpoint else [find_checkpoint(None)]
     model, vocab, preset = models_from_checkpoints(paths)
     model.to(device).eval()
-    use_runtime(model, preset, args.runtime, args.cache_dir, device)
+    use_runtime(model, preset, args.runtime, args.cache_dir, device, decoder=True)
     data = Flickr8k.load(args.data, seed=args.seed)
     if args.calibrate:
         if len(paths) > 1:

@@ -100,7 +100,7 @@ class Captioner:
         self.calibration = read_calibration(paths)
         self.device = torch.device(device)
         self.model.to(self.device).eval()
-        self.runtime = use_runtime(self.model, self.preset, runtime, cache_dir, self.device)
+        self.runtime = use_runtime(self.model, self.preset, runtime, cache_dir, self.device, decoder=True)
         self.transform = EvalTransform(self.preset)
 
     def load(self, path, name=None):

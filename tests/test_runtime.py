@@ -1,5 +1,6 @@
-"""The CNN's runtime (features.use_runtime): ONNX Runtime on the CPU gives PyTorch's captions, its export is
-cached and follows the weights, and whatever is not a frozen CNN on the CPU stays in PyTorch."""
+"""The runtime of a frozen model on the CPU (features.use_runtime): the CNN in ONNX Runtime and a decoder stored
+in fp16 generating from prepacked weights give PyTorch's captions, the export is cached and follows the weights,
+and whatever is not a frozen model on the CPU stays in PyTorch."""
 
 import json
 import logging
@@ -8,8 +9,8 @@ import pytest
 import torch
 
 import features
-from features import use_runtime
-from image_intial_model import CNN_RNN, ModelArgs, preprocessing
+from features import PackedDecoder, use_runtime
+from image_intial_model import CNN_RNN, DECODERS, Ensemble, ModelArgs, decoder_fields, preprocessing
 from image_loader import DataError
 from inference import Captioner
 from tests.conftest import ROOT, SAMPLE, run_script
@@ -33,6 +34,8 @@ def pair(tmp_path_factory):
 def test_onnx_runtime_captions_as_pytorch_does_greedy_and_beam_3(pair):
     eager, onnx = pair
     assert (eager.runtime, onnx.runtime) == ("eager", "onnx")
+    # the shipped release is stored in fp16: its decoder generates from prepacked weights too
+    assert eager.model.decoder_runtime is None and isinstance(onnx.model.decoder_runtime, PackedDecoder)
     photos = [eager.load(p) for p in sample_photos()]
     for beam in (1, 3):
         by = {c: [] for c in pair}
@@ -48,9 +51,48 @@ def test_onnx_runtime_captions_as_pytorch_does_greedy_and_beam_3(pair):
     assert all(abs(x["confidence"] - y["confidence"]) <= 0.002 for x, y in zip(*described))
 
 
-def tiny_model():
-    args = ModelArgs(vocab_size=12, encoder="efficientnet_lite0", embed_size=8, hidden_size=8, attention=True)
+def tiny_model(decoder="attention", vocab_size=12, size=8):
+    args = ModelArgs(vocab_size=vocab_size, encoder="efficientnet_lite0", embed_size=size, hidden_size=size,
+                     **decoder_fields(decoder))
     return CNN_RNN(args, weights="random").eval(), {**preprocessing("efficientnet_lite0"), "crop": 64, "resize": 64}
+
+
+def stored_in_fp16(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.half().float())  # as export.py --half stores them
+    return model
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+@torch.no_grad()
+def test_a_decoder_stored_in_fp16_generates_from_packed_weights_as_pytorch_does(decoder):
+    torch.manual_seed(0)
+    models = [stored_in_fp16(tiny_model(decoder, vocab_size=60, size=32)[0]) for _ in range(2)]
+    x = torch.randn(6, 49, models[0].args.feature_dim)  # cached regions (pooled: their mean)
+    x = x if models[0].args.attention else x.mean(1)
+    for model in (models[0], Ensemble(models)):
+        assert PackedDecoder.exact(model.decoderRNN)
+        plain = [model.generate(x, beam=b, from_features=True) for b in (1, 3)]
+        plain_logp = model.word_log_probs(x, plain[1], from_features=True)[0]
+        model.decoder_runtime = PackedDecoder(model.decoderRNN)
+        assert [model.generate(x, beam=b, from_features=True) for b in (1, 3)] == plain
+        torch.testing.assert_close(model.word_log_probs(x, plain[1], from_features=True)[0], plain_logp, atol=1e-4,
+                                   rtol=0)  # banned words: -inf in both
+    fp32 = tiny_model(decoder, vocab_size=60, size=32)[0]
+    assert not PackedDecoder.exact(fp32.decoderRNN)  # rounding its weights would change its captions
+
+
+def test_only_a_model_that_no_longer_learns_gets_a_packed_decoder(tmp_path):
+    model, preset = tiny_model()
+    stored_in_fp16(model)
+    assert use_runtime(model, preset, "onnx", tmp_path) == "onnx" and model.decoder_runtime is None  # training's
+    assert use_runtime(model, preset, "onnx", tmp_path, decoder=True) == "onnx"
+    assert isinstance(model.decoder_runtime, PackedDecoder)
+    assert "decoder_runtime" not in str(list(model.state_dict()))  # no module of the model: not saved
+    assert use_runtime(model, preset, "eager", tmp_path, decoder=True) == "eager" and model.decoder_runtime is None
+    assert use_runtime(model, preset, "auto", tmp_path, decoder=True, device="cuda") == "eager"
+    assert model.decoder_runtime is None
 
 
 @torch.no_grad()
