@@ -25,25 +25,29 @@ FIRST_LOOK_MIN = 0.2  # first_look score at or above which read() is worth runni
 LANGUAGES = {"en": "English", "zh": "Chinese"}  # what the bundled PP-OCRv4 recogniser reads
 
 DET_SIDE = 640        # long side the detector sees in read() (the library's default scales the short side to 736)
-LOOK_SIDE = 320       # long side the detector sees in first_look()
+LOOK_SIDE = 384       # long side the detector sees in first_look() (320: a sideways page is missed more)
 MAX_LINES = 32        # text boxes recognised at most: bounds the time on a page of tiny print
 MAX_CANDIDATES = 300  # detector regions examined at most (the library's 1000 costs ~0.2 s on a page of noise)
 MIN_TEXT_PX = 9       # boxes whose text is less high than this (in the READ_SIZE image) cannot be read
 MAX_ASPECT = 40       # a crop wider than this many heights is squashed: bounds the recogniser's input
 MIN_SCORE = 0.80      # recogniser score (mean character probability) a line needs
-SURE_SCORE = 0.93     # ... at or above which a line may hold more words unknown to the word list
+SURE_SCORE = 0.93     # ... at or above which words unknown to the word list count as words if they look like one
 MIN_WORD_SHARE = 0.6  # share of a line's tokens that must be known words or numbers
-SURE_WORD_SHARE = 0.34
 MIN_ALNUM = 3         # letters and digits a line needs
 MAX_WORD = 20         # no token longer than this many letters is ever output
-VOCAB_RANK = 80000    # words of wordninja's list (by frequency) that count as known
+SPLIT_COST = 2.0      # respacing: cost of each added space, against
+UNKNOWN_LETTER_COST = 2.8  # ... the cost per letter of leaving the token whole (chosen on the rendered phrases)
+NUMBER_COST = 8.0     # a number's cost as a part (like a word of middling frequency)
 REC_HEIGHT = 32      # recogniser input height: the model was trained at 48; 32 reads as well at ~half the time
-RETRY_SCORE = 0.85    # below this mean score the other reading direction is tried too
+RETRY_SCORE = 0.85    # below this mean score the other reading direction is tried too,
+RETRY_LINES = 4       # ... on this many of the largest lines first
 ILLEGIBLE_COVER = 0.01  # text-box share of the photo above which unread boxes mean "text is there"
-ILLEGIBLE_BOXES = 2
+ILLEGIBLE_BOXES = 1
+LINE_HIGH = 0.25      # a box higher than this share of the photo's short side is a blob, not a line of text
 
 _CJK = re.compile(r"[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uff00-\uffef]")
 _NUMBER = re.compile(r"^[+-]?\d+([.,:/]\d+)*%?$")
+_NUMBER_UNIT = re.compile(r"^(\d+(?:[.,]\d+)?)([A-Za-z]{1,12}[.,:;]?)$")
 
 
 @dataclass
@@ -76,29 +80,49 @@ def parse_languages(languages):
 class Words:
     """English word list (wordninja's, ranked by frequency): restores lost spaces and tells words from junk."""
 
-    def __init__(self, rank_limit=VOCAB_RANK):
+    def __init__(self):
         import wordninja
 
         self.model = wordninja.DEFAULT_LANGUAGE_MODEL
-        cost = self.model._wordcost  # word -> cost, the cost rising with the word's rank
-        ranked = sorted(cost, key=cost.get)[:rank_limit]
-        self.known = {w for w in ranked if w.isalpha() and (len(w) > 1 or w in ("a", "i"))}
+        self.cost = {w: c for w, c in self.model._wordcost.items() if w.isalpha() and (len(w) > 1 or w in "ai")}
+        # letter triples seen in English words: a name the list lacks ("Lisinopril") still looks like a word
+        self.triples = {}
+        for w in self.cost:
+            for t in _triples(w):
+                self.triples[t] = self.triples.get(t, 0) + 1
 
     def is_word(self, token):
         core = token.strip(".,:;!?'\"()[]{}-*#").lower()
-        return bool(core) and (core in self.known or bool(_NUMBER.match(core)))
+        return bool(core) and (core in self.cost or bool(_NUMBER.match(core)))
+
+    def looks_like_word(self, token):
+        """Letters only, 4 or more, every letter triple common in English words."""
+        core = token.strip(".,:;!?'\"()[]{}-*#").lower()
+        return len(core) >= 4 and core.isalpha() and all(self.triples.get(t, 0) >= 3 for t in _triples(core))
+
+    def _cost(self, part):
+        return NUMBER_COST if _NUMBER.match(part) else self.cost.get(part.lower(), math.inf)
 
     def respace(self, token):
         """A token the recogniser ran together ('anotrepairthiscomputer') -> 'a not repair this computer'; kept
-        whole where it is a known word or no split into known words exists."""
-        if self.is_word(token) or len(token) < 4 or not re.search("[A-Za-z]", token):
+        whole where it is a known word, or where splitting it costs more than an unknown word of its length
+        ('Metformin' is not 'Met form in')."""
+        if self.is_word(token) or len(token) < 3 or not re.search("[A-Za-z]", token):
             return token
-        parts = self.model.split(token)
-        if len(parts) > 1 and all(self.is_word(p) for p in parts):
-            # wordninja drops punctuation: put a trailing one back
-            tail = token[-1] if token[-1] in ".,:;!?" else ""
-            return " ".join(parts) + tail
+        unit = _NUMBER_UNIT.match(token)  # "20mg" -> "20 mg": a number and a known word are always two
+        if unit and unit.group(2).rstrip(".,:;").lower() in self.cost:
+            return f"{unit.group(1)} {unit.group(2)}"
+        core = token.rstrip(".,:;!?")
+        parts = self.model.split(core)
+        cost = sum(self._cost(p) for p in parts) + SPLIT_COST * (len(parts) - 1)
+        if len(parts) > 1 and cost < UNKNOWN_LETTER_COST * len(core):
+            return " ".join(parts) + token[len(core):]  # wordninja drops punctuation: put a trailing one back
         return token
+
+
+def _triples(word):
+    padded = f"^{word}$"
+    return [padded[i:i + 3] for i in range(len(padded) - 2)]
 
 
 @dataclass
@@ -107,7 +131,6 @@ class Rules:
     min_score: float = MIN_SCORE
     sure_score: float = SURE_SCORE
     min_word_share: float = MIN_WORD_SHARE
-    sure_word_share: float = SURE_WORD_SHARE
     min_alnum: int = MIN_ALNUM
     illegible_cover: float = ILLEGIBLE_COVER
     illegible_boxes: int = ILLEGIBLE_BOXES
@@ -124,9 +147,10 @@ def tidy_line(text, score, words, languages, rules):
     alnum = sum(c.isalnum() for c in line)
     if not tokens or alnum < rules.min_alnum or alnum < 0.6 * len(line.replace(" ", "")):
         return line, False
-    good = sum(words.is_word(t) or bool(_CJK.search(t)) for t in tokens) / len(tokens)
-    keep = score >= rules.min_score and (good >= rules.min_word_share
-                                         or (score >= rules.sure_score and good >= rules.sure_word_share))
+    # a word the list lacks (a medicine's name) counts where the recogniser is sure and it looks like a word
+    good = sum(words.is_word(t) or bool(_CJK.search(t)) or (score >= rules.sure_score and words.looks_like_word(t))
+               for t in tokens) / len(tokens)
+    keep = score >= rules.min_score and good >= rules.min_word_share
     return line, keep
 
 
@@ -159,8 +183,7 @@ def upright_centre(box, angle, width, height):
 def reading_order(items, angle, width, height):
     """items: (box, text) -> rows of text, top to bottom, left to right in the upright frame; boxes on one row
     are joined with a space."""
-    placed = sorted((upright_centre(b, angle, width, height), t) for b, t in items)
-    placed.sort(key=lambda p: p[0][1])
+    placed = sorted(((upright_centre(b, angle, width, height), t) for b, t in items), key=lambda p: p[0][1])
     rows = []
     for (x, y, h), text in placed:
         if rows and abs(y - rows[-1]["y"]) < 0.5 * max(h, rows[-1]["h"]):
@@ -179,6 +202,12 @@ def to_array(image, long_side):
     return np.ascontiguousarray(np.asarray(image)[:, :, ::-1])
 
 
+def _line_like(box):
+    """A text line is long and thin (either way: the photo may be on its side); a blob is not."""
+    w, h = _box_sides(box)
+    return max(w, h) >= 1.5 * min(w, h)
+
+
 def _area(box):
     x, y = box[:, 0], box[:, 1]
     return 0.5 * abs(float(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))))
@@ -189,9 +218,9 @@ class TextReader:
     safe to call from one thread at a time."""
 
     def __init__(self, languages=("en",), threads=None, det_side=DET_SIDE, max_lines=MAX_LINES, rec_height=REC_HEIGHT,
-                 rules=None):
+                 look_side=LOOK_SIDE, rules=None):
         """languages: codes from LANGUAGES ('en', 'zh'); threads: ONNX Runtime threads per model (None: its
-        default, all cores); det_side, max_lines, rec_height, rules: the speed/recall knobs text_photos.py
+        default, all cores); det_side, max_lines, rec_height, look_side, rules: the speed/recall knobs text_photos.py
         measures."""
         self.languages = parse_languages(languages)
         try:
@@ -212,20 +241,23 @@ class TextReader:
         self.cls = TextClassifier(config["Cls"])
         self.rec = TextRecognizer(config["Rec"])
         self.rec.rec_image_shape = [3, rec_height, 320]  # (C, H, W at least): the width follows each crop
-        self.det_side, self.max_lines = det_side, max_lines
+        self.det_side, self.max_lines, self.look_side = det_side, max_lines, look_side
         self.rules = rules or Rules()
         self.words = Words()
 
     def _detect(self, img, side):
         """img (H, W, 3) BGR -> (probability map (h, w) at <= side px, boxes (N, 4, 2) in img's pixels, scores)."""
-        from rapidocr_onnxruntime.ch_ppocr_det.utils import DetPreProcess
-
         h, w = img.shape[:2]
         if min(h, w) * side / max(h, w) < 32:  # too thin for the network's 32-px grid: pad it square
             pad = np.full((max(h, w), max(h, w), 3), 255, np.uint8)
             pad[:h, :w] = img
             img = pad
-        x = DetPreProcess(side, "max", self.det.mean, self.det.std)(img)  # (1, 3, h', w'), multiples of 32
+        import cv2
+
+        scale = side / max(img.shape[:2])
+        size = [max(32, int(round(n * scale / 32)) * 32) for n in img.shape[1::-1]]  # (w', h'): multiples of 32
+        x = cv2.resize(img, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+        x = (x.astype(np.float32) * (2 / 255) - 1).transpose(2, 0, 1)[None]  # (1, 3, h', w'), in [-1, 1]
         prob = self.det.infer(x)[0]  # (1, 1, h', w')
         boxes, scores = self.det.postprocess_op(prob, img.shape[:2])
         boxes = [self.det.order_points_clockwise(b.astype(np.float32)) for b in boxes]
@@ -233,18 +265,24 @@ class TextReader:
         return prob[0, 0], [boxes[i] for i in keep], [float(scores[i]) for i in keep]
 
     def first_look(self, image):
-        """A cheap score in [0, 1] that the photo holds text worth reading: the share of the photo the detector
-        marks as text with assurance, at LOOK_SIDE px (a few ms)."""
-        prob, _, _ = self._detect(to_array(image, LOOK_SIDE), LOOK_SIDE)
-        return float(1.0 - math.exp(-float((prob > 0.6).mean()) / 0.01))
+        """A cheap score in [0, 1] that the photo holds text worth reading: the share of the photo inside lines
+        the detector finds with assurance, at look_side px (a detector pass on a small image)."""
+        img = to_array(image, self.look_side)
+        _, boxes, scores = self._detect(img, self.look_side)
+        share = sum(_area(b) for b, s in zip(boxes, scores) if s >= 0.6 and _line_like(b)) / img[..., 0].size
+        return float(1.0 - math.exp(-share / 0.01))  # 1% of the photo in text lines: 0.63
 
     def _recognise(self, crops):
         """crops -> ([(text, score)], length-weighted mean score)."""
         if not crops:
             return [], 0.0
         res, _ = self.rec([np.ascontiguousarray(c) for c in crops])
+        return res, self._recognise_score(res)
+
+    @staticmethod
+    def _recognise_score(res):
         lengths = [max(len(t), 1) for t, _ in res]
-        return res, float(sum(s * n for (_, s), n in zip(res, lengths)) / sum(lengths))
+        return float(sum(s * n for (_, s), n in zip(res, lengths)) / max(sum(lengths), 1))
 
     def _orient(self, img, boxes):
         """Boxes -> (kept boxes, their crops turned to read left to right, angle). A photo turned 90 degrees has
@@ -264,10 +302,12 @@ class TextReader:
         vote = sum(c.shape[1] * (s if label == "180" else -s) for c, (label, s) in zip(crops, votes))
         flip = vote > 0
         read, score = self._recognise([np.rot90(c, 2) if flip else c for c in crops])
-        if crops and score < RETRY_SCORE:
-            other, other_score = self._recognise([c if flip else np.rot90(c, 2) for c in crops])
-            if other_score > score:
-                read, score, flip = other, other_score, not flip
+        if crops and score < RETRY_SCORE:  # compare on the largest print (crops come largest first)
+            other = [c if flip else np.rot90(c, 2) for c in crops]
+            top, top_score = self._recognise(other[:RETRY_LINES])
+            if top_score > self._recognise_score(read[:RETRY_LINES]):
+                rest, _ = self._recognise(other[RETRY_LINES:])
+                read, flip = top + rest, not flip
         return boxes, read, (base + 180 * flip) % 360
 
     def read_raw(self, image):
@@ -276,11 +316,16 @@ class TextReader:
         img = to_array(image, READ_SIZE)
         height, width = img.shape[:2]
         _, boxes, _ = self._detect(img, self.det_side)
+        boxes = [b for b in boxes if _line_like(b)]  # a blob (a ball, a dark window) is no line of text
         cover = min(1.0, sum(_area(b) for b in boxes) / (width * height))
+        # text-line-sized boxes (not a blob as high as a quarter of the photo): the evidence for "illegible"
+        sized = [b for b in boxes if min(_box_sides(b)) <= LINE_HIGH * min(width, height)]
+        line_cover = sum(_area(b) for b in sized) / (width * height)
         boxes = [b for b in boxes if min(_box_sides(b)) >= MIN_TEXT_PX]
         boxes = sorted(boxes, key=lambda b: -min(_box_sides(b)))[:self.max_lines]  # the largest print first
         boxes, read, angle = self._orient(img, boxes)
-        return {"boxes": boxes, "read": read, "angle": angle, "coverage": cover, "width": width,
+        return {"boxes": boxes, "read": read, "angle": angle, "coverage": cover, "line_cover": line_cover,
+                "lines_seen": len(sized), "width": width,
                 "height": height, "seconds": time.perf_counter() - start}
 
     def judge(self, raw, rules=None):
@@ -293,7 +338,7 @@ class TextReader:
                 kept.append((box, line))
                 scores.append(score)
         lines = reading_order(kept, raw["angle"], raw["width"], raw["height"])
-        seen = raw["coverage"] >= rules.illegible_cover and len(raw["boxes"]) >= rules.illegible_boxes
+        seen = raw["line_cover"] >= rules.illegible_cover and raw["lines_seen"] >= rules.illegible_boxes
         illegible = seen and not lines
         return TextResult(lines=lines, confidence=float(np.mean(scores)) if scores else 0.0,
                           coverage=float(raw["coverage"]), illegible=bool(illegible),
