@@ -195,7 +195,7 @@ def degrade(im, rng, text_px=0):
     if rng.random() < 0.4:
         im, done = perspective(im, rng), done + ["perspective"]
     if text_px:
-        im, done = im.filter(ImageFilter.GaussianBlur(rng.uniform(0.15, 0.3) * text_px)), done + ["heavy blur"]
+        im, done = im.filter(ImageFilter.GaussianBlur(rng.uniform(0.13, 0.2) * text_px)), done + ["heavy blur"]
     elif rng.random() < 0.35:
         im, done = im.filter(ImageFilter.GaussianBlur(rng.uniform(0.8, 2.0))), done + ["blur"]
     elif rng.random() < 0.3:
@@ -416,7 +416,8 @@ def get_args_parser():
     p.add_argument("--look-side", type=int, default=read_text.LOOK_SIDE, help="first_look detector side (px)")
     p.add_argument("--max-lines", type=int, default=read_text.MAX_LINES, help="text boxes recognised at most")
     p.add_argument("--threads", type=int, default=None,
-                   help="ONNX Runtime threads per model (default: PyTorch's, as the captioner uses)")
+                   help="threads of the captioner (PyTorch) and of each reader model (ONNX Runtime); default: "
+                   "PyTorch's")
     p.add_argument("--no-caption", action="store_true", help="skip the captioner's time (faster sweeps)")
     p.add_argument("--vizwiz", default=None, help="a folder of real photos: print what the reader says of each")
     p.add_argument("--dump", default=None, help="write every photo's lines and figures to this JSON file")
@@ -427,7 +428,9 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     import torch
 
-    threads = args.threads or torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)  # the captioner's threads too: the reader runs beside it with as many
+    threads = torch.get_num_threads()
     reader = read_text.TextReader(threads=threads, det_side=args.det_side, max_lines=args.max_lines,
                                   rec_height=args.rec_height, look_side=args.look_side)
     captioner = None
