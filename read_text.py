@@ -31,9 +31,10 @@ MAX_LINES = 32        # text boxes recognised at most: bounds the time on a page
 MAX_CANDIDATES = 300  # detector regions examined at most (the library's 1000 costs ~0.2 s on a page of noise)
 MIN_TEXT_PX = 9       # boxes whose text is less high than this (in the READ_SIZE image) cannot be read
 MAX_ASPECT = 40       # a crop wider than this many heights is squashed: bounds the recogniser's input
-MIN_SCORE = 0.80      # recogniser score (mean character probability) a line needs
+MIN_SCORE = 0.85      # recogniser score (mean character probability) a line needs
 SURE_SCORE = 0.93     # ... at or above which words unknown to the word list count as words if they look like one
-MIN_WORD_SHARE = 0.6  # share of a line's tokens that must be known words or numbers
+MIN_WORD_SHARE = 0.75  # share of a line's tokens that must be known words or numbers (dev: 0.6 to 0.8 keep
+                       # the same key words; 0.75 and 0.85 above say the fewest wrong words)
 MIN_ALNUM = 3         # letters and digits a line needs
 MAX_WORD = 20         # no token longer than this many letters is ever output
 SPLIT_COST = 2.0      # respacing: cost of each added space, against
