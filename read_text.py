@@ -36,6 +36,7 @@ SURE_SCORE = 0.93     # ... at or above which words unknown to the word list cou
 MIN_WORD_SHARE = 0.75  # share of a line's tokens that must be known words or numbers (dev: 0.6 to 0.8 keep
                        # the same key words; 0.75 and 0.85 above say the fewest wrong words)
 MIN_ALNUM = 3         # letters and digits a line needs
+LONG_NAME = 14        # an unknown word longer than this does not count as a word (medicine names are shorter)
 MAX_WORD = 20         # no token longer than this many letters is ever output
 SPLIT_COST = 2.0      # respacing: cost of each added space, against
 UNKNOWN_LETTER_COST = 2.8  # ... the cost per letter of leaving the token whole (chosen on the rendered phrases)
@@ -108,9 +109,11 @@ class Words:
         return bool(core) and (core in self.cost or bool(_NUMBER.match(core)))
 
     def looks_like_word(self, token):
-        """Letters only, 4 or more, every letter triple common in English words."""
+        """Letters only, 4 to LONG_NAME of them, every letter triple common in English words (longer unknown runs
+        are words the recogniser ran together and could not be split: junk to say)."""
         core = token.strip(".,:;!?'\"()[]{}-*#").lower()
-        return len(core) >= 4 and core.isalpha() and all(self.triples.get(t, 0) >= 3 for t in _triples(core))
+        return (4 <= len(core) <= LONG_NAME and core.isalpha()
+                and all(self.triples.get(t, 0) >= 3 for t in _triples(core)))
 
     def _cost(self, part):
         return NUMBER_COST if _NUMBER.match(part) else self.cost.get(part.lower(), math.inf)
