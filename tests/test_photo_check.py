@@ -1,0 +1,135 @@
+"""The photo check: each fixable problem, made on sample photos, is named with its hint; clean photos are not;
+an upside-down photo is turned back and none is turned wrongly; a checkpoint without a fitted check still scores;
+hostile images are answered fast."""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import SAMPLE
+from PIL import Image
+
+import degrade
+import photo_check
+from confidence import pooled_features
+from image_loader import EvalTransform, load_image
+from utils import SHIPPED_CHECKPOINT, load_checkpoint, model_from_checkpoint
+
+# photos of Flickr8k's test split, which the check was not fitted on
+TEST_NAMES = sorted((SAMPLE / "Flickr_8k.testImages.txt").read_text().split())
+NAMES = TEST_NAMES[:8]
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    """(the shipped checkpoint's photo check, a function: PIL photos -> their pooled CNN features [N, F])."""
+    ckpt = load_checkpoint(SHIPPED_CHECKPOINT)
+    assert "photo_check" in ckpt, "the shipped checkpoint carries no photo check: python degrade.py --fit"
+    model, _, preset = model_from_checkpoint(ckpt)
+    model.eval()
+    transform = EvalTransform(preset)
+
+    @torch.inference_mode()
+    def pooled(images):
+        return pooled_features(model.encoderCNN.extract(torch.stack([transform(im) for im in images])))
+
+    return photo_check.PhotoCheck.from_checkpoint(ckpt), pooled
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return [load_image(SAMPLE / "Images" / n) for n in NAMES]
+
+
+def _array(im):
+    return np.asarray(im, dtype=np.float32) / 255
+
+
+def _image(x):
+    return Image.fromarray((np.clip(x, 0, 1) * 255 + 0.5).astype(np.uint8))
+
+
+def _spoil(im, problem, i):
+    """A sample photo with one problem, made as degrade.py makes them (each kind in turn)."""
+    x, rng = _array(im), np.random.default_rng(i)
+    if problem == "blur":
+        kernels = [degrade._disc_kernel(5), degrade._motion_kernel(15, 0.3 + i), degrade._disc_kernel(4)]
+        return _image(degrade._convolve(x, kernels[i % 3]))
+    if problem == "dark":
+        return _image(degrade.dark(x, rng)[0])
+    if problem == "bright":
+        return _image(degrade._gamma(degrade._linear(x) * 6) if i % 2 else x * 0.3 + 0.7)
+    raise ValueError(problem)
+
+
+def _named(check, image, pooled=None):
+    return {p["problem"]: p["hint"] for p in check.problems(check.scores(image, pooled))}
+
+
+@pytest.mark.parametrize("problem", ["blur", "dark", "bright"])
+def test_each_problem_is_named_with_its_hint(shipped, photos, problem):
+    check, pooled = shipped
+    spoilt = [_spoil(im, problem, i) for i, im in enumerate(photos)]
+    features = pooled(spoilt)
+    with_cnn = [_named(check, im, f) for im, f in zip(spoilt, features)]
+    alone = [_named(photo_check.PhotoCheck(), im) for im in spoilt]
+    for named in (with_cnn, alone):
+        hits = [problem in n for n in named]
+        assert sum(hits) >= len(spoilt) - 1, (problem, named)
+        assert all(n[problem] == photo_check.HINTS[problem] for n, h in zip(named, hits) if h)
+
+
+def test_clean_photos_get_no_problem(shipped, photos):
+    check, pooled = shipped
+    named = [_named(check, im, f) for im, f in zip(photos, pooled(photos))]
+    assert sum(bool(n) for n in named) <= 1, named
+
+
+def test_turned_photos_are_turned_back_or_left_alone(shipped):
+    """Upside down is often seen and undone; a photo on its side is seen as sideways but which side is rarely
+    sure enough to turn (on the 250 sample photos turned 90 degrees clockwise, 1 is turned back, none wrongly):
+    never a wrong turn."""
+    check, pooled = shipped
+    photos = [load_image(SAMPLE / "Images" / n) for n in TEST_NAMES]
+    upside_down = [im.rotate(180) for im in photos]
+    turns = [check.upright_turn(f) for f in pooled(upside_down)]
+    assert set(turns) <= {0, 180} and turns.count(180) >= 3, turns
+    for im, f, t in zip(upside_down, pooled(upside_down), turns):
+        named = [p["problem"] for p in check.problems(check.scores(im, f))]
+        assert ("rotated" in named) == (t != 0), named  # named exactly when the check turns it
+    sideways = pooled([im.rotate(-90, expand=True) for im in photos])  # turned 90 degrees clockwise
+    assert {check.upright_turn(f) for f in sideways} <= {0, 270}
+    side = [sum(check.turn_probabilities(f)[1::2]) for f in sideways]  # P(90) + P(270)
+    assert sum(p > 0.5 for p in side) >= len(side) * 0.6, side
+    assert all(check.upright_turn(f) == 0 for f in pooled(photos))
+
+
+def test_without_a_fitted_check_the_image_measures_still_score(photos):
+    check = photo_check.PhotoCheck.from_checkpoint({"model": {}})
+    dark = _spoil(photos[0], "dark", 0)
+    scores = check.scores(dark)
+    assert set(scores) == {"dark", "bright", "blur"}
+    assert "dark" in _named(check, dark)
+    assert check.upright_turn(None) == 0
+
+
+def test_scores_lie_in_zero_one(shipped, photos):
+    check, pooled = shipped
+    images = photos[:2] + [Image.new("RGB", (300, 200)), Image.new("RGB", (50, 900), "white")]
+    for image, f in zip(images, pooled(images)):
+        for scores in (check.scores(image, f), check.scores(image)):
+            assert scores and all(0.0 <= s <= 1.0 for s in scores.values()), scores
+    assert set(check.scores(images[0], pooled(images[:1])[0])) == set(photo_check.PROBLEMS)
+
+
+def test_huge_or_noisy_images_answer_fast(shipped):
+    check, _ = shipped
+    rng = np.random.default_rng(0)
+    noise = Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8))
+    huge = Image.new("RGB", (8000, 6000), (90, 120, 150))
+    for image in (noise, huge):
+        start = time.perf_counter()
+        scores = check.scores(image)
+        assert time.perf_counter() - start < 1.0
+        assert all(0.0 <= s <= 1.0 for s in scores.values())
