@@ -5,6 +5,7 @@
     python bench.py --encoder inception_v3 --no-pretrained --attention   # a GPU box with no network
     python bench.py --serve                   # serve.py under 1, 8 and 32 concurrent clients, batching on and off
     python bench.py --serve --serve-workers 2 --threads 1   # the same with two server processes of one thread
+    python bench.py --web                     # the web export in headless Chromium beside the Python runner
 
 Each pipeline figure comes with its ceiling, measured in the same run, so a ratio says where the time goes:
   loader                = JPEG files decoded and resized by the loader alone, no model, --workers workers
@@ -119,6 +120,9 @@ def get_args_parser():
                    help="leave out torch.compile's ceiling (it compiles for about a minute a shape on a small CPU)")
     p.add_argument("--embed-size", type=positive(int), default=256, help="decoder shape, as in training")
     p.add_argument("--hidden-size", type=positive(int), help="decoder shape (default 256; 512 with --attention)")
+    p.add_argument("--web", action="store_true",
+                   help="benchmark the web export instead (bench_web.py): headless Chromium, WebAssembly, beside "
+                        "the Python runner on 20 sample photos (--checkpoint: the model exported)")
     p.add_argument("--serve", action="store_true",
                    help="benchmark serve.py instead: photos/s and p50/p99 latency at --clients concurrent clients, "
                         "batching on (--max-batch) and off, against the in-process batched rate (--checkpoint "
@@ -713,6 +717,11 @@ def report_serve(r):
 
 def cli(argv=None):
     args = get_args_parser().parse_args(argv)
+    if args.web:
+        import bench_web
+
+        return bench_web.cli([*(["--checkpoint", args.checkpoint] if args.checkpoint else []),
+                              *(["--json"] if args.json else [])])
     try:
         r = serve_bench(args) if args.serve else main(args)
     except (DataError, EncoderWeightsError) as e:

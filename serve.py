@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
 from PIL import Image
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -86,6 +86,8 @@ def get_args_parser():
                    help="seconds a client may take between two pieces of its upload (408 after)")
     p.add_argument("--beam", type=positive(int), default=3, help="beam width when a request does not say")
     p.add_argument("--max-beam", type=positive(int), default=8, help="widest beam a request may ask for (?beam=N)")
+    p.add_argument("--web-dir", help="also serve at /offline/ this folder, made by `export.py --format web`: the "
+                                     "page that describes photos in the browser itself, sending none (docs/web.md)")
     p.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (PEM): wise beyond loopback")
     p.add_argument("--ssl-keyfile", help="the certificate's private key (PEM)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
@@ -103,6 +105,8 @@ def check_args(p, args):
         p.error(f"--port must be 1 to 65535, got {args.port}")
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
         p.error("--ssl-certfile and --ssl-keyfile go together")
+    if args.web_dir and not (Path(args.web_dir) / "captioner.json").is_file():
+        p.error(f"--web-dir {args.web_dir} holds no web export: make one with `export.py --format web --out DIR`")
     return args
 
 
@@ -448,6 +452,14 @@ def make_app(args, captioner=None, model_name=None):
     async def index():
         return page.response()
 
+    @app.get("/offline")
+    async def offline_folder():
+        return RedirectResponse("/offline/")  # the page's files are named relative to the folder
+
+    @app.get("/offline/{name:path}")
+    async def offline(name: str):
+        return web_file(args.web_dir, name)
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc):  # 404, 405: the same JSON shape as every other refusal
         return refusal(request, exc.status_code, str(exc.detail), getattr(exc, "headers", None))
@@ -457,6 +469,24 @@ def make_app(args, captioner=None, model_name=None):
         return refusal(request, 400, "invalid request")
 
     return app
+
+
+WEB_TYPES = {".mjs": "text/javascript", ".js": "text/javascript", ".wasm": "application/wasm",
+             ".webmanifest": "application/manifest+json", ".html": "text/html; charset=utf-8"}
+
+
+def web_file(folder, name):
+    """GET /offline/NAME: a file of the folder `export.py --format web` made (--web-dir), its page for the folder
+    itself; only the folder's own files, so that no name leads out of it. 404 for anything else."""
+    if not folder:
+        raise StarletteHTTPException(404, "no offline page here: make one with `python export.py --format web "
+                                          "--out site/` and serve it with --web-dir site/")
+    files = {p.name: p for p in Path(folder).iterdir() if p.is_file()}
+    path = files.get(name or "index.html")
+    if path is None:
+        raise StarletteHTTPException(404, f"/offline/{name}: no such file")
+    return FileResponse(path, media_type=WEB_TYPES.get(path.suffix, "application/octet-stream"),
+                        headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
 
 
 def model_thread():

@@ -1,0 +1,222 @@
+"""Benchmark the web export (export.py --format web) in headless Chromium, WebAssembly backend, beside the
+Python runner (export.py --check: ONNX Runtime) on the same photos in the same run; print what was measured.
+
+    python bench_web.py [--photos 20] [--site site/] [--json]       # or: python bench.py --web
+
+Measures: the folder's size (all of it, the model files, the runtime), the time from opening the page to
+ready (first visit, then from the service worker's cache: the later visits), the time per caption in the page
+(file chosen to description announced, and its parts) and in Python (Runner.describe: file to description,
+median of 3 after a warm-up), photo by photo, alternating; whether the page's captions, levels and alt texts
+are the runner's, and whether its preprocessing (the browser's decode and Pillow's resize in JavaScript)
+gives the runner's input tensor to the bit. Needs `npm ci`, and chromium + chromedriver (Debian's).
+"""
+
+import argparse
+import contextlib
+import functools
+import http.server
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent
+SAMPLE_IMAGES = ROOT / "data" / "flickr8k_sample" / "Images"
+# headless, and nothing reached but 127.0.0.1: no component updates, sync or other background traffic
+BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-quic",
+                 "--disable-sync", "--disable-extensions", "--disable-default-apps", "--no-proxy-server",
+                 "--disable-background-networking", "--disable-component-update", "--window-size=412,915",
+                 "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1"]
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="the model to export (default: as export.py: yours, else the shipped one)")
+    p.add_argument("--site", help="an existing web export to measure (default: export one into a temporary folder)")
+    p.add_argument("--photos", type=int, default=20, help="how many sample photos to caption in both")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    return p
+
+
+class _Logged(http.server.SimpleHTTPRequestHandler):
+    """A static file server's handler that records every request: (method, path, bytes of body declared)."""
+
+    def log_message(self, format, *args):
+        self.server.requests.append((self.command, self.path, int(self.headers.get("Content-Length") or 0)))
+
+
+@contextlib.contextmanager
+def static_server(folder):
+    """http.server serving `folder` on a free port of 127.0.0.1 in a thread; yields the server, whose
+    `requests` lists every request and whose `url` is its address. Stops it afterwards."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Logged, directory=str(folder)))
+    server.requests, server.url = [], f"http://127.0.0.1:{server.server_port}/"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+@contextlib.contextmanager
+def chromium(profile):
+    """Headless Chromium through Selenium, with a fresh profile in the folder `profile`."""
+    from selenium import webdriver
+
+    os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager: look for nothing online
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium") or shutil.which("chromium-browser")
+    for flag in [*BROWSER_FLAGS, f"--user-data-dir={profile}"]:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(shutil.which("chromedriver")))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def ready_ms(driver, within=300):
+    """Milliseconds from opening the page to its model ready, as the page measured it."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, within).until(lambda d: d.execute_script("return document.documentElement.dataset.readyMs"))
+    return int(driver.execute_script("return document.documentElement.dataset.readyMs"))
+
+
+def page_describe(driver, photo, within=300):
+    """Choose `photo` in the page; -> {caption, alt_text, confidence_level, ms (chosen to announced), parts}."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    answer = driver.find_element("id", "answer")
+    # emptied first: choosing the file already chosen would change nothing, and say nothing
+    driver.execute_script("arguments[0].textContent = ''; document.getElementById('photo').value = ''", answer)
+    driver.find_element("id", "photo").send_keys(str(photo))
+    WebDriverWait(driver, within).until(lambda d: answer.text not in ("", "Describing the photo\u2026"))
+    return {"caption": answer.get_attribute("data-caption"), "alt_text": answer.text,
+            "confidence_level": answer.get_attribute("data-level") or None,
+            "ms": int(driver.execute_script("return document.documentElement.dataset.captionMs")),
+            "parts": json.loads(answer.get_attribute("data-ms") or "{}")}
+
+
+def page_tensor(driver, photo, preset):
+    """The input tensor the page makes of `photo` (chosen in its file input), as float32 [3 * S * S]."""
+    driver.find_element("id", "photo").send_keys(str(photo))
+    return np.array(driver.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "import('./captioner.js').then(async m => done(Array.from(m.preprocess("
+        "await m.readPixels(document.getElementById('photo').files[0]), arguments[0]).data)));", preset),
+        dtype=np.float32)
+
+
+def folder_sizes(site):
+    sizes = {p.name: p.stat().st_size for p in Path(site).iterdir() if p.is_file()}
+    mib = lambda names: round(sum(sizes[n] for n in names) / 2**20, 2)  # noqa: E731
+    return {"folder_mib": mib(sizes), "model_mib": mib(["encoder.onnx", "decoder_step.onnx"]),
+            "runtime_mib": mib([n for n in sizes if n.startswith("ort")]), "bank_mib": mib([n for n in sizes
+                                                                                           if n.endswith(".f16")])}
+
+
+def measure(site, photos, profile):
+    """Every figure of the module's docstring, for the export in `site`."""
+    import export
+
+    runner = export.Runner(site)
+    preset = runner.config["preprocessing"]
+    r = {**folder_sizes(site), "photos": len(photos), "cores": os.cpu_count(),
+         "load_before": round(os.getloadavg()[0], 2)}
+    with static_server(site) as server, chromium(profile) as driver:
+        driver.get(server.url)
+        r["ready_first_visit_ms"] = ready_ms(driver)
+        driver.execute_async_script("navigator.serviceWorker.ready.then(arguments[arguments.length - 1]);")
+        warm = []
+        for _ in range(3):  # from the service worker's cache
+            driver.refresh()
+            warm.append(ready_ms(driver))
+        r["ready_warm_ms"] = statistics.median(warm)
+        page_describe(driver, photos[0])  # warm-up, as the runner's
+        rows = []
+        for photo in photos:  # alternating, photo by photo
+            said, python_s = export.timed_caption(lambda p: runner.describe(p), photo)
+            page = page_describe(driver, photo)
+            same = all(page[k] == said[k] for k in ("caption", "alt_text", "confidence_level"))
+            rows.append({"photo": photo.name, "python_ms": python_s * 1000, "page_ms": page["ms"], "same": same,
+                         **{f"page_{k}_ms": v for k, v in page["parts"].items()}})
+        diffs = [np.abs(page_tensor(driver, p, preset) - export.preprocess(p, preset).ravel()).max() for p in photos]
+        r["uploads"] = [q for q in server.requests if q[0] != "GET" or q[2]]
+    r["python_ms"] = statistics.median(x["python_ms"] for x in rows)
+    r["page_ms"] = statistics.median(x["page_ms"] for x in rows)
+    r["page_over_python"] = r["page_ms"] / r["python_ms"]
+    for part in [k for k in rows[0] if k.startswith("page_") and k.endswith("_ms") and k != "page_ms"]:
+        r[part] = statistics.median(x[part] for x in rows)
+    r["same_descriptions"] = sum(x["same"] for x in rows)
+    r["preprocessing_max_abs_diff"] = float(max(diffs))
+    r["rows"] = rows
+    return r
+
+
+def report(r):
+    goals = [("model files", r["model_mib"], 22, "MiB"), ("whole folder", r["folder_mib"], 40, "MiB"),
+             ("ready from the cache", r["ready_warm_ms"] / 1000, 3, "s"),
+             ("caption, page / Python", r["page_over_python"], 2, "x")]
+    print(f"web export: {r['folder_mib']} MiB in all (model {r['model_mib']}, runtime {r['runtime_mib']}, "
+          f"training photos' features {r['bank_mib']}); {r['cores']} cores, load {r['load_before']} before")
+    print(f"ready: {r['ready_first_visit_ms']} ms on the first visit, {r['ready_warm_ms']:.0f} ms from the cache")
+    parts = ", ".join(f"{k[5:-3]} {r[k]:.0f}" for k in r if k.startswith("page_") and k.endswith("_ms")
+                      and k != "page_ms")
+    print(f"caption (median of {r['photos']} photos): page {r['page_ms']:.0f} ms ({parts}), Python runner "
+          f"{r['python_ms']:.0f} ms: {r['page_over_python']:.2f}x")
+    print(f"same caption, level and alt text as the Python runner: {r['same_descriptions']} of {r['photos']}; "
+          f"preprocessing: largest difference {r['preprocessing_max_abs_diff']:g}; uploads seen: {len(r['uploads'])}")
+    for name, value, goal, unit in goals:
+        print(f"  {name}: {value:.2f} {unit} (goal <= {goal} {unit}: {'met' if value <= goal else 'missed'})")
+
+
+def main(args):
+    import export
+    from utils import find_checkpoint
+
+    if args.photos < 1:
+        raise SystemExit("error: --photos must be at least 1")
+    photos = sorted(SAMPLE_IMAGES.glob("*.jpg"))[:args.photos]
+    with tempfile.TemporaryDirectory(prefix="bench_web_") as tmp:
+        site = Path(args.site) if args.site else Path(tmp) / "site"
+        if not args.site:
+            start = time.perf_counter()
+            with contextlib.redirect_stdout(sys.stderr):  # its lines of file sizes: stdout is the report's
+                export.export(args.checkpoint or find_checkpoint(None), "web", site)
+            export_s = time.perf_counter() - start
+        r = measure(site, photos, Path(tmp) / "profile")
+        r["export_s"] = None if args.site else round(export_s, 1)
+    return r
+
+
+def cli(argv=None):
+    args = get_args_parser().parse_args(argv)
+    try:
+        r = main(args)
+    except Exception as e:  # noqa: BLE001 (a missing browser, npm ci not run: one line)
+        from export import ExportError
+
+        if not isinstance(e, (ExportError, OSError)) and type(e).__module__.split(".")[0] != "selenium":
+            raise
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(r, indent=2))
+    else:
+        report(r)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,215 @@
+"""The web export (export.py --format web) in a real browser: headless Chromium (Debian's chromium and
+chromedriver, through Selenium, as test_browser.py) opens the exported folder from a local static server,
+captions photos through the file input exactly as export.py --check does, sends no photo anywhere, works again
+with the server gone (its service worker's cache), and passes an accessibility audit (axe-core, from npm), as
+serve.py's page does. Skips, saying why, without a browser, without `npm ci`, or without the shipped model."""
+
+import json
+
+import pytest
+from test_browser import WAITING, active_id, chromium, serving_in_thread  # noqa: F401
+from test_serve import args_for, probe, torch_threads  # noqa: F401
+
+import confidence
+import export
+import serve
+from bench_web import static_server
+from tests.conftest import ROOT, SAMPLE, run_script
+from utils import SHIPPED_CHECKPOINT
+
+PHOTOS = sorted((SAMPLE / "Images").glob("*.jpg"))[:20]
+AXE = ROOT / "node_modules" / "axe-core" / "axe.min.js"
+WCAG = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "wcag22aa"]
+TARGET_PX = 44  # WCAG 2.5.5's target size, in CSS pixels: every button and input is at least this
+
+
+@pytest.fixture(scope="session")
+def site(tmp_path_factory):
+    """The web export of the shipped model, once a session."""
+    if not (ROOT / "node_modules" / "onnxruntime-web").is_dir():
+        pytest.skip("no node_modules/onnxruntime-web: run `npm ci`")
+    if not SHIPPED_CHECKPOINT.is_file():
+        pytest.skip(f"no shipped model at {SHIPPED_CHECKPOINT}")
+    out = tmp_path_factory.mktemp("site")
+    proc = run_script("export.py", "--checkpoint", SHIPPED_CHECKPOINT, "--format", "web", "--out", out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def expected(site):
+    """export.py --check's (export.Runner's) description of each of PHOTOS, at beam 3, by name."""
+    proc = run_script("export.py", "--check", site, *PHOTOS, "--beam", 3, "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return {row["image"]: row for row in json.loads(proc.stdout)}
+
+
+def wait_ready(driver, within=180):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, within).until(
+        lambda d: d.execute_script("return document.documentElement.dataset.readyMs")
+        or d.find_element("id", "answer").text.startswith("Sorry"))
+    return int(driver.execute_script("return document.documentElement.dataset.readyMs") or -1)
+
+
+def describe_in_page(driver, photo, within=120):
+    """Choose `photo` in the page's file input; -> what the page said of it: {caption, alt_text,
+    confidence_level, confidence} (the alt text as announced in the live region), and the milliseconds taken."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    answer = driver.find_element(By.ID, "answer")
+    # emptied first: choosing the file already chosen would change nothing, and say nothing
+    driver.execute_script("arguments[0].textContent = ''; document.getElementById('photo').value = ''", answer)
+    driver.find_element(By.ID, "photo").send_keys(str(photo))
+    WebDriverWait(driver, within).until(lambda d: answer.text not in ("", WAITING))
+    level, conf = answer.get_attribute("data-level"), answer.get_attribute("data-confidence")
+    return {"caption": answer.get_attribute("data-caption"), "alt_text": answer.text,
+            "confidence_level": level or None, "confidence": float(conf) if conf else None,
+            "ms": int(driver.execute_script("return document.documentElement.dataset.captionMs"))}
+
+
+def audit(driver):
+    """axe-core's WCAG 2.2 A/AA violations on the open page (ids and the nodes they name), and each button and
+    input smaller than TARGET_PX in either direction."""
+    driver.execute_script(AXE.read_text())
+    found = driver.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "axe.run(document, {runOnly: {type: 'tag', values: arguments[0]}})"
+        ".then(r => done(r.violations.map(v => [v.id, v.nodes.map(n => n.html)])), e => done(String(e)));", WCAG)
+    small = driver.execute_script(
+        "return [...document.querySelectorAll('button, input')].filter(e => !e.hidden).map(e => {"
+        "const r = e.getBoundingClientRect(); return [e.id, r.width, r.height]; })"
+        ".filter(([, w, h]) => w < arguments[0] || h < arguments[0]);", TARGET_PX)
+    return found, small
+
+
+def test_web_page_describes_like_the_runner_sends_nothing_and_works_offline(chromium, site, expected):  # noqa: F811
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    files = {"/", *(f"/{p.name}" for p in site.iterdir())}
+    with static_server(site) as server:
+        chromium.get(server.url)
+        assert chromium.title == "Describe a photo"
+        assert wait_ready(chromium) > 0, chromium.find_element("id", "answer").text
+        chromium.execute_script("window.spoken = []; speechSynthesis.speak = u => spoken.push(u.text);")
+        ActionChains(chromium).send_keys(Keys.TAB).perform()
+        assert active_id(chromium) == "photo"  # the first stop of the keyboard: the labelled file input
+        said = {p: describe_in_page(chromium, p) for p in PHOTOS}
+        ActionChains(chromium).send_keys(Keys.TAB).perform()
+        assert active_id(chromium) == "speak"
+        ActionChains(chromium).send_keys(Keys.ENTER).perform()
+        assert chromium.execute_script("return spoken") == [said[PHOTOS[-1]]["alt_text"]]
+        # the service worker has kept every file: from now on the page needs no server
+        chromium.execute_async_script("const done = arguments[arguments.length - 1];"
+                                      "navigator.serviceWorker.ready.then(() => done(true));")
+        requests = list(server.requests)
+    for photo in PHOTOS:
+        want = expected[str(photo)]
+        got = said[photo]
+        assert (got["caption"], got["confidence_level"], got["alt_text"]) == \
+            (want["caption"], want["confidence_level"], want["alt_text"]), photo.name
+        assert got["confidence"] == pytest.approx(want["confidence"], abs=2e-3)
+    # only GETs of the folder's own files, none with a body: no photo left the browser
+    assert requests and all(m == "GET" and p.split("?")[0] in files and n == 0 for m, p, n in requests), requests
+
+    chromium.refresh()  # the server is gone
+    assert wait_ready(chromium) > 0, chromium.find_element("id", "answer").text
+    again = describe_in_page(chromium, PHOTOS[0])
+    assert again["alt_text"] == expected[str(PHOTOS[0])]["alt_text"]
+    blocked = [e["message"] for e in chromium.get_log("browser") if "Content Security Policy" in e["message"]]
+    assert not blocked  # the page's scripts, styles and WebAssembly run under its policy
+
+
+def test_web_preprocessing_is_pillows_to_the_pixel(chromium, site):  # noqa: F811
+    """The page's resize (Pillow's BILINEAR, in fixed point) of the photo the browser decodes gives the
+    tensor export.preprocess gives, exactly."""
+    import numpy as np
+
+    with static_server(site) as server:
+        chromium.get(server.url)
+        wait_ready(chromium)
+        preset = json.loads((site / "captioner.json").read_text())["preprocessing"]
+        for photo in PHOTOS[:5]:
+            chromium.find_element("id", "photo").send_keys(str(photo))
+            got = chromium.execute_async_script(
+                "const done = arguments[arguments.length - 1];"
+                "import('./captioner.js').then(async m => {"
+                "const t = m.preprocess(await m.readPixels(document.getElementById('photo').files[0]), arguments[0]);"
+                "done(Array.from(t.data)); }, e => done(String(e)));", preset)
+            want = export.preprocess(photo, preset).ravel()
+            assert np.array_equal(np.array(got, dtype=np.float32), want), photo.name
+
+
+def test_web_alt_text_is_confidences(chromium, site):  # noqa: F811
+    """captioner.js's and export.py's alt text (for the runners without PyTorch) word captions as
+    confidence.alt_text does, at every level, for short, long and odd captions."""
+    captions = ["a dog is running through the grass .", "a man 's bike is red , and it is fast .", "", "  ",
+                'a " quoted " word - and a dash', "people are standing in front of a building " * 6,
+                "a supercalifragilisticexpialidocious" * 5]
+    cases = [(c, level, unfamiliar) for c in captions for level in (None, "low", "medium", "high")
+             for unfamiliar in (False, True)]
+    rules = export.alt_text_rules()
+    want = [confidence.alt_text(c, level, unfamiliar) for c, level, unfamiliar in cases]
+    assert [export.alt_text(c, level, unfamiliar, rules) for c, level, unfamiliar in cases] == want
+    with static_server(site) as server:
+        chromium.get(server.url)
+        got = chromium.execute_async_script(
+            "const done = arguments[arguments.length - 1];"
+            "import('./captioner.js').then(m => done(arguments[0].map(([c, l, u]) => m.altText(c, l, u, "
+            "arguments[1]))), e => done(String(e)));", cases, rules)
+    assert got == want
+
+
+def test_both_pages_pass_an_accessibility_audit(chromium, site, tmp_path):  # noqa: F811
+    """axe-core's WCAG 2.2 A and AA rules find nothing on the offline page (with a photo described) or on
+    serve.py's (with and without its access code field, and with an answer shown), and every button and input
+    is a target of at least 44 x 44 CSS pixels."""
+    if not AXE.is_file():
+        pytest.skip("no node_modules/axe-core: run `npm ci`")
+    with static_server(site) as server:
+        chromium.get(server.url)
+        wait_ready(chromium)
+        describe_in_page(chromium, PHOTOS[0])
+        assert audit(chromium) == ([], [])
+    for token in (False, True):  # serve.py's page as it serves it, its API left out
+        (tmp_path / "index.html").write_text(serve.Page(token).html)
+        with static_server(tmp_path) as server:
+            chromium.get(server.url)
+            assert audit(chromium) == ([], []), f"token field: {token}"
+            chromium.execute_script("document.getElementById('answer').textContent = 'A dog runs.';"
+                                    "document.getElementById('speak').disabled = false;")
+            assert audit(chromium) == ([], []), f"token field: {token}, an answer shown"
+    # and the audit does see what it looks for: an unlabelled input, 10 pixels wide
+    chromium.execute_script("document.querySelector('main').insertAdjacentHTML('beforeend', "
+                            "'<input id=\"tiny\" style=\"width: 10px\">');")
+    found, small = audit(chromium)
+    assert "label" in [rule for rule, _ in found] and [e[0] for e in small] == ["tiny"]
+
+
+def test_the_service_serves_the_offline_page_too(chromium, site, probe):  # noqa: F811
+    """serve.py --web-dir: the same page at /offline/, describing in the browser (no POST /caption), beside
+    the service's own page; only the folder's own files, and a clear 404 without --web-dir."""
+    with torch_threads(1), serving_in_thread(serve.make_app(args_for(probe.path, "--web-dir", str(site)),
+                                                            probe.captioner)) as url:
+        chromium.get(url + "offline")
+        assert chromium.current_url == url + "offline/" and wait_ready(chromium) > 0
+        assert describe_in_page(chromium, PHOTOS[0])["caption"]
+        assert chromium.execute_async_script("const done = arguments[arguments.length - 1];"
+                                             "fetch(arguments[0]).then(r => done(r.status));",
+                                             url + "offline/nothing.js") == 404
+    for name in ("../serve.py", "../../etc/passwd", "nothing.js"):
+        with pytest.raises(Exception, match="no such file"):
+            serve.web_file(site, name)
+    with pytest.raises(Exception, match="no offline page here"):
+        serve.web_file(None, "")
+
+
+def test_a_web_export_without_npm_ci_says_so_in_one_line(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(export, "WEB_RUNTIME", ("not-installed.mjs",))
+    out = tmp_path / "site"
+    assert export.cli(["--format", "web", "--out", str(out), "--checkpoint", str(SHIPPED_CHECKPOINT)]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "run `npm ci`" in errors[0] and not out.exists()

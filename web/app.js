@@ -1,0 +1,73 @@
+// The page of `export.py --format web`: a photo from the camera or the phone's files, described in this
+// browser by captioner.js, announced in the live region and read aloud on request. The photo is never sent.
+import { loadCaptioner, UnreadableImage } from "./captioner.js";
+
+const input = document.getElementById("photo"), answer = document.getElementById("answer");
+const speak = document.getElementById("speak"), shown = document.getElementById("shown");
+const state = document.getElementById("state");
+let said = "", chosen = 0, queue = Promise.resolve();
+if (!("speechSynthesis" in window)) { speak.hidden = true; }
+function say(text) { answer.textContent = text; }
+
+if ("serviceWorker" in navigator) {  // keeps every file of this folder, so that the page works offline
+  navigator.serviceWorker.register("sw.js").catch(() => {});
+}
+const ready = loadCaptioner("./").then((captioner) => {
+  // how long the page took from opening to ready, for the benchmark
+  document.documentElement.dataset.readyMs = performance.now().toFixed(0);
+  state.textContent = "Ready. It works without a connection from now on.";
+  return captioner;
+});
+ready.catch((e) => {
+  state.textContent = "The describer could not load.";
+  say("Sorry, the describer could not load in this browser (" + e.message + ").");
+});
+
+input.addEventListener("change", async () => {
+  const [file] = input.files, start = performance.now(), mine = ++chosen;
+  if (!file) return;
+  said = "";  // until this photo's description: nothing to read aloud
+  Object.assign(speak, { disabled: true });
+  say("Describing the photo\u2026");
+  // one photo at a time through the model; a photo chosen while another is described replaces it
+  const work = queue.then(async () => {
+    if (mine !== chosen) return null;
+    const captioner = await ready;
+    await new Promise((done) => setTimeout(done, 50));  // let the announcement out before the work starts
+    return captioner.describe(file);
+  });
+  queue = work.catch(() => {});
+  let result;
+  try {
+    result = await work;
+  } catch (e) {
+    if (mine === chosen) {
+      say(e instanceof UnreadableImage ? "Sorry, no description: " + e.message + "."
+          : "Sorry, the photo could not be described (" + e.message + ").");
+    }
+    return;
+  }
+  if (mine !== chosen) return;
+  const stats = { caption: result.caption, level: result.confidence_level || "", ms: JSON.stringify(result.ms),
+                  confidence: result.confidence ?? "" };  // what the tests and the benchmark read
+  Object.assign(answer.dataset, stats);
+  document.documentElement.dataset.captionMs = (performance.now() - start).toFixed(0);
+  show(file, result.alt_text || result.caption);
+});
+
+function show(file, text) {
+  // the description announced, the photo shown with it as its alt text, and Read aloud ready to say it
+  said = text;
+  URL.revokeObjectURL(shown.src);
+  Object.assign(shown, { src: URL.createObjectURL(file), alt: text, hidden: false });
+  say(text);
+  speak.disabled = false;
+}
+
+// Read aloud: a second press starts over rather than queueing another reading
+speak.addEventListener("click", () => {
+  if (said) {
+    speechSynthesis.cancel();
+    speechSynthesis.speak(new SpeechSynthesisUtterance(said));
+  }
+});
