@@ -27,6 +27,8 @@ LANGUAGES = {"en": "English", "zh": "Chinese"}  # what the bundled PP-OCRv4 reco
 DET_SIDE = 480        # long side the detector sees in read() (dev: 640 reads 8% more key words at 1.6x the time)
 LOOK_SIDE = 320       # long side the detector sees in first_look() (384: 5% more text photos, 2x the time)
 LOOK_TURN_BELOW = 0.002  # first_look: under this share of the photo in text lines it looks again, turned 90
+DENSE_LINES = 6       # read(): this many boxes whose median height is under DENSE_PX at the detector's scale
+DENSE_PX = 18         # ... are small print: the detector looks again at twice det_side
 MAX_LINES = 32        # text boxes recognised at most: bounds the time on a page of tiny print
 MAX_CANDIDATES = 300  # detector regions examined at most (the library's 1000 costs ~0.2 s on a page of noise)
 MIN_TEXT_PX = 9       # boxes whose text is less high than this (in the READ_SIZE image) cannot be read
@@ -357,6 +359,10 @@ class TextReader:
         img = to_array(image, READ_SIZE)
         height, width = img.shape[:2]
         prob, boxes, _ = self._detect(img, self.det_side)
+        scale = self.det_side / max(height, width)
+        if len(boxes) >= DENSE_LINES and np.median([min(_box_sides(b)) for b in boxes]) * scale < DENSE_PX:
+            # a page of small print: at det_side its lines run into each other; look again at twice the size
+            prob, boxes, _ = self._detect(img, min(2 * self.det_side, READ_SIZE))
         boxes = [b for b in boxes if _line_like(b)]  # a blob (a ball, a dark window) is no line of text
         cover = min(1.0, sum(_area(b) for b in boxes) / (width * height))
         # the evidence for "illegible": text-line-sized boxes (not a blob as high as a quarter of the photo) where
