@@ -193,12 +193,12 @@ def alt_text(caption, level=None, unfamiliar=False):
         return ABSTAIN
     plain = sentence(caption)
     if level in (None, "high"):
-        return _fit(plain)
+        return fit_alt_text(plain)
     phrase = _PROGRESSIVE.sub(r"\1 \2", plain[0].lower() + plain[1:])
-    return _fit(("Probably " if level == "medium" else "Hard to tell; perhaps ") + phrase)
+    return fit_alt_text(("Probably " if level == "medium" else "Hard to tell; perhaps ") + phrase)
 
 
-def _fit(text):
+def fit_alt_text(text):
     """text, cut at a word to ALT_TEXT_MAX characters (ending in an ellipsis) where it is longer."""
     if len(text) <= ALT_TEXT_MAX:
         return text

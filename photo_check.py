@@ -34,6 +34,7 @@ HINTS = {
     # named only when the check turns the photo upright itself (upright_turn), so the hint says so
     "rotated": "The photo was on its side or upside down, so it was turned to describe it: hold the phone upright.",
 }
+NAMED = 0.5  # a score above which its problem is named (each head's threshold, chosen on dev, maps to it)
 TURNS = (0, 90, 180, 270)  # clockwise quarter turns, the classes of the upright head
 SIZE = 224  # side of the grey copy the measures are taken on: Flickr8k's, so the fit sees its photos unresampled
 MEASURES = (
@@ -138,6 +139,13 @@ def measures(image):
     ], dtype=np.float32)
 
 
+def _past(score, threshold):
+    """A head's output moved so that its threshold (chosen on dev) lands on NAMED: sigmoid(logit(score) -
+    logit(threshold)). The order of photos is kept; a score then reads the same way for every problem."""
+    score, threshold = min(max(score, _EPS), 1 - _EPS), min(max(threshold, _EPS), 1 - _EPS)
+    return 1.0 / (1.0 + math.exp(-(math.log(score / (1 - score)) - math.log(threshold / (1 - threshold)))))
+
+
 def _tensor(x):
     return torch.as_tensor(x, dtype=torch.float32)
 
@@ -179,8 +187,13 @@ class PhotoCheck:
 
     def scores(self, image, pooled=None):
         """image: upright PIL RGB, as the captioner loads it; pooled: the CNN's pooled feature [F] (or [1, F]),
-        or None -> {problem: score in [0, 1]} for each problem this check can measure, in PROBLEMS order."""
-        m = _tensor(measures(image)).unsqueeze(0)  # [1, M]
+        or None -> {problem: score in [0, 1]} for each problem this check can measure, in PROBLEMS order; a
+        problem is named above NAMED."""
+        return self.scores_of(measures(image), pooled)
+
+    def scores_of(self, image_measures, pooled=None):
+        """scores() of a photo whose measures() were taken already (where it was loaded, before captioning)."""
+        m = _tensor(image_measures).unsqueeze(0)  # [1, M]
         out = {}
         if pooled is not None and self.pooled_head is not None:
             x = torch.cat([m, _tensor(pooled).reshape(1, -1)], 1)  # [1, M + F]
@@ -189,7 +202,8 @@ class PhotoCheck:
             out.update(zip(self.image_head.problems, self.image_head(m)[0].tolist()))
         if pooled is not None and self.upright is not None:
             out["rotated"] = max(self.turn_probabilities(pooled)[1:])  # that one turn makes it upright
-        return {p: round(float(out[p]), 4) for p in PROBLEMS if p in out}
+        th = self.thresholds(pooled_available=pooled is not None)
+        return {p: round(_past(float(out[p]), th[p]), 4) for p in PROBLEMS if p in out}
 
     def thresholds(self, pooled_available=True):
         """{problem: the score above which it is named}."""
@@ -201,12 +215,9 @@ class PhotoCheck:
         return th
 
     def problems(self, scores):
-        """scores (from scores()) -> [{"problem", "score", "hint"}] for each score over its threshold, the most
-        serious (furthest past its threshold, relative to the room above it) first."""
-        th = self.thresholds(pooled_available="rotated" in scores)
-        found = [(p, s) for p, s in scores.items() if p in th and s > th[p]]
-        found.sort(key=lambda ps: -(ps[1] - th[ps[0]]) / max(1.0 - th[ps[0]], _EPS))
-        return [{"problem": p, "score": s, "hint": HINTS[p]} for p, s in found]
+        """scores (from scores()) -> [{"problem", "score", "hint"}] for each score over NAMED, in PROBLEMS order:
+        a photo too dark to see is said to be dark before it is said to be blurred."""
+        return [{"problem": p, "score": s, "hint": HINTS[p]} for p, s in scores.items() if s > NAMED]
 
     def turn_probabilities(self, pooled):
         """The pooled feature [F] -> the probability [4] that each of TURNS (clockwise) makes the photo upright."""

@@ -1,0 +1,94 @@
+"""What a person hears about a photo: the text read in it, what is wrong with it and how to take it again, and
+the caption at the level its confidence allows, combined into one description, shortest useful first.
+
+Captioning a photo (inference.Captioner) is two steps. `look_at` measures the photo as it was taken: the photo
+check's image scores (photo_check.py) and, where a cheap first look finds text, the text read at a higher
+resolution (read_text.py), which also says how far the photo is turned. Then the caption is written on the upright
+photo, and `combine` says it all in one description:
+
+    a photo that is mostly text     "Text: BRISTOL Tablets 20 mg. Probably a box on a table."
+    a good photo                    "A dog runs through the grass."
+    a photo with a problem          "Probably a dog in the dark. It is too dark to see: turn on a light."
+    a photo turned on its side      "Turned upright: a man rides a bicycle."
+    nothing recognisable at all     "No reliable description: nothing recognisable. Hold the phone ..."
+
+Every part is honest: text is read aloud only where the reader was sure of it, a caption only at the level its
+confidence allows (confidence.alt_text), and a photo the captioner cannot place gets no caption at all.
+"""
+
+from dataclasses import dataclass
+
+from confidence import ABSTAIN, alt_text, fit_alt_text
+from photo_check import measures
+from read_text import FIRST_LOOK_MIN
+
+MOSTLY_TEXT = 0.12  # share of the photo inside text boxes from which it is "mostly text": the text leads
+SPOKEN_LINES = 6  # lines of text read aloud at most (the full list is in the answer's `text`)
+SPOKEN_HINTS = 2  # retake hints said at most: the most serious first
+ILLEGIBLE = "illegible_text"
+ILLEGIBLE_HINT = "Text is there but too blurry to read: move the phone a little closer and hold it still."
+NOTHING_SEEN = "Nothing recognisable."
+NOTHING = "No reliable description: nothing recognisable."
+NOTHING_HINT = "Hold the phone about a forearm's length from the thing, in good light, and try again."
+
+
+@dataclass
+class Look:
+    """What is measured of a photo before it is captioned: the photo check's image measures (photo_check.measures),
+    the text read (read_text.TextResult, or None where the first look found none or reading is off), and the
+    clockwise turn, in degrees, that its text says makes it upright (0: none, or no text to tell by)."""
+    measures: object = None
+    text: object = None
+    turn: int = 0
+
+
+def look_at(image, reader=None, reread=None):
+    """Look at a photo (upright by EXIF, as loaded): its image measures, and its text where the reader's first look
+    on this small image finds some; `reread()` gives the photo again at the reader's READ_SIZE (the small image
+    itself when None)."""
+    text = None
+    if reader is not None and reader.first_look(image) >= FIRST_LOOK_MIN:
+        text = reader.read(reread() if reread is not None else image)
+    turn = text.angle if text is not None and text.lines and text.angle else 0
+    return Look(measures(image), text, turn)
+
+
+def answer(checker, look, pooled, caption, level, unfamiliar, turned=0):
+    """The description part of one photo's answer: the photo check's scores (of the image's measures in `look`
+    and, where given, the CNN's pooled feature [F]) and the problems found, and what `combine` makes of it all."""
+    scores = checker.scores_of(look.measures, pooled)
+    problems = checker.problems(scores)
+    told = [p for p in problems if not (turned and p["problem"] == "rotated")]  # turned upright: says so itself
+    said = combine(caption, level, unfamiliar, look, told, turned)
+    return {"alt_text": said["alt_text"], "description": said["description"], "text": said["text"],
+            "photo_problems": [{"problem": p["problem"], "score": round(p["score"], 3)} for p in problems],
+            "photo_scores": {k: round(v, 3) for k, v in scores.items()}, "retake_hint": said["retake_hint"],
+            "turned": turned}
+
+
+def combine(caption, level, unfamiliar, look, problems, turned=0):
+    """The answer's description fields for one photo: description (what a person hears), alt_text (the same cut to
+    fit an alt attribute), text (the lines read), retake_hint (the most serious problem's hint, or None).
+    caption/level/unfamiliar: the caption and its confidence (confidence.alt_text); problems: the photo check's
+    [{"problem", "score", "hint"}], most serious first; turned: the clockwise turn made before captioning."""
+    lines = list(look.text.lines) if look.text is not None else []
+    problems = list(problems)
+    if look.text is not None and look.text.illegible and not lines:
+        problems.append({"problem": ILLEGIBLE, "score": 1.0, "hint": ILLEGIBLE_HINT})
+    said = alt_text(caption, level, unfamiliar)
+    said = None if said == ABSTAIN else (f"Turned upright: {said[0].lower()}{said[1:]}" if turned else said)
+    text = f"Text: {'. '.join(line.rstrip('. ') for line in lines[:SPOKEN_LINES])}." if lines else None
+    hints = [p["hint"] for p in problems if p.get("hint")][:SPOKEN_HINTS]
+    mostly_text = text is not None and look.text.coverage >= MOSTLY_TEXT
+    sure = said is not None and level in (None, "high", "medium")
+    parts = [text if mostly_text else None, said if sure else None, None if mostly_text else text, *hints,
+             None if sure else said]
+    parts = [p for p in parts if p]
+    if said is None and text is None and hints:  # the hints say why: say first that nothing could be made out
+        parts.insert(0, NOTHING_SEEN)
+    retake = hints[0] if hints else None
+    if not parts:  # nothing read, nothing wrong that the check can name, and no caption it could stand by
+        parts, retake = [NOTHING, NOTHING_HINT], NOTHING_HINT
+    description = " ".join(parts)
+    return {"description": description, "alt_text": fit_alt_text(description), "text": lines,
+            "retake_hint": retake}

@@ -1,0 +1,62 @@
+"""What a person hears: the text, the caption at its level and the photo's problems, combined (description.py)."""
+
+from types import SimpleNamespace
+
+from confidence import ABSTAIN, ALT_TEXT_MAX
+from description import ILLEGIBLE_HINT, NOTHING, NOTHING_HINT, NOTHING_SEEN, Look, combine
+
+CAPTION = "a dog is running through the grass ."
+DARK = {"problem": "dark", "score": 0.9, "hint": "It is too dark to see: turn on a light."}
+BLUR = {"problem": "blur", "score": 0.8, "hint": "The photo is blurry: hold the phone still and try again."}
+
+
+def text(lines=(), coverage=0.0, illegible=False):
+    return SimpleNamespace(lines=list(lines), coverage=coverage, illegible=illegible, angle=0)
+
+
+def test_a_good_photo_is_its_caption_at_its_level():
+    said = combine(CAPTION, "high", False, Look(), [])
+    assert said["description"] == "A dog is running through the grass." == said["alt_text"]
+    assert said["retake_hint"] is None and said["text"] == []
+    assert combine(CAPTION, "medium", False, Look(), [])["description"].startswith("Probably a dog running")
+
+
+def test_a_photo_that_is_mostly_text_leads_with_the_text():
+    look = Look(text=text(["BRISTOL Tablets", "20 mg"], coverage=0.4))
+    said = combine("a box on a table .", "medium", False, look, [])
+    assert said["description"] == "Text: BRISTOL Tablets. 20 mg. Probably a box on a table."
+    assert said["text"] == ["BRISTOL Tablets", "20 mg"]
+
+
+def test_a_little_text_follows_the_caption():
+    look = Look(text=text(["STOP"], coverage=0.02))
+    assert combine("a red sign on a street .", "high", False, look, [])["description"] == \
+        "A red sign on a street. Text: STOP."
+
+
+def test_a_problem_says_its_hint_after_a_sure_caption_and_before_an_unsure_one():
+    sure = combine(CAPTION, "high", False, Look(), [DARK])
+    assert sure["description"] == f"A dog is running through the grass. {DARK['hint']}"
+    assert sure["retake_hint"] == DARK["hint"]
+    unsure = combine(CAPTION, "low", False, Look(), [DARK, BLUR])
+    assert unsure["description"].startswith(f"{DARK['hint']} {BLUR['hint']} Hard to tell; perhaps a dog")
+
+
+def test_a_photo_nothing_can_be_said_of_says_why_and_how_to_retake_it():
+    nothing = combine(CAPTION, "low", True, Look(), [])
+    assert nothing["description"] == f"{NOTHING} {NOTHING_HINT}" and nothing["retake_hint"] == NOTHING_HINT
+    assert nothing["description"] != ABSTAIN
+    blurred = combine(CAPTION, "low", True, Look(), [BLUR])
+    assert blurred["description"] == f"{NOTHING_SEEN} {BLUR['hint']}"  # never the caption of a photo it abstains on
+
+
+def test_text_seen_but_not_read_says_so():
+    said = combine(CAPTION, "low", True, Look(text=text(illegible=True, coverage=0.05)), [])
+    assert ILLEGIBLE_HINT in said["description"] and said["retake_hint"] == ILLEGIBLE_HINT and said["text"] == []
+
+
+def test_a_turned_photo_says_so_and_the_alt_text_fits():
+    said = combine(CAPTION, "high", False, Look(), [], turned=90)
+    assert said["description"] == "Turned upright: a dog is running through the grass."
+    long = combine(CAPTION, "high", False, Look(text=text(["word " * 40], coverage=0.5)), [])
+    assert len(long["alt_text"]) <= ALT_TEXT_MAX < len(long["description"])
