@@ -46,17 +46,14 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from backbones import ENCODERS, EncoderWeightsError, preprocessing
 from features import (
-    RUNTIME_HELP,
-    RUNTIMES,
     FeatureSource,
     ImageStore,
     StoreSource,
-    export_backbone,
     extract_features,
-    use_runtime,
 )
-from image_intial_model import CNN_RNN, ENCODERS, EncoderWeightsError, ModelArgs, preprocessing
+from image_intial_model import CNN_RNN, ModelArgs
 from image_loader import (
     Batches,
     CaptionTable,
@@ -72,6 +69,8 @@ from image_loader import (
     train_size,
 )
 from image_training import Trainer, WordLoss, make_optimizer
+from runtimes import RUNTIME_HELP, RUNTIMES, export_backbone, use_runtime
+from training_run import Preloaded
 from utils import (
     PRECISIONS,
     HelpFormatter,
@@ -186,7 +185,7 @@ class Bench:
             self.vocab = Vocab(words + [f"<filler{i}>" for i in range(FLICKR8K_VOCAB - len(words))])
             margs = ModelArgs(vocab_size=len(self.vocab), encoder=args.encoder, embed_size=args.embed_size,
                               hidden_size=args.hidden_size or (512 if args.attention else 256),
-                              attention=args.attention)
+                              decoder="attention" if args.attention else "plain")
             self.model = CNN_RNN(margs, weights="random" if args.no_pretrained else "imagenet")
         self.model.to(device)
         set_cnn_layout(self.model, device, False)
@@ -365,13 +364,8 @@ class Bench:
             trainer.run(epoch, "fine-tune")
             self.sync()
             per_image = (time.perf_counter() - start) / len(names)
-            in_memory = list(epoch)
-
-            def steps():
-                for b in in_memory:
-                    trainer.step(b, from_features=False)
-
-            bare = len(names) / timed(steps, 1, sync=self.sync)
+            in_memory = Preloaded(epoch, from_features=False)
+            bare = len(names) / timed(lambda: trainer.run(in_memory, "fine-tune steps"), 1, sync=self.sync)
         finally:
             self.model.encoderCNN.set_train_cnn(False)
             set_cnn_layout(self.model, self.device, False)

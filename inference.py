@@ -26,10 +26,10 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from backbones import EncoderWeightsError
 from confidence import Calibration, alt_text, captions_with_signals
-from features import RUNTIME_HELP, RUNTIMES, use_runtime
-from image_intial_model import EncoderWeightsError
 from image_loader import DataError, EvalTransform, list_images, load_image, load_vocab_file
+from runtimes import RUNTIME_HELP, RUNTIMES, use_runtime
 from utils import (
     USER_CHECKPOINTS,
     HelpFormatter,
@@ -90,7 +90,7 @@ class Captioner:
 
     def __init__(self, checkpoint, device="cpu", vocab_path=None, runtime="auto", cache_dir="cache"):
         """checkpoint: a path, or a list of paths for an ensemble of their models. runtime, cache_dir: what runs
-        the CNN on the CPU (features.use_runtime), and where its ONNX file is kept."""
+        the CNN on the CPU (runtimes.use_runtime), and where its ONNX file is kept."""
         paths = checkpoint_paths(checkpoint)
         self.model, self.vocab, self.preset = models_from_checkpoints(paths, vocab_path)
         # a project checkpoint holds its vocabulary; a different --vocab beside it is a mistake to point out
@@ -197,7 +197,7 @@ def main(args):
 
 
 def describe_all(args):
-    captioner = Captioner(args.checkpoint or find_checkpoint(None), pick_device(args.device), args.vocab,
+    captioner = Captioner(find_checkpoint(args.checkpoint), pick_device(args.device), args.vocab,
                           args.runtime, args.cache_dir)
     if args.attention_map and not captioner.model.args.attention:
         which = "not all these decoders have" if len(args.checkpoint or ()) > 1 else "this checkpoint's decoder has"

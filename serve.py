@@ -43,9 +43,9 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from features import RUNTIME_HELP, RUNTIMES
-from image_intial_model import EncoderWeightsError
+from backbones import EncoderWeightsError
 from image_loader import DataError
+from runtimes import RUNTIME_HELP, RUNTIMES
 from utils import USER_CHECKPOINTS, HelpFormatter, cores, find_checkpoint, pick_device, positive
 
 log = logging.getLogger("serve")

@@ -6,12 +6,13 @@ import contextlib
 import os
 import random
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from image_intial_model import CNN_RNN, Ensemble, ModelArgs
+from ensemble import Ensemble
+from image_intial_model import CNN_RNN, ModelArgs
 from image_loader import DataError, Vocab, load_vocab_file, save_atomic
 
 
@@ -250,10 +251,16 @@ USER_CHECKPOINTS = ("checkpoints/best.pth.tar", "checkpoints/last.pth.tar")
 
 
 def find_checkpoint(path):
-    """The checkpoint a command uses: `path` if given; else the user's own best (or last) in ./checkpoints;
-    else the model that ships with the code. When it chose, it says which on stderr, in one line."""
+    """The checkpoint a command uses: `path` (or a list of paths: an ensemble's) if given, as given; else the
+    user's own best (or last) in ./checkpoints; else the model that ships with the code. It says which on
+    stderr, in one line, so that what a caption came from is never a guess."""
     if path:
-        return Path(path)
+        paths = checkpoint_paths(path)
+        if all(p.is_file() for p in paths):  # else the error that loading it gives is the one line to print
+            shipped = len(paths) == 1 and paths[0].resolve() == SHIPPED_CHECKPOINT
+            named = "the model that ships with the code, " if shipped else ""
+            print(f"using {named}{', '.join(map(str, paths))}", file=sys.stderr)
+        return path if isinstance(path, (list, tuple)) else Path(path)
     for p in map(Path, USER_CHECKPOINTS):
         if p.is_file():
             print(f"using your checkpoint {p} (--checkpoint chooses another)", file=sys.stderr)
@@ -277,8 +284,7 @@ def model_from_checkpoint(ckpt, vocab_path=None):
         return Ensemble([m for m, _, _ in built]), built[0][1], built[0][2]
     if "model_args" not in ckpt:
         return model_from_seed_checkpoint(ckpt, vocab_path)
-    known = {f.name for f in fields(ModelArgs)}
-    args = ModelArgs(**{k: v for k, v in ckpt["model_args"].items() if k in known})
+    args = ModelArgs.from_dict(ckpt["model_args"])
     imagenet = ckpt.get("encoder_weights") == "imagenet"
     model = CNN_RNN(args, weights="imagenet" if imagenet else None)
     state = ckpt["model"]

@@ -18,6 +18,8 @@ from test_serve import (  # as pytest imports it: so that the probe fixture is s
 
 import serve
 
+pytestmark = pytest.mark.slow  # every test here runs a command line, a service or a browser
+
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--disable-default-apps", "--disable-extensions", "--no-proxy-server", "--window-size=412,915",

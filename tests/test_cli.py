@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import image_training
-from image_intial_model import preprocessing
+from backbones import preprocessing
 from image_loader import Flickr8k
 from inference import COLUMNS, PANEL, TITLE, attention_png
 from tests.conftest import SAMPLE, run_script, train_args
@@ -18,6 +18,7 @@ from utils import SHIPPED_CHECKPOINT, find_checkpoint, load_checkpoint
 PHOTO = SAMPLE / "Images" / "2364096157_eb7970a69a.jpg"
 
 
+@pytest.mark.slow
 def test_training_writes_checkpoints_vocabulary_and_tensorboard(demo_run):
     ckpts = demo_run / "checkpoints"
     for name in ("last.pth.tar", "best.pth.tar", "checkpoint_epoch_1.pth.tar", "checkpoint_epoch_2.pth.tar",
@@ -33,6 +34,7 @@ def test_training_writes_checkpoints_vocabulary_and_tensorboard(demo_run):
     assert events and events[0].stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_inference_in_a_fresh_process_prints_a_caption(demo_run):
     proc = run_script("inference.py", PHOTO, "--checkpoint", demo_run / "checkpoints" / "last.pth.tar")
     assert proc.returncode == 0, proc.stderr
@@ -40,6 +42,7 @@ def test_inference_in_a_fresh_process_prints_a_caption(demo_run):
     assert name.endswith(PHOTO.name) and len(caption.split()) >= 2
 
 
+@pytest.mark.slow
 def test_inference_json_folder_and_bad_paths(demo_run, tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -68,6 +71,7 @@ def test_attention_map_png_has_one_titled_panel_per_word():
             assert cell.getextrema() == ((255, 255),) * 3  # nothing after the last word
 
 
+@pytest.mark.slow
 def test_inference_attention_map_for_attention_models_one_line_for_others(demo_run, tmp_path):
     proc = run_script("inference.py", PHOTO, "--attention-map", tmp_path / "maps", "--json",
                       "--checkpoint", SHIPPED_CHECKPOINT)  # the shipped model has attention
@@ -76,17 +80,20 @@ def test_inference_attention_map_for_attention_models_one_line_for_others(demo_r
     words = len(result["caption"].split())
     assert Image.open(result["attention_map"]).size == (min(words, COLUMNS) * PANEL,
                                                          -(-words // COLUMNS) * (PANEL + TITLE))
-    proc = run_script("inference.py", PHOTO, "--attention-map", tmp_path / "none",
-                      "--checkpoint", demo_run / "checkpoints" / "last.pth.tar")  # a plain decoder
-    assert proc.returncode == 0 and "no attention" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    plain = demo_run / "checkpoints" / "last.pth.tar"  # a plain decoder
+    proc = run_script("inference.py", PHOTO, "--attention-map", tmp_path / "none", "--checkpoint", plain)
+    lines = proc.stderr.strip().splitlines()  # the model it used, named though given, then one line on the maps
+    assert proc.returncode == 0 and lines[0] == f"using {plain}" and len(lines) == 2 and "no attention" in lines[1]
     assert proc.stdout.startswith(f"{PHOTO}: ") and not (tmp_path / "none").exists()
 
 
+@pytest.mark.slow
 def test_inference_without_a_checkpoint_is_one_clear_line(tmp_path):
     proc = run_script("inference.py", PHOTO, "--checkpoint", tmp_path / "none.pth.tar")
     assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0 and "checkpoint not found" in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, message", [(["--data", "/no/such/folder"], "data folder not found"),
                                             (["--demo", "--epochs", "0"], "must be > 0"),
                                             (["--demo", "--encoder", "resnet"], "invalid choice")])
@@ -95,6 +102,7 @@ def test_training_refuses_bad_input_up_front(flags, message):
     assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly_where_the_run_stopped_in_the_same_tensorboard_run(demo_run, tmp_path, cache_dir):
     """Resuming from epoch 1 reproduces the uninterrupted run's epoch 2: same loss, same weights; and TensorBoard
     shows one run, epoch 2 once (what the run logged after the checkpoint it resumes from is dropped)."""
@@ -118,6 +126,7 @@ def test_resume_continues_exactly_where_the_run_stopped_in_the_same_tensorboard_
         torch.testing.assert_close(resumed["model"][k], v, msg=k)
 
 
+@pytest.mark.slow
 def test_scst_fine_tunes_a_trained_model_from_the_command_line(demo_run, tmp_path, cache_dir, capsys):
     start = demo_run / "checkpoints" / "best.pth.tar"
     result = image_training.main(train_args(tmp_path, cache_dir, "--epochs", "1", "--init-from", str(start),
@@ -133,6 +142,7 @@ def test_scst_fine_tunes_a_trained_model_from_the_command_line(demo_run, tmp_pat
         assert stopped.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_attention_regulariser_needs_an_attention_decoder_and_the_word_loss(demo_run, tmp_path, cache_dir,
                                                                                 capsys):
     for flags, message in ((["--attention-reg", "1"], "add --attention"),
@@ -153,6 +163,7 @@ def test_the_demo_trains_into_a_folder_of_its_own_that_never_becomes_the_default
     assert find_checkpoint(None) == SHIPPED_CHECKPOINT
 
 
+@pytest.mark.slow
 def test_inference_n_best_prints_ranked_captions_with_probabilities(demo_run, capsys):
     import inference
 
@@ -166,6 +177,7 @@ def test_inference_n_best_prints_ranked_captions_with_probabilities(demo_run, ca
     assert "--n-best 3 needs --beam 3 or more" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_training_reads_a_karpathy_split_file(tmp_path, cache_dir):
     """The sample as Karpathy's dataset_flickr8k.json (no captions.txt, no split files) trains as the sample."""
     data = Flickr8k.load(SAMPLE)
@@ -180,6 +192,7 @@ def test_training_reads_a_karpathy_split_file(tmp_path, cache_dir):
     assert len(result["history"]) == 1 and Flickr8k.load(tmp_path / "data").splits == data.splits
 
 
+@pytest.mark.slow
 def test_inference_with_several_checkpoints_captions_with_their_ensemble(demo_run, tmp_path):
     ckpts = demo_run / "checkpoints"
     last = ckpts / "last.pth.tar"
@@ -195,5 +208,7 @@ def test_inference_with_several_checkpoints_captions_with_their_ensemble(demo_ru
     torch.save(other, tmp_path / "other.pth.tar")
     proc = run_script("inference.py", PHOTO, "--checkpoint", last, "--checkpoint", tmp_path / "other.pth.tar")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip() == f"error: {tmp_path / 'other.pth.tar'} has another vocabulary than {last}: an " \
+    assert proc.stderr.startswith(f"using {last}, {tmp_path / 'other.pth.tar'}\n")  # named, though given
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'other.pth.tar'} has another vocabulary " \
+        f"than {last}: an " \
         "ensemble's models must share theirs (train them on the same data with the same --min-freq)"

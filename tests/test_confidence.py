@@ -22,7 +22,8 @@ from confidence import (
     pooled_features,
     sentence,
 )
-from image_intial_model import CNN_RNN, Ensemble, ModelArgs
+from ensemble import Ensemble
+from image_intial_model import CNN_RNN, ModelArgs
 from image_loader import load_image, resize_pil
 from inference import Captioner
 from tests.conftest import SAMPLE, run_script
@@ -90,11 +91,12 @@ def test_calibration_error_counts_each_bin_by_its_photos():
     assert calibration_error(confidence, torch.tensor([True, True, False, False])) == pytest.approx(0.95)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attention", [False, True])
 def test_signals_come_with_the_captions_that_generate_gives(attention):
     torch.manual_seed(0)
     model = CNN_RNN(ModelArgs(vocab_size=30, encoder="efficientnet_lite0", embed_size=16, hidden_size=16,
-                              attention=attention), weights=None).eval()
+                              decoder="attention" if attention else "plain"), weights=None).eval()
     x = torch.randn(3, 3, 64, 64)
     for net in (model, Ensemble([model, model])):
         ids, best, decoder, pooled = captions_with_signals(net, x, beam=3, max_len=6, n_best=2)
@@ -108,7 +110,7 @@ def test_signals_come_with_the_captions_that_generate_gives(attention):
 def test_signals_of_captions_of_different_lengths_are_each_their_own():
     torch.manual_seed(0)
     model = CNN_RNN(ModelArgs(vocab_size=30, encoder="efficientnet_lite0", embed_size=16, hidden_size=16,
-                              attention=True), weights=None).eval()
+                              decoder="attention"), weights=None).eval()
     x = torch.randn(2, 3, 64, 64)
     feats = model.encoderCNN.extract(x)
     ids = [[5, 6, 7, 8, 9], [5]]  # the second is padded in the batch
@@ -137,6 +139,7 @@ def shipped():
     return Captioner(SHIPPED_CHECKPOINT)
 
 
+@pytest.mark.slow
 def test_shipped_model_says_photos_of_nothing_are_low(shipped):
     odd = _blank_and_noise()
     for name, r in zip(odd, shipped.describe(list(odd.values()))):
@@ -146,6 +149,7 @@ def test_shipped_model_says_photos_of_nothing_are_low(shipped):
     assert real["alt_text"].rstrip(".").lower().endswith(real["caption"].rstrip(" .").split()[-1])
 
 
+@pytest.mark.slow
 def test_inference_alt_text_and_json_in_a_fresh_process(tmp_path):
     proc = run_script("inference.py", PHOTO, "--alt-text")
     assert proc.returncode == 0, proc.stderr
@@ -158,6 +162,7 @@ def test_inference_alt_text_and_json_in_a_fresh_process(tmp_path):
     assert r["n_best"][0]["caption"] == r["caption"]
 
 
+@pytest.mark.slow
 def test_a_folder_of_photos_shows_a_progress_bar(tmp_path):
     for i in range(6):
         Image.open(PHOTO).save(tmp_path / f"{i}.jpg")
@@ -187,6 +192,7 @@ def test_heic_photos_open(tmp_path):
     assert np.abs(np.asarray(opened, dtype=float) - np.asarray(photo, dtype=float)).mean() < 6
 
 
+@pytest.mark.slow
 def test_calibrate_writes_a_fit_into_the_checkpoint_and_refuses_test(demo_run, tmp_path):
     from tests.conftest import copy_sample
 

@@ -66,6 +66,7 @@ def test_bad_data_folders_give_one_clear_error(tmp_path, setup, message):
     assert str(root) in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_full_flickr8k_in_both_layouts(shared_flickr8k, caplog):
     _, kaggle = load_captions(shared_flickr8k)  # captions.txt is preferred when both are present
     assert len(kaggle) == 8091 and sum(map(len, kaggle.values())) == 40455
@@ -77,6 +78,7 @@ def test_full_flickr8k_in_both_layouts(shared_flickr8k, caplog):
     assert sum(n == "2258277193_586949ec62.jpg.1" for n, _ in pairs) == 5
 
 
+@pytest.mark.slow
 def test_official_split_is_by_image_without_overlap(shared_flickr8k):
     _, caps = load_captions(shared_flickr8k)
     splits = split_images(shared_flickr8k, caps)

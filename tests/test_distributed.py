@@ -30,6 +30,7 @@ def assert_same_training(a, b):
         torch.testing.assert_close(b["model"][k], v, rtol=1e-4, atol=1e-5, msg=k)
 
 
+@pytest.mark.slow
 def test_two_processes_with_gloo_match_one_process(one_process, tmp_path, cache_dir):
     two = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *FLAGS,
                      "--cache-dir", cache_dir, "--checkpoint-dir", tmp_path / "two", "--log-dir", tmp_path / "runs2")
@@ -39,6 +40,7 @@ def test_two_processes_with_gloo_match_one_process(one_process, tmp_path, cache_
     assert len(list((tmp_path / "runs2").rglob("events.out.tfevents.*"))) == 1  # rank 0 alone logs
 
 
+@pytest.mark.slow
 def test_two_nodes_on_localhost_match_one_process(one_process, tmp_path, cache_dir):
     """Two torchrun launches, one process each, meeting at a c10d rendezvous: what two machines do."""
     with socket.socket() as s:
@@ -56,6 +58,7 @@ def test_two_nodes_on_localhost_match_one_process(one_process, tmp_path, cache_d
     assert_same_training(one_process, load_checkpoint(written[0]))
 
 
+@pytest.mark.slow
 def test_an_unreadable_image_is_left_out_before_two_processes_train(tmp_path):
     """Through the CNN (--no-cache), batches of 2 images, one of the 4 training images truncated: the image store,
     which rank 0 fills once, leaves it out, so no process's share of a batch is ever empty mid-epoch."""

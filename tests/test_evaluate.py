@@ -13,7 +13,7 @@ from utils import load_checkpoint
 needs_java = pytest.mark.skipif(not evaluate.java_available(), reason="Java is not installed")
 
 
-@pytest.mark.parametrize("java", [False, pytest.param(True, marks=needs_java)])
+@pytest.mark.parametrize("java", [False, pytest.param(True, marks=[needs_java, pytest.mark.slow])])
 def test_scores_of_a_hand_checkable_case(java):
     refs = [["A dog runs fast ."], ["Two kids swim in a blue pool ."]]
     perfect = evaluate.score_captions(refs, ["a dog runs fast", "two kids swim in a blue pool"], java=java)
@@ -33,6 +33,7 @@ def test_python_tokenize_follows_ptb_rules():
         "a dog 's ok ball is n't it -lrb- mr. t-shirt -rrb- we can not"
 
 
+@pytest.mark.slow
 @needs_java
 def test_python_tokenize_agrees_with_ptb_on_flickr8k_references(shared_flickr8k):
     with open(shared_flickr8k / "captions.txt", newline="") as f:
@@ -42,7 +43,8 @@ def test_python_tokenize_agrees_with_ptb_on_flickr8k_references(shared_flickr8k)
     assert len(differ) <= 5, differ  # measured: 3 of 40,455, all "slip 'n' slide"
 
 
-@pytest.mark.parametrize("java", [False, pytest.param(True, marks=needs_java)])
+@pytest.mark.slow
+@pytest.mark.parametrize("java", [False, pytest.param(True, marks=[needs_java, pytest.mark.slow])])
 def test_evaluate_writes_results_and_gallery_with_progress_bars(demo_run, tmp_path, cache_dir, java):
     out = tmp_path / "eval"
     flags = [] if java else ["--no-java"]
@@ -63,6 +65,7 @@ def test_evaluate_writes_results_and_gallery_with_progress_bars(demo_run, tmp_pa
     assert "captioning test" in proc.stderr and "scoring: cider" in proc.stderr
 
 
+@pytest.mark.slow
 def test_evaluate_scores_an_ensemble_of_checkpoints(demo_run, tmp_path, cache_dir):
     ckpts = demo_run / "checkpoints"
     paths = [ckpts / "checkpoint_epoch_1.pth.tar", ckpts / "last.pth.tar"]
@@ -73,6 +76,7 @@ def test_evaluate_scores_an_ensemble_of_checkpoints(demo_run, tmp_path, cache_di
     assert results["settings"]["ensemble"] == [str(p) for p in paths] and len(results["images"]) == 25
 
 
+@pytest.mark.slow
 def test_evaluate_reads_only_the_splits_images_for_a_fine_tuned_cnn(demo_run, tmp_path, cache_dir, monkeypatch):
     """A frozen CNN's feature cache (every split, shared with training) serves evaluation; a fine-tuned CNN's
     features would serve that checkpoint alone, so its split's images are read instead."""

@@ -8,7 +8,8 @@ import torch
 
 import evaluate
 import export
-from image_intial_model import CNN_RNN, ModelArgs, preprocessing
+from backbones import preprocessing
+from image_intial_model import CNN_RNN, ModelArgs
 from image_loader import IMAGE_SUFFIXES, SPECIALS, Vocab
 from inference import Captioner
 from tests.conftest import SAMPLE, run_script
@@ -30,6 +31,7 @@ def onnx_export(demo_run, tmp_path_factory):
     return out, checkpoint
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("beam", [1, 3])
 def test_onnx_runner_without_pytorch_captions_like_pytorch(onnx_export, beam):
     out, checkpoint = onnx_export
@@ -40,6 +42,7 @@ def test_onnx_runner_without_pytorch_captions_like_pytorch(onnx_export, beam):
     assert exported == [captioner.caption(p, beam=beam) for p in PHOTOS]
 
 
+@pytest.mark.slow
 def test_check_reports_latency_next_to_pytorch(onnx_export):
     out, checkpoint = onnx_export
     proc = run_script("export.py", "--check", out, PHOTOS[0], "--compare", checkpoint)
@@ -47,11 +50,12 @@ def test_check_reports_latency_next_to_pytorch(onnx_export):
     assert re.search(r"\[\d+ ms\]  \(PyTorch \d+ ms, same\)", proc.stdout), proc.stdout
 
 
+@pytest.mark.slow
 def test_torchscript_export_and_an_attention_model(tmp_path):
     torch.manual_seed(0)
     vocab = Vocab(SPECIALS + [f"w{i}" for i in range(30)])
     model = CNN_RNN(ModelArgs(vocab_size=len(vocab), encoder="efficientnet_lite0", embed_size=32, hidden_size=32,
-                              attention=True, attention_dim=16), weights="random").eval()
+                              decoder="attention", attention_dim=16), weights="random").eval()
     checkpoint = tmp_path / "attention.pth.tar"
     save_checkpoint(checkpoint_state(model, vocab, preprocessing("efficientnet_lite0")), checkpoint)
     captioner = Captioner(checkpoint)
@@ -62,13 +66,15 @@ def test_torchscript_export_and_an_attention_model(tmp_path):
             assert [runner.caption(p, beam) for p in PHOTOS[:3]] == [captioner.caption(p, beam) for p in PHOTOS[:3]]
 
 
+@pytest.mark.slow
 def test_an_ensemble_exports_and_captions_like_pytorch(tmp_path):
     """A plain and an attention model (each with its own CNN) as one export: their states travel flat."""
     vocab, paths = Vocab(SPECIALS + [f"w{i}" for i in range(30)]), []
     for seed, attention in ((0, False), (1, True)):
         torch.manual_seed(seed)
         model = CNN_RNN(ModelArgs(vocab_size=len(vocab), encoder="efficientnet_lite0", embed_size=32,
-                                  hidden_size=32, attention=attention, attention_dim=16), weights="random").eval()
+                                  hidden_size=32, decoder="attention" if attention else "plain",
+                                  attention_dim=16), weights="random").eval()
         paths.append(tmp_path / f"model{seed}.pth.tar")
         save_checkpoint(checkpoint_state(model, vocab, preprocessing("efficientnet_lite0")), paths[-1])
     captioner = Captioner(paths)
@@ -80,11 +86,13 @@ def test_an_ensemble_exports_and_captions_like_pytorch(tmp_path):
             assert [runner.caption(p, beam) for p in PHOTOS[:3]] == [captioner.caption(p, beam) for p in PHOTOS[:3]]
 
 
+@pytest.mark.slow
 def test_check_of_a_folder_without_an_export_is_one_line(tmp_path):
     proc = run_script("export.py", "--check", tmp_path, PHOTOS[0])
     assert proc.returncode == 1 and "holds no export" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_check_reads_files_and_folders_as_inference_does(onnx_export, tmp_path):
     """A folder is captioned image by image; a bad file, a missing one and a folder with no images each get one
     line on stderr, the others are still captioned, and the exit status is 1 (with PyTorch unimportable)."""

@@ -1,7 +1,11 @@
 """inference.py's command line as a newcomer types it."""
 
+import pytest
+
 from tests.conftest import SAMPLE, run_script
 from utils import SHIPPED_CHECKPOINT
+
+pytestmark = pytest.mark.slow  # every test here runs a command line, a service or a browser
 
 PHOTO = SAMPLE / "Images" / "3258874419_23fec1bdc1.jpg"
 

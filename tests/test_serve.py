@@ -24,11 +24,14 @@ from PIL import Image
 
 import inference
 import serve
-from image_intial_model import CNN_RNN, EOS_IDX, SPECIALS, ModelArgs, preprocessing
+from backbones import preprocessing
+from image_intial_model import CNN_RNN, EOS_IDX, SPECIALS, ModelArgs
 from image_loader import EvalTransform, Vocab, load_image
 from inference import Captioner
 from tests.conftest import ROOT, SAMPLE
 from utils import checkpoint_state, save_checkpoint, torch_threads
+
+pytestmark = pytest.mark.slow  # every test here runs a command line, a service or a browser
 
 PHOTOS = sorted((SAMPLE / "Images").glob("*.jpg"))
 

@@ -8,8 +8,10 @@ import shlex
 import pytest
 import torch
 
+from backbones import has_pypi_imagenet_cnn, preprocessing
+from ensemble import Ensemble
 from export import release
-from image_intial_model import CNN_RNN, Ensemble, ModelArgs, has_pypi_imagenet_cnn, preprocessing
+from image_intial_model import CNN_RNN, ModelArgs
 from image_loader import Vocab, load_vocab_file
 from inference import Captioner
 from tests.conftest import ROOT, SAMPLE, run_script, train_args
@@ -36,12 +38,14 @@ def test_the_shipped_model_is_small_plain_and_says_how_it_was_made():
     assert ckpt["trained_with"] and all(c.startswith("python image_training.py") for c in ckpt["trained_with"])
 
 
+@pytest.mark.slow
 def test_the_shipped_model_says_dog_for_dog_photos_of_the_test_split():
     captioner = Captioner(SHIPPED_CHECKPOINT)
     captions = [captioner.caption(SAMPLE / "Images" / name) for name in DOGS]
     assert all(re.search(r"\bdogs?\b", c) for c in captions), captions
 
 
+@pytest.mark.slow
 def test_commands_use_the_shipped_model_when_the_user_has_none(tmp_path):
     proc = run_script(ROOT / "inference.py", SAMPLE / "Images" / DOGS[0], "--json", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -60,6 +64,7 @@ def readme_command(script, section):
     return [str(ROOT / w) if (ROOT / w).exists() else w for w in shlex.split(line.split("#")[0])[2:]]
 
 
+@pytest.mark.slow
 def test_evaluate_uses_the_shipped_model_and_shows_its_attention_in_the_gallery(tmp_path):
     """The README's evaluation command, as a newcomer runs it: on the sample that ships, with the shipped model
     (here without Java, and writing into tmp_path)."""
@@ -85,7 +90,7 @@ def test_a_release_leaves_out_an_imagenet_cnn_keeps_a_fine_tuned_one_and_loads_b
     """export.py --format release on a full checkpoint: the same weights, without the CNN's ImageNet ones, or
     with the CNN's weights where --train-cnn changed them."""
     vocab = Vocab(load_checkpoint(SHIPPED_CHECKPOINT)["vocab"][:50])
-    model = CNN_RNN(ModelArgs(len(vocab), "efficientnet_lite0", attention=True), weights="imagenet")
+    model = CNN_RNN(ModelArgs(len(vocab), "efficientnet_lite0", decoder="attention"), weights="imagenet")
     full = tmp_path / "full.pth.tar"
     torch.save(checkpoint_state(model, vocab, {"resize": 224, "crop": 224, "mean": [0.5] * 3, "std": [0.5] * 3}),
                full)
@@ -105,7 +110,7 @@ def test_a_release_leaves_out_an_imagenet_cnn_keeps_a_fine_tuned_one_and_loads_b
 def test_an_ensembles_release_in_half_precision_is_one_file_that_loads_back_as_the_ensemble(tmp_path):
     vocab, paths, models = Vocab(load_checkpoint(SHIPPED_CHECKPOINT)["vocab"][:50]), [], []
     for hidden in (32, 48):
-        models.append(CNN_RNN(ModelArgs(len(vocab), "efficientnet_lite0", hidden_size=hidden, attention=True),
+        models.append(CNN_RNN(ModelArgs(len(vocab), "efficientnet_lite0", hidden_size=hidden, decoder="attention"),
                               weights="imagenet"))
         paths.append(tmp_path / f"h{hidden}.pth.tar")
         torch.save(checkpoint_state(models[-1], vocab, preprocessing("efficientnet_lite0")), paths[-1])

@@ -11,8 +11,11 @@ from torch import nn
 import export
 import image_intial_model as M
 import image_training
+import search
+from backbones import preprocessing
 from confidence import SIGNALS, captions_with_signals, decoder_signals
-from image_intial_model import CNN_RNN, Ensemble, ModelArgs, preprocessing
+from ensemble import Ensemble
+from image_intial_model import CNN_RNN, ModelArgs
 from image_loader import SPECIALS, Batch, CaptionTable, Vocab
 from inference import Captioner
 from tests.conftest import SAMPLE, train_args
@@ -26,7 +29,7 @@ def _model(seed=0, decoder="topdown", vocab_size=40, embed_size=32, **kwargs):
     """A small random-weight model (efficientnet_lite0 at 224 px: 7x7 regions), in eval mode (no dropout)."""
     torch.manual_seed(seed)
     args = ModelArgs(vocab_size=vocab_size, encoder="efficientnet_lite0", embed_size=embed_size, hidden_size=48,
-                     attention_dim=16, **M.decoder_fields(decoder), **kwargs)
+                     attention_dim=16, decoder=decoder, **kwargs)
     return CNN_RNN(args, weights="random").eval()
 
 
@@ -44,16 +47,17 @@ def _tokens(captions):
 
 
 def test_the_topdown_shape_and_its_config():
-    args = ModelArgs(vocab_size=10, **M.decoder_fields("topdown"))
-    assert args.attention and args.topdown and args.decoder == "topdown"
-    assert [ModelArgs(10, **M.decoder_fields(d)).decoder for d in M.DECODERS] == list(M.DECODERS)
-    with pytest.raises(ValueError, match="needs attention"):
-        ModelArgs(vocab_size=10, topdown=True)
+    args = ModelArgs(vocab_size=10, decoder="topdown")
+    assert args.attention and args.decoder == "topdown"
+    assert [ModelArgs(10, decoder=d).decoder for d in M.DECODERS] == list(M.DECODERS)
+    with pytest.raises(ValueError, match="unknown decoder 'fancy'"):
+        ModelArgs(vocab_size=10, decoder="fancy")
     dec = _model().decoderRNN
     assert isinstance(dec, M.TopDownDecoder) and dec.att_lstm.input_size == 48 + 2 * 32
     assert dec.lang_lstm.input_size == 32 + 48 and len(dec.state_batch_axes) == len(dec.start(torch.randn(2, 5, 32)))
 
 
+@pytest.mark.slow
 def test_forward_shapes_teacher_forcing_and_the_word_by_word_log_probs(topdown):
     images = torch.randn(2, 3, 224, 224)
     assert topdown.encoderCNN.extract(images).shape == (2, 49, 1280)  # it reads the regions, as attention does
@@ -73,7 +77,7 @@ def test_forward_shapes_teacher_forcing_and_the_word_by_word_log_probs(topdown):
                                                       -math.inf).log_softmax(-1)
     for i, ids in enumerate(captions):
         torch.testing.assert_close(logp[i, :len(ids) + 1], forward[i, :len(ids) + 1], atol=1e-5, rtol=1e-5)
-    same, _ = M.teacher_forced(topdown.decoderRNN, topdown.features(images), captions)
+    same, _ = search.teacher_forced(topdown.decoderRNN, topdown.features(images), captions)
     torch.testing.assert_close(same, logp)
 
 
@@ -81,7 +85,7 @@ def test_beam_one_is_greedy_and_a_batch_captions_as_one_image_at_a_time(topdown)
     regions = torch.randn(5, 49, 1280) * 3
     greedy = topdown.generate(regions, max_len=10, from_features=True)
     assert topdown.generate(regions, max_len=10, beam=1, from_features=True) == greedy
-    assert M.beam_search(topdown.decoderRNN, topdown.features(regions, True), 10, 1) == greedy
+    assert search.beam_search(topdown.decoderRNN, topdown.features(regions, True), 10, 1) == greedy
     beams = topdown.generate(regions, max_len=10, beam=3, from_features=True)
     assert all(len(s) <= 10 and not set(s) & set(M.NEVER_SAY) and M.EOS_IDX not in s for s in beams)
     for i in range(5):
@@ -102,7 +106,7 @@ def test_n_best_captions_carry_their_own_log_probabilities(topdown):
             tokens = torch.cat([torch.tensor([[M.SOS_IDX]]), words[:, :-1]], 1)
             with torch.no_grad():
                 logits = topdown(regions[i:i + 1], tokens, from_features=True)
-            assert c["log_prob"] == pytest.approx(M.caption_log_probs(logits, words).item(), abs=1e-4)
+            assert c["log_prob"] == pytest.approx(search.caption_log_probs(logits, words).item(), abs=1e-4)
 
 
 def test_attention_maps_are_the_weights_each_word_was_chosen_with(topdown):
@@ -125,6 +129,7 @@ def test_attention_maps_are_the_weights_each_word_was_chosen_with(topdown):
         torch.testing.assert_close(m.flatten(1), torch.stack([w[i] for w in seen[:len(ids)]]))
 
 
+@pytest.mark.slow
 def test_it_learns_one_batch_until_greedy_reproduces_its_captions():
     model = _model(vocab_size=12, dropout=0.0).train()
     feats = torch.randn(4, 49, 1280)
@@ -173,12 +178,13 @@ def _mean_probability_log_prob(models, images, caption):
     return torch.stack(probs).mean(0).log().sum().item()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("other", ["topdown", "attention"])
 def test_an_ensemble_with_a_topdown_model_shares_the_cnn_and_averages_the_probabilities(topdown, other):
     second = _model(seed=1, decoder=other, embed_size=24)
     second.encoderCNN.backbone.load_state_dict(topdown.encoderCNN.backbone.state_dict())
     ensemble = Ensemble([topdown, second])
-    assert ensemble.shared_cnn and ensemble.args.attention and ensemble.args.topdown == (other == "topdown")
+    assert ensemble.shared_cnn and ensemble.args.decoder == ("topdown" if other == "topdown" else "attention")
     assert ensemble.decoder_kind == f"topdown + {other}"
     images = torch.randn(2, 3, 96, 96) * 3  # 3x3 regions: quick
     best = ensemble.n_best(images, 2, max_len=8, beam=3)
@@ -194,17 +200,19 @@ def test_an_ensemble_with_a_topdown_model_shares_the_cnn_and_averages_the_probab
         torch.testing.assert_close(mean, (a + b) / 2)
 
 
+@pytest.mark.slow
 def test_an_ensemble_of_a_topdown_and_a_plain_model_runs_each_cnn(topdown):
     plain = _model(seed=3, decoder="plain")
     plain.encoderCNN.backbone.load_state_dict(topdown.encoderCNN.backbone.state_dict())
     ensemble = Ensemble([topdown, plain])
-    assert not ensemble.shared_cnn and not ensemble.args.attention and not ensemble.args.topdown  # no maps
+    assert not ensemble.shared_cnn and not ensemble.args.attention and ensemble.args.decoder == "plain"  # no maps
     assert ensemble.decoder_kind == "topdown + plain"
     images = torch.randn(2, 3, 64, 64)
     assert ensemble.generate(images, max_len=8, beam=1) == ensemble.generate(images, max_len=8)
     assert all(len(ids) <= 8 for ids in ensemble.generate(images, max_len=8, beam=3))
 
 
+@pytest.mark.slow
 def test_confidence_signals_of_a_topdown_model_and_its_ensemble(topdown):
     x = torch.randn(3, 3, 64, 64)  # 2x2 regions: quick
     attention = _model(seed=2, decoder="attention")
@@ -222,6 +230,7 @@ def test_confidence_signals_of_a_topdown_model_and_its_ensemble(topdown):
     torch.testing.assert_close(both, alone, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_onnx_and_torchscript_exports_caption_like_pytorch(tmp_path):
     vocab = Vocab(SPECIALS + [f"w{i}" for i in range(30)])
     model = _model(vocab_size=len(vocab))
@@ -244,7 +253,8 @@ def test_old_checkpoints_without_the_new_field_load_as_they_were_made(tmp_path):
     for decoder, kind in (("attention", M.AttentionDecoder), ("plain", M.RNN_decoder)):
         model = _model(vocab_size=len(vocab), decoder=decoder)
         state = checkpoint_state(model, vocab, preprocessing("efficientnet_lite0"))
-        del state["model_args"]["topdown"]  # as every checkpoint made before the top-down decoder
+        old = state["model_args"]  # as every checkpoint made before the top-down decoder: one boolean
+        old["attention"] = old.pop("decoder") == "attention"
         save_checkpoint(state, tmp_path / f"{decoder}.pth.tar")
         rebuilt, _, _ = model_from_checkpoint(load_checkpoint(tmp_path / f"{decoder}.pth.tar"))  # weights_only
         assert type(rebuilt.decoderRNN) is kind and rebuilt.args.decoder == decoder
@@ -279,6 +289,7 @@ def test_attention_is_still_the_attention_decoder_and_decoder_is_explained_in_he
     assert "topdown: Anderson et al.'s top-down decoder" in text and "the same as --decoder attention" in text
 
 
+@pytest.mark.slow
 def test_train_a_topdown_model_resume_it_and_fine_tune_it_self_critically(tmp_path, cache_dir, caplog):
     """The word loss with the attention penalty for one epoch, --resume for a second, then --scst --init-from;
     each checkpoint reloads with weights_only=True as the top-down decoder."""
@@ -289,7 +300,7 @@ def test_train_a_topdown_model_resume_it_and_fine_tune_it_self_critically(tmp_pa
     assert [h["epoch"] for h in first["history"]] == [1] and math.isfinite(first["history"][0]["train_loss"])
     last = tmp_path / "a" / "ck" / "last.pth.tar"
     ckpt = load_checkpoint(last)
-    assert ckpt["model_args"]["topdown"] and ckpt["train_args"]["decoder"] == "topdown"
+    assert ckpt["model_args"]["decoder"] == "topdown" and ckpt["train_args"]["decoder"] == "topdown"
     assert model_from_checkpoint(ckpt)[0].args.decoder == "topdown"
     resumed = image_training.main(train_args(tmp_path / "a", cache_dir, *common, "--epochs", "2", "--resume",
                                              str(last)))
