@@ -6,6 +6,7 @@
     python bench.py --serve                   # serve.py under 1, 8 and 32 concurrent clients, batching on and off
     python bench.py --serve --serve-workers 2 --threads 1   # the same with two server processes of one thread
     python bench.py --web                     # the web export in headless Chromium beside the Python runner
+    python bench.py --describe                # what the photo check and the text reading add to a caption
 
 Each pipeline figure comes with its ceiling, measured in the same run, so a ratio says where the time goes:
   loader                = JPEG files decoded and resized by the loader alone, no model, --workers workers
@@ -119,6 +120,10 @@ def get_args_parser():
                    help="leave out torch.compile's ceiling (it compiles for about a minute a shape on a small CPU)")
     p.add_argument("--embed-size", type=positive(int), default=256, help="decoder shape, as in training")
     p.add_argument("--hidden-size", type=positive(int), help="decoder shape (default 256; 512 with --attention)")
+    p.add_argument("--describe", action="store_true",
+                   help="time what the photo check and the text reading add to a caption, per photo file (--checkpoint "
+                        "default: the one inference.py picks; photos with text made by text_photos.py, photos "
+                        "without from --data, else the bundled sample)")
     p.add_argument("--web", action="store_true",
                    help="benchmark the web export instead (bench_web.py): headless Chromium, WebAssembly, beside "
                         "the Python runner on 20 sample photos (--checkpoint: the model exported)")
@@ -500,6 +505,7 @@ def main(args):
 # ---------------------------------------------------------------------------------------- --serve
 
 SAMPLE_IMAGES = Path(__file__).resolve().parent / "data" / "flickr8k_sample" / "Images"
+VIZWIZ = Path(__file__).resolve().parent.parent / "shared" / "vizwiz_dev"
 
 
 def serve_bench(args):
@@ -709,6 +715,72 @@ def report_serve(r):
               f"{r[f'server_private_mib_batching_{batching}']:.0f} MiB private (not shared with other processes)")
 
 
+# ---------------------------------------------------------------------------------------- --describe
+
+def describe_bench(args):
+    """What the photo check and the text reading add to a caption, per photo, in folder mode: for each photo
+    file, alternating, the caption alone (Captioner.caption: file to text, beam 3), the photo check's image
+    measures on the photo as loaded, and the text reading (the first look; where it finds text, the photo decoded
+    again at the reader's size and read). Photos with text are made by text_photos.py (medicine boxes, screens,
+    pages, signs, some degraded); photos without are Flickr8k's (--data's, else the bundled sample's); and real
+    phone photos from ../shared/vizwiz_dev where it is."""
+    from inference import Captioner
+    from read_text import FIRST_LOOK_MIN, READ_SIZE
+    from text_photos import make_set
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    n, checkpoint = 4 if args.smoke else 30, find_checkpoint(args.checkpoint)
+    captioner = Captioner(checkpoint)
+    with tempfile.TemporaryDirectory() as tmp:
+        records = make_set("dev", n, 0, 0, Path(tmp), seed=1)
+        groups = {"with text": [Path(tmp) / r["file"] for r in records],
+                  "without text": list_images(Path(args.data) / "Images" if args.data else SAMPLE_IMAGES)[:n]}
+        if VIZWIZ.is_dir():  # real phone photos taken by blind people, 1 to 5 megapixels, most without text
+            groups["phone photos"] = sorted(VIZWIZ.rglob("*.jpg"))[:n]
+        r = {"checkpoint": str(checkpoint), "threads": torch.get_num_threads(),
+             "load_average_before": os.getloadavg()[0], "groups": {}}
+        for name, paths in groups.items():
+            r["groups"][name] = time_descriptions(captioner, paths, FIRST_LOOK_MIN, READ_SIZE)
+    r["load_average_after"] = os.getloadavg()[0]
+    return r
+
+
+def time_descriptions(captioner, paths, look_min, read_size):
+    """Median seconds per photo of the caption, the photo check and the text reading (see describe_bench)."""
+    caption, check, text, read = [], [], [], 0
+    from tqdm import tqdm
+
+    for path in tqdm(paths, desc="describe", unit="photo", leave=False, disable=None):
+        captioner.caption(path)  # warm: the file in the page cache, the model's buffers
+        start = time.perf_counter()
+        captioner.caption(path)
+        caption.append(time.perf_counter() - start)
+        image = captioner.load(path)
+        start = time.perf_counter()
+        captioner.checker.scores(image)
+        check.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        if captioner.reader.first_look(image) >= look_min:
+            captioner.reader.read(load_image(path, read_size))
+            read += 1
+        text.append(time.perf_counter() - start)
+    med, mean = statistics.median, statistics.mean
+    return {"photos": len(paths), "read": read, "caption_s": med(caption), "photo_check_s": med(check),
+            "text_s": med(text), "text_mean_s": mean(text), "photo_check_of_caption": med(check) / med(caption),
+            "text_of_caption": med(text) / med(caption), "text_mean_of_caption": mean(text) / mean(caption)}
+
+
+def report_describe(r):
+    print(f"describing photos ({r['checkpoint']}, {r['threads']} threads, load average {r['load_average_before']:.1f}"
+          f" before, {r['load_average_after']:.1f} after): median per photo")
+    print("  photos         n  read  caption  photo check (of caption)  text reading (of caption; mean)")
+    for name, g in r["groups"].items():
+        print(f"  {name:13s} {g['photos']:3d} {g['read']:5d}  {g['caption_s'] * 1000:5.1f} ms  "
+              f"{g['photo_check_s'] * 1000:5.2f} ms ({g['photo_check_of_caption']:5.1%})       "
+              f"{g['text_s'] * 1000:6.1f} ms ({g['text_of_caption']:.2f}x; {g['text_mean_of_caption']:.2f}x)")
+
+
 def cli(argv=None):
     args = get_args_parser().parse_args(argv)
     if args.web:
@@ -717,14 +789,14 @@ def cli(argv=None):
         return bench_web.cli([*(["--checkpoint", args.checkpoint] if args.checkpoint else []),
                               *(["--json"] if args.json else [])])
     try:
-        r = serve_bench(args) if args.serve else main(args)
+        r = serve_bench(args) if args.serve else describe_bench(args) if args.describe else main(args)
     except (DataError, EncoderWeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(r))
     else:
-        (report_serve if args.serve else report)(r)
+        (report_serve if args.serve else report_describe if args.describe else report)(r)
     return 0
 
 

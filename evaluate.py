@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from backbones import EncoderWeightsError, has_pypi_imagenet_cnn
 from confidence import GOOD_CIDER, LEVELS, TARGET, Calibration, captions_with_signals, pooled_features, reliability
+from description import answer, look_at
 from features import split_sources
 from image_loader import (
     Batches,
@@ -36,8 +37,11 @@ from image_loader import (
     Flickr8k,
     default_workers,
     image_batches,
+    load_image,
 )
 from inference import attention_map, read_calibration
+from photo_check import PhotoCheck
+from read_text import READ_SIZE, TextReader
 from runtimes import RUNTIME_HELP, RUNTIMES, use_runtime
 from utils import (
     HelpFormatter,
@@ -270,6 +274,7 @@ def write_gallery(path, rows, images_dir, metrics):
     head = " ".join(f"{k} {v:.3f}" for k, v in metrics.items())
     cells = [f"<figure><img src=\"{html.escape(rel)}/{html.escape(r['image'])}\" loading=\"lazy\">"
              f"<figcaption><b>{html.escape(r['caption'])}</b>"
+             + (f"<p>{html.escape(r['description'])}</p>" if "description" in r else "")
              + (f"<a href=\"{html.escape(r['attention_map'])}\"><img src=\"{html.escape(r['attention_map'])}\" "
                 "title=\"attention for each word\"></a>" if "attention_map" in r else "") + "<ol>"
              + "".join(f"<li>{html.escape(c)}</li>" for c in r["references"])
@@ -302,6 +307,9 @@ def get_args_parser():
                    help="loader worker processes (default: the cores this process may use, at most 16)")
     p.add_argument("--no-java", action="store_true", help="score as on a machine without Java (no METEOR)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split when the data has no split files")
+    p.add_argument("--no-describe", action="store_true",
+                   help="leave out the photo check, the text reading and the description of each photo")
+    p.add_argument("--no-text", action="store_true", help="do not read the text in the photos")
     p.add_argument("--calibrate", action="store_true",
                    help="fit the model's confidence on this split (dev: never the test split) and store it in the "
                         "checkpoint; the fit's inputs, target and levels are in confidence.py")
@@ -369,16 +377,14 @@ def main(args):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if model.args.attention:  # what the decoder looked at for each word, for the gallery's first images
-        (out / "attention").mkdir(exist_ok=True)
-        transform = EvalTransform(preset)
-        for r in tqdm(rows[:GALLERY_ATTENTION_MAPS], desc="attention maps", unit="photo", leave=False):
-            sheet = attention_map(model, vocab, transform, data.images_dir / r["image"], device, args.beam,
-                                  args.max_len, args.length_penalty)[1]
-            r["attention_map"] = f"attention/{Path(r['image']).stem}.png"
-            sheet.save(out / r["attention_map"])
+        write_attention_maps(args, model, vocab, preset, device, data.images_dir, rows, out)
     results = {"metrics": metrics, "settings": settings, "images": rows}
     if calibration:
         results["reliability"] = confidence_report(calibration, decoder, pooled, references, rows)
+    if not args.no_describe:
+        unfamiliar = calibration.assess(decoder, pooled)[2].tolist() if calibration else [False] * len(rows)
+        results["photo_check"] = describe_rows(rows, data.images_dir, paths, preset, pooled if calibration else None,
+                                               unfamiliar, not args.no_text)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     write_gallery(out / "gallery.html", rows, data.images_dir, metrics)
     print(f"{args.split} split, {len(rows)} images, beam {args.beam}, tokenizer {settings['tokenizer']}")
@@ -388,8 +394,48 @@ def main(args):
         print("  METEOR   skipped: Java not found")
     if calibration:
         print_reliability(results["reliability"], args.split)
+    if "photo_check" in results:
+        print_photo_check(results["photo_check"])
     print(f"wrote {out / 'results.json'} and {out / 'gallery.html'}")
     return results
+
+
+def write_attention_maps(args, model, vocab, preset, device, images_dir, rows, out):
+    """out/attention/NAME.png for the gallery's first images: what the decoder looked at for each word."""
+    (out / "attention").mkdir(exist_ok=True)
+    transform = EvalTransform(preset)
+    for r in tqdm(rows[:GALLERY_ATTENTION_MAPS], desc="attention maps", unit="photo", leave=False):
+        sheet = attention_map(model, vocab, transform, images_dir / r["image"], device, args.beam, args.max_len,
+                              args.length_penalty)[1]
+        r["attention_map"] = f"attention/{Path(r['image']).stem}.png"
+        sheet.save(out / r["attention_map"])
+
+
+def describe_rows(rows, images_dir, paths, preset, pooled, unfamiliar, read_text=True):
+    """Give each row what a person would hear of its photo (description.answer: the photo check, the text read,
+    the description); the photos are not turned, so that the scored captions stay the model's. Returns how many
+    photos got each problem named and how many had text read."""
+    checker = PhotoCheck.from_checkpoint(load_checkpoint(paths[0]) if len(paths) == 1 else {})
+    reader = TextReader() if read_text else None
+    named, texts = Counter(), 0
+    for i, r in enumerate(tqdm(rows, desc="photo check and text", unit="photo", leave=False, disable=None)):
+        path = images_dir / r["image"]
+        look = look_at(load_image(path, preset["resize"]), reader, lambda p=path: load_image(p, READ_SIZE))
+        look.turn = 0
+        said = answer(checker, look, None if pooled is None else pooled[i], r["caption"], r.get("confidence_level"),
+                      bool(unfamiliar[i]))
+        r.update((k, said[k]) for k in ("description", "text", "photo_problems", "photo_scores", "retake_hint"))
+        named.update(p["problem"] for p in said["photo_problems"])
+        texts += bool(said["text"])
+    return {"photos": len(rows), "any_problem": sum(bool(r["photo_problems"]) for r in rows),
+            "problems": dict(named), "text_read": texts}
+
+
+def print_photo_check(found):
+    n = found["photos"]
+    named = ", ".join(f"{k} {v}" for k, v in sorted(found["problems"].items())) or "none"
+    print(f"photo check: a problem named on {found['any_problem']} of {n} photos ({named}); text read on "
+          f"{found['text_read']}")
 
 
 def confidence_report(calibration, decoder, pooled, references, rows):

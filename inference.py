@@ -6,13 +6,16 @@
 With no --checkpoint: your own training's checkpoints/best.pth.tar (or last.pth.tar), else the model that
 ships with the code (checkpoints/pretrained/model.pth); the choice is said on stderr.
 
-Prints one line per image: "NAME: caption" (with --alt-text, "NAME: alt text": the caption as a sentence,
-hedged by how sure the model is: see confidence.py). A folder captions every image in it. Images that cannot
+Prints one line per image: "NAME: description", what a person would hear (description.py): the text read in
+the photo, the caption worded by how sure the model is (confidence.py), what is wrong with the photo and how to
+take it again (photo_check.py); with --alt-text, "NAME: alt text", the same cut to fit an alt attribute; --json
+gives every part. A folder captions every image in it. Images that cannot
 be read (or written, with --write-metadata) are reported on stderr, one line each, and the exit status is 1;
 the others are still captioned.
 """
 
 import argparse
+import io
 import json
 import math
 import os
@@ -27,8 +30,11 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from backbones import EncoderWeightsError
-from confidence import Calibration, alt_text, captions_with_signals
+from confidence import Calibration, captions_with_signals
+from description import answer, look_at
 from image_loader import DataError, EvalTransform, list_images, load_image, load_vocab_file
+from photo_check import PhotoCheck
+from read_text import LANGUAGES, READ_SIZE, TextReader, parse_languages
 from runtimes import RUNTIME_HELP, RUNTIMES, use_runtime
 from utils import (
     USER_CHECKPOINTS,
@@ -66,9 +72,11 @@ def get_args_parser():
                    help="attention models: write DIR/NAME.png per photo, the photo once per word, lit where the "
                         "decoder looked for that word")
     p.add_argument("--alt-text", action="store_true",
-                   help="print NAME: alt text: the caption as one sentence for an HTML alt attribute, hedged when "
-                        "the model is unsure (\"Probably …\"), or \"No reliable description.\" for a photo unlike "
-                        "any it knows")
+                   help="print NAME: alt text: the description cut to fit an HTML alt attribute (125 characters)")
+    p.add_argument("--no-text", action="store_true", help="do not read the text in photos")
+    p.add_argument("--text-languages", default="en", type=text_languages,
+                   help=f"the languages of the text to read, comma-separated: {', '.join(LANGUAGES)} (what the "
+                        "bundled text models read)")
     p.add_argument("--write-metadata", action="store_true",
                    help="write each photo's alt text into its XMP (Iptc4xmpCore:AltTextAccessibility), losslessly: "
                         "the image data is not re-encoded, and the file is replaced whole or not at all")
@@ -79,18 +87,29 @@ def get_args_parser():
                    help="CPU threads (default: the cores the last minute's load average leaves free, so that "
                         "captioning beside other work slows down gracefully)")
     p.add_argument("--json", action="store_true",
-                   help="print one JSON list of {image, caption, alt_text, confidence, confidence_level} or "
-                        "{image, error} (n_best: [...] too with --n-best)")
+                   help="print one JSON list of {image, caption, alt_text, confidence, confidence_level, "
+                        "description, text, photo_problems, photo_scores, retake_hint, turned} or {image, error} "
+                        "(n_best: [...] too with --n-best)")
     return p
+
+
+def text_languages(text):
+    """--text-languages: read_text.parse_languages, its refusal as argparse's one line."""
+    try:
+        return parse_languages(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 class Captioner:
     """A checkpoint ready to describe photos with the preprocessing it was trained with, and with its
     confidence calibration where it has one (evaluate.py --calibrate)."""
 
-    def __init__(self, checkpoint, device="cpu", vocab_path=None, runtime="auto", cache_dir="cache"):
+    def __init__(self, checkpoint, device="cpu", vocab_path=None, runtime="auto", cache_dir="cache",
+                 read_text=True, text_languages=("en",)):
         """checkpoint: a path, or a list of paths for an ensemble of their models. runtime, cache_dir: what runs
-        the CNN on the CPU (runtimes.use_runtime), and where its ONNX file is kept."""
+        the CNN on the CPU (runtimes.use_runtime), and where its ONNX file is kept. read_text: read the text in
+        photos (read_text.TextReader, in text_languages)."""
         paths = checkpoint_paths(checkpoint)
         self.model, self.vocab, self.preset = models_from_checkpoints(paths, vocab_path)
         # a project checkpoint holds its vocabulary; a different --vocab beside it is a mistake to point out
@@ -98,6 +117,8 @@ class Captioner:
             raise DataError(f"{vocab_path} is not the vocabulary {paths[0]} was trained with (leave out --vocab: "
                             "the checkpoint holds its own)")
         self.calibration = read_calibration(paths)
+        self.checker = PhotoCheck.from_checkpoint(load_checkpoint(paths[0]) if len(paths) == 1 else {})
+        self.reader = TextReader(text_languages, threads=torch.get_num_threads()) if read_text else None
         self.device = torch.device(device)
         self.model.to(self.device).eval()
         self.runtime = use_runtime(self.model, self.preset, runtime, cache_dir, self.device, decoder=True)
@@ -106,6 +127,17 @@ class Captioner:
     def load(self, path, name=None):
         """A photo (a path or a binary file object) as upright RGB, large JPEGs decoded at a reduced scale."""
         return load_image(path, self.preset["resize"], name)
+
+    def look(self, image, source=None, name=None):
+        """description.Look of a loaded photo: the photo check's image scores, and its text where there is some.
+        source: its file's path or bytes, decoded again at the text reader's resolution if it holds text."""
+        def reread():
+            try:
+                return load_image(io.BytesIO(source) if isinstance(source, bytes) else source, READ_SIZE, name)
+            except DataError:  # decoded once already; should a larger decode fail, read what was decoded
+                return image
+
+        return look_at(image, self.reader, reread if source is not None else None)
 
     def _batch(self, images):
         return torch.stack([self.transform(im) for im in images]).to(self.device)
@@ -117,12 +149,32 @@ class Captioner:
         return self.vocab.decode(ids[0])
 
     @torch.no_grad()
-    def describe(self, images, beam=3, max_len=40, length_penalty=0.0, n_best=None):
+    def describe(self, images, beam=3, max_len=40, length_penalty=0.0, n_best=None, looks=None):
         """PIL images, captioned as one batch -> one dict each: caption, alt_text, confidence (the estimated
         probability that the caption is good; None without a calibration), confidence_level (high, medium,
-        low, or None), and with n_best=K, n_best: see n_best_entries."""
-        ids, best, decoder, pooled = captions_with_signals(self.model, self._batch(images), beam, max_len,
-                                                           length_penalty, n_best)
+        low, or None), description (what a person hears: description.combine), text, photo_problems,
+        photo_scores, retake_hint, turned; with n_best=K, n_best: see n_best_entries. looks: each image's
+        description.Look (default: looked at here, without reading text at a higher resolution)."""
+        looks = looks if looks is not None else [self.look(im) for im in images]
+        turns = [lk.turn for lk in looks]
+        found = self._signals(images, turns, beam, max_len, length_penalty, n_best)
+        # a photo on its side with no text to tell by: the photo check's head says how to turn it; caption again
+        again = [i for i, t in enumerate(turns) if not t and self.checker.upright_turn(found[3][i])]
+        if again:
+            for i in again:
+                turns[i] = self.checker.upright_turn(found[3][i])
+            redone = self._signals([images[i] for i in again], [turns[i] for i in again], beam, max_len,
+                                   length_penalty, n_best)
+            found = _replace_rows(found, again, redone)
+        return self._answers(found, looks, turns)
+
+    def _signals(self, images, turns, beam, max_len, length_penalty, n_best):
+        """captions_with_signals of the images, each turned clockwise by its turn (degrees) first."""
+        upright = [im.transpose(TURNS[t]) if t else im for im, t in zip(images, turns)]
+        return captions_with_signals(self.model, self._batch(upright), beam, max_len, length_penalty, n_best)
+
+    def _answers(self, found, looks, turns):
+        ids, best, decoder, pooled = found
         if self.calibration:
             confidence, levels, unfamiliar = self.calibration.assess(decoder, pooled)
             confidence = [round(c, 3) for c in confidence.tolist()]
@@ -131,8 +183,9 @@ class Captioner:
         out = []
         for i, words in enumerate(ids):
             caption = self.vocab.decode(words)
-            out.append({"caption": caption, "alt_text": alt_text(caption, levels[i], bool(unfamiliar[i])),
-                        "confidence": confidence[i], "confidence_level": levels[i]})
+            out.append({"caption": caption, "confidence": confidence[i], "confidence_level": levels[i],
+                        **answer(self.checker, looks[i], pooled[i], caption, levels[i], bool(unfamiliar[i]),
+                                 turns[i])})
             if best:
                 out[-1]["n_best"] = self.n_best_entries(best[i])
         return out
@@ -146,6 +199,21 @@ class Captioner:
     def attention_map(self, path, beam=3, max_len=40, length_penalty=0.0):
         """(the caption, a PIL image of the attention for each of its words: see attention_png)."""
         return attention_map(self.model, self.vocab, self.transform, path, self.device, beam, max_len, length_penalty)
+
+
+def _replace_rows(found, rows, redone):
+    """captions_with_signals' results with the given rows replaced by those of `redone` (of those rows alone)."""
+    ids, best, decoder, pooled = (list(found[0]), found[1] and list(found[1]), found[2].clone(), found[3].clone())
+    for k, i in enumerate(rows):
+        ids[i] = redone[0][k]
+        if best:
+            best[i] = redone[1][k]
+        decoder[i], pooled[i] = redone[2][k], redone[3][k]
+    return ids, best, decoder, pooled
+
+
+# PIL's transposes that turn a photo clockwise by 90, 180 and 270 degrees (ROTATE_90 is anticlockwise)
+TURNS = {90: Image.Transpose.ROTATE_270, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_90}
 
 
 def read_calibration(paths):
@@ -198,7 +266,7 @@ def main(args):
 
 def describe_all(args):
     captioner = Captioner(find_checkpoint(args.checkpoint), pick_device(args.device), args.vocab,
-                          args.runtime, args.cache_dir)
+                          args.runtime, args.cache_dir, not args.no_text, args.text_languages)
     if args.attention_map and not captioner.model.args.attention:
         which = "not all these decoders have" if len(args.checkpoint or ()) > 1 else "this checkpoint's decoder has"
         print(f"no attention maps: {which} attention (trained without --attention)", file=sys.stderr)
@@ -230,14 +298,16 @@ PROGRESS_FROM = 4  # photos: a progress bar (on stderr) for more than this many
 
 def describe_files(captioner, paths, args):
     """Results for some photo files, described as one batch; those that cannot be read get an error each."""
-    loaded, results = [], {}
+    loaded, looks, results = [], [], {}
     for path in paths:
         try:
-            loaded.append((path, captioner.load(path)))
+            image = captioner.load(path)
+            looks.append(captioner.look(image, path))
+            loaded.append((path, image))
         except DataError as e:
             results[path] = {"image": str(path), "error": str(e)}
     described = captioner.describe([im for _, im in loaded], args.beam, args.max_len, args.length_penalty,
-                                   args.n_best) if loaded else []
+                                   args.n_best, looks) if loaded else []
     for (path, _), r in zip(loaded, described):
         results[path] = {"image": str(path), **r}
         try:
@@ -311,7 +381,7 @@ def show(r, args, bar=None):
             write(f"  {i}. {c['caption']}  (log-probability {c['log_prob']:.2f}, mean word probability "
                   f"{c['mean_word_prob']:.2f})")
     else:
-        write(f"{r['image']}: {r['alt_text'] if args.alt_text else r['caption']}")
+        write(f"{r['image']}: {r['alt_text'] if args.alt_text else r['description']}")
     sys.stdout.flush()
 
 

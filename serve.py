@@ -6,8 +6,9 @@
 
 POST /caption takes the photo as a multipart field named "image", or as the raw request body (Content-Type
 image/... or application/octet-stream), and answers what `inference.py --json` says of it: {"caption",
-"alt_text", "confidence", "confidence_level"}; ?n_best=K adds the beam search's K best, ?beam=N chooses the
-beam (up to --max-beam). GET /health says whether the model is ready, and which; GET / is the page.
+"alt_text", "confidence", "confidence_level", "description", "text", "photo_problems", "photo_scores",
+"retake_hint", "turned"}; the page announces the description; ?n_best=K adds the beam search's K best,
+?beam=N chooses the beam (up to --max-beam). GET /health says whether the model is ready, and which; GET / is the page.
 
 Requests that arrive together are captioned together: the first waits at most --max-wait-ms for others, up
 to --max-batch photos, and one forward pass serves them all. Photos are decoded in a few worker threads and
@@ -45,6 +46,8 @@ from starlette.requests import ClientDisconnect
 
 from backbones import EncoderWeightsError
 from image_loader import DataError
+from inference import text_languages
+from read_text import LANGUAGES
 from runtimes import RUNTIME_HELP, RUNTIMES
 from utils import USER_CHECKPOINTS, HelpFormatter, cores, find_checkpoint, pick_device, positive
 
@@ -84,6 +87,9 @@ def get_args_parser():
                    help="most requests in progress at once per process; more get 503 with Retry-After")
     p.add_argument("--upload-timeout", type=positive(float), default=30.0,
                    help="seconds a client may take between two pieces of its upload (408 after)")
+    p.add_argument("--no-text", action="store_true", help="do not read the text in photos")
+    p.add_argument("--text-languages", default="en", type=text_languages,
+                   help=f"the languages of the text to read, comma-separated: {', '.join(LANGUAGES)}")
     p.add_argument("--beam", type=positive(int), default=3, help="beam width when a request does not say")
     p.add_argument("--max-beam", type=positive(int), default=8, help="widest beam a request may ask for (?beam=N)")
     p.add_argument("--web-dir", help="also serve at /offline/ this folder, made by `export.py --format web`: the "
@@ -295,14 +301,19 @@ class Service:
                                lambda: self.coming)
         self.ready, self.in_flight, self.coming, self.task = False, 0, 0, None
 
-    def describe(self, images, key):
+    def describe(self, photos, key):
+        """decode()'s photos, looked at (description.Look: the photo check, the text) and captioned as one batch,
+        here in the model's thread: the text reader's ONNX Runtime sessions serve one caller at a time, and a
+        look in the decode threads would keep photos from gathering into batches."""
         beam, n_best = key
-        return self.captioner.describe(images, beam=beam, n_best=n_best)
+        looks = [self.captioner.look(loaded, data, name="upload") for _, loaded, data in photos]
+        return self.captioner.describe([im for im, _, _ in photos], beam=beam, n_best=n_best, looks=looks)
 
     def decode(self, body, kind, content_type):
-        """Upload bytes -> the photo, upright RGB at the model's input size, in a decode thread. Resizing here
-        spares the model's thread; describe's own resize of an image already that size is a copy, so the
-        caption is the one inference.py gives the same file."""
+        """Upload bytes -> (the photo, upright RGB at the model's input size; the photo as loaded; the bytes), in
+        a decode thread: the photo check and the text reading look at the photo as loaded, as inference.py does.
+        Resizing here spares the model's thread; describe's own resize of an image already that size is a copy,
+        so the caption is the one inference.py gives the same file."""
         data = multipart_image(body, content_type) if kind == "multipart" else body
         if not data:
             raise Refused(400, "empty upload: no photo in it")
@@ -310,7 +321,7 @@ class Service:
             image = self.captioner.load(io.BytesIO(data), name="upload")
         except DataError as e:
             raise Refused(422, str(e)) from None
-        return image.resize((self.size, self.size), Image.Resampling.BILINEAR)
+        return image.resize((self.size, self.size), Image.Resampling.BILINEAR), image, bytes(data)
 
     def search(self, query):
         """(beam, n_best) from the query string, or Refused(400)."""
@@ -376,7 +387,8 @@ class Service:
 
     def warm_up(self):
         """One caption of a grey photo: the first forward pass allocates and chooses kernels, slow once."""
-        self.describe([Image.new("RGB", (self.size, self.size), (128, 128, 128))], (self.args.beam, None))
+        grey = Image.new("RGB", (self.size, self.size), (128, 128, 128))
+        self.describe([(grey, grey, None)], (self.args.beam, None))
 
     def warmed(self, future):
         if future.exception():
@@ -504,7 +516,7 @@ def load_captioner(paths, args):
     from inference import Captioner  # here, not at the top: `serve.py --help` need not load PyTorch's models
 
     return Captioner(paths if len(paths) > 1 else paths[0], pick_device(args.device), runtime=args.runtime,
-                     cache_dir=args.cache_dir)
+                     cache_dir=args.cache_dir, read_text=not args.no_text, text_languages=args.text_languages)
 
 
 def describe_checkpoint(checkpoints):
@@ -580,7 +592,7 @@ input.addEventListener("change", async () => {
     return;
   }
   if (!response.ok) { say("Sorry, no description: " + (body.error || response.statusText)); return; }
-  said = body.alt_text || body.caption;
+  said = body.description || body.alt_text || body.caption;
   if (shown.src) URL.revokeObjectURL(shown.src);
   shown.src = URL.createObjectURL(file);
   shown.alt = said;

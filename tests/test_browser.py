@@ -99,14 +99,14 @@ def test_page_captions_an_upload_announces_it_and_reads_it_aloud_by_keyboard(chr
         field.send_keys(str(photo))
         answer = chromium.find_element(By.ID, "answer")
         WebDriverWait(chromium, 60).until(lambda d: answer.text not in ("", WAITING))
-        assert answer.text == expected["alt_text"] and answer.get_attribute("aria-live") == "polite"
+        assert answer.text == expected["description"] and answer.get_attribute("aria-live") == "polite"
         shown = chromium.find_element(By.ID, "shown")
-        assert shown.is_displayed() and shown.get_attribute("alt") == expected["alt_text"]
+        assert shown.is_displayed() and shown.get_attribute("alt") == expected["description"]
         assert chromium.execute_script("return arguments[0].naturalWidth", shown) == Image.open(photo).width
         ActionChains(chromium).send_keys(Keys.TAB).perform()
         assert active_id(chromium) == "speak"
         ActionChains(chromium).send_keys(Keys.ENTER).perform()
-        assert chromium.execute_script("return spoken") == [expected["alt_text"]]
+        assert chromium.execute_script("return spoken") == [expected["description"]]
         chromium.save_screenshot(str(tmp_path / "page.png"))
 
         not_a_photo = tmp_path / "notes.jpg"

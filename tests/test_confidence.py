@@ -140,10 +140,13 @@ def shipped():
 
 
 @pytest.mark.slow
-def test_shipped_model_says_photos_of_nothing_are_low(shipped):
+def test_shipped_model_says_photos_of_nothing_are_low_and_never_reads_their_caption_aloud(shipped):
     odd = _blank_and_noise()
     for name, r in zip(odd, shipped.describe(list(odd.values()))):
-        assert r["confidence_level"] == "low" and r["alt_text"] == ABSTAIN, (name, r)
+        assert r["confidence_level"] == "low" and r["confidence"] == 0, (name, r)
+        assert r["caption"].rstrip(" .") not in r["description"].lower() and r["description"] != ABSTAIN, (name, r)
+        assert r["description"].startswith(("Nothing recognisable.", "No reliable description: ")), (name, r)
+    assert [p["problem"] for p in shipped.describe([odd["black"]])[0]["photo_problems"]][0] == "dark"
     real = shipped.describe([shipped.load(PHOTO)])[0]
     assert real["caption"] == shipped.caption(PHOTO) and real["confidence"] > 0
     assert real["alt_text"].rstrip(".").lower().endswith(real["caption"].rstrip(" .").split()[-1])

@@ -1,4 +1,5 @@
 import csv
+import html
 import json
 import math
 
@@ -52,14 +53,17 @@ def test_evaluate_writes_results_and_gallery_with_progress_bars(demo_run, tmp_pa
                       "--split", "test", "--out", out, "--cache-dir", cache_dir, *flags)
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
-    assert set(results) == {"metrics", "settings", "images"}
+    assert set(results) == {"metrics", "settings", "images", "photo_check"}
     assert len(results["images"]) == 25 and all(len(r["references"]) == 5 for r in results["images"])
+    assert all(r["description"] and set(r["photo_scores"]) >= {"blur", "dark", "bright"} for r in results["images"])
+    assert results["photo_check"]["photos"] == 25 and "photo check: a problem named on" in proc.stdout
     expected = {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr"} | ({"METEOR"} if java else set())
     assert set(results["metrics"]) == expected
     assert results["settings"]["split"] == "test" and results["settings"]["beam"] == 3
     assert ("METEOR   skipped" in proc.stdout) != java
     gallery = (out / "gallery.html").read_text()
     assert gallery.count("<img") == 25 and results["images"][0]["caption"] in gallery
+    assert html.escape(results["images"][0]["description"]) in gallery
     assert (out / gallery.split('src="')[1].split('"')[0]).is_file()  # the images are found from the gallery
     # a run of a minute or more shows where it is, on any stderr (here a pipe), not only on a terminal
     assert "captioning test" in proc.stderr and "scoring: cider" in proc.stderr

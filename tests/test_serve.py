@@ -94,14 +94,20 @@ def make_probe(folder, n_photos=16):
     one's description made alone (describe on that photo only)."""
     path = probe_checkpoint(folder / "probe.pth.tar", PHOTOS[:32])
     captioner = Captioner(path)
-    described = captioner.describe([captioner.load(p) for p in PHOTOS[:40]])
     firsts = {}
-    for photo, d in zip(PHOTOS[:40], described):
+    for photo, d in zip(PHOTOS[:40], captioner.describe([captioner.load(p) for p in PHOTOS[:40]])):
         firsts.setdefault(d["caption"], photo)
     photos = list(firsts.values())[:n_photos]
     assert len(photos) == n_photos, f"the probe tells only {len(firsts)} of 40 photos apart"
-    expected = {p: captioner.describe([captioner.load(p)])[0] for p in photos}
+    expected = {p: described(captioner, p) for p in photos}
     return SimpleNamespace(path=path, captioner=captioner, photos=photos, expected=expected)
+
+
+def described(captioner, photo, **settings):
+    """What inference.py says of one photo file (or file object), described alone: its text read from the file."""
+    image = captioner.load(photo)
+    source = photo.getvalue() if isinstance(photo, io.BytesIO) else photo
+    return captioner.describe([image], looks=[captioner.look(image, source)], **settings)[0]
 
 
 PROBE = pytest.StashKey()
@@ -206,10 +212,11 @@ def test_caption_as_inference_describes_it_multipart_or_raw_body(probe):
     for r in (multipart, raw, octets):
         assert r.status_code == 200, r.text
         assert r.json() == probe.expected[photo]
-        assert set(r.json()) == {"caption", "alt_text", "confidence", "confidence_level"}
-    assert best.json() == probe.captioner.describe([probe.captioner.load(photo)], beam=4, n_best=3)[0]
+        assert set(r.json()) == {"caption", "alt_text", "confidence", "confidence_level", "description", "text",
+                                 "photo_problems", "photo_scores", "retake_hint", "turned"}
+    assert best.json() == described(probe.captioner, photo, beam=4, n_best=3)
     assert len(best.json()["n_best"]) == 3 and best.json()["n_best"][0]["caption"] == best.json()["caption"]
-    assert greedy.json() == probe.captioner.describe([probe.captioner.load(photo)], beam=1)[0]
+    assert greedy.json() == described(probe.captioner, photo, beam=1)
 
 
 def test_a_large_upload_stays_in_memory(probe, monkeypatch, tmp_path):
@@ -231,7 +238,7 @@ def test_a_large_upload_stays_in_memory(probe, monkeypatch, tmp_path):
     with app_client(probe) as client:
         r = client.post("/caption", files={"image": ("big.jpg", big.getvalue(), "image/jpeg")})
     assert r.status_code == 200, r.text
-    assert r.json() == probe.captioner.describe([probe.captioner.load(io.BytesIO(big.getvalue()))])[0]
+    assert r.json() == described(probe.captioner, io.BytesIO(big.getvalue()))
 
 
 def test_health_bounds_and_unknown_paths_answer_json(probe):
