@@ -271,9 +271,9 @@ def describe_all(args):
         which = "not all these decoders have" if len(args.checkpoint or ()) > 1 else "this checkpoint's decoder has"
         print(f"no attention maps: {which} attention (trained without --attention)", file=sys.stderr)
         args.attention_map = None
-    if (args.alt_text or args.write_metadata) and captioner.calibration is None:
-        print("this model has no confidence calibration (evaluate.py --calibrate makes one): alt text is not "
-              "hedged", file=sys.stderr)
+    if captioner.calibration is None:  # a caption said plainly could be a guess: the listener must know
+        print("this model has no confidence calibration (evaluate.py --calibrate makes one): its captions are not "
+              "hedged, however unsure", file=sys.stderr)
     results, paths = [], []
     for arg in args.images:
         found = list_images(arg)

@@ -82,8 +82,10 @@ def test_inference_attention_map_for_attention_models_one_line_for_others(demo_r
                                                          -(-words // COLUMNS) * (PANEL + TITLE))
     plain = demo_run / "checkpoints" / "last.pth.tar"  # a plain decoder
     proc = run_script("inference.py", PHOTO, "--attention-map", tmp_path / "none", "--checkpoint", plain)
-    lines = proc.stderr.strip().splitlines()  # the model it used, named though given, then one line on the maps
-    assert proc.returncode == 0 and lines[0] == f"using {plain}" and len(lines) == 2 and "no attention" in lines[1]
+    # the model it used, named though given; one line on the maps; one saying its captions are not hedged
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 0 and lines[0] == f"using {plain}" and len(lines) == 3 and "no attention" in lines[1]
+    assert "no confidence calibration" in lines[2]
     assert proc.stdout.startswith(f"{PHOTO}: ") and not (tmp_path / "none").exists()
 
 

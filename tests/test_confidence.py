@@ -221,3 +221,4 @@ def test_a_release_keeps_the_confidence_calibration(shipped, tmp_path):
 
     path = release(SHIPPED_CHECKPOINT, tmp_path / "release", half=True)
     assert load_checkpoint(path)["calibration"]["weights"] == shipped.calibration.state["weights"]
+    assert load_checkpoint(path)["photo_check"].keys() == load_checkpoint(SHIPPED_CHECKPOINT)["photo_check"].keys()

@@ -13,6 +13,8 @@ from inference import Captioner
 from tests.conftest import SAMPLE, run_script
 from utils import SHIPPED_CHECKPOINT
 
+pytestmark = pytest.mark.slow  # the whole suite runs it; the quick tier leaves it out
+
 pytest.importorskip("rapidocr_onnxruntime")
 
 PHOTO = SAMPLE / "Images" / "3258874419_23fec1bdc1.jpg"  # the test split's racing greyhound

@@ -16,6 +16,8 @@ from confidence import pooled_features
 from image_loader import EvalTransform, load_image
 from utils import SHIPPED_CHECKPOINT, load_checkpoint, model_from_checkpoint
 
+pytestmark = pytest.mark.slow  # the whole suite runs it; the quick tier leaves it out
+
 # photos of Flickr8k's test split, which the check was not fitted on
 TEST_NAMES = sorted((SAMPLE / "Flickr_8k.testImages.txt").read_text().split())
 NAMES = TEST_NAMES[:8]

@@ -78,6 +78,7 @@ def test_blurred_text_is_illegible_and_not_read(reader):
     assert res.lines == [] and res.illegible, res
 
 
+@pytest.mark.slow
 def test_hostile_photos_answer_in_bounded_time(reader):
     rng = np.random.default_rng(1)
     noise = Image.fromarray(rng.integers(0, 256, (3000, 4000, 3), dtype=np.uint8))  # 12 megapixels of noise

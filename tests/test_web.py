@@ -17,6 +17,8 @@ from bench_web import static_server
 from tests.conftest import ROOT, SAMPLE, run_script
 from utils import SHIPPED_CHECKPOINT
 
+pytestmark = pytest.mark.slow  # the whole suite runs it; the quick tier leaves it out
+
 PHOTOS = sorted((SAMPLE / "Images").glob("*.jpg"))[:20]
 AXE = ROOT / "node_modules" / "axe-core" / "axe.min.js"
 WCAG = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "wcag22aa"]
