@@ -60,8 +60,9 @@ def answer(checker, look, pooled, caption, level, unfamiliar, turned=0):
     problems = checker.problems(scores)
     told = [p for p in problems if not (turned and p["problem"] == "rotated")]  # turned upright: says so itself
     said = combine(caption, level, unfamiliar, look, told, turned)
+    found = problems + ([{"problem": ILLEGIBLE, "score": 1.0}] if _illegible(look) else [])
     return {"alt_text": said["alt_text"], "description": said["description"], "text": said["text"],
-            "photo_problems": [{"problem": p["problem"], "score": round(p["score"], 3)} for p in problems],
+            "photo_problems": [{"problem": p["problem"], "score": round(p["score"], 3)} for p in found],
             "photo_scores": {k: round(v, 3) for k, v in scores.items()}, "retake_hint": said["retake_hint"],
             "turned": turned}
 
@@ -72,9 +73,8 @@ def combine(caption, level, unfamiliar, look, problems, turned=0):
     caption/level/unfamiliar: the caption and its confidence (confidence.alt_text); problems: the photo check's
     [{"problem", "score", "hint"}], most serious first; turned: the clockwise turn made before captioning."""
     lines = list(look.text.lines) if look.text is not None else []
-    problems = list(problems)
-    if look.text is not None and look.text.illegible and not lines:
-        problems.append({"problem": ILLEGIBLE, "score": 1.0, "hint": ILLEGIBLE_HINT})
+    problems = list(problems) + ([{"problem": ILLEGIBLE, "score": 1.0, "hint": ILLEGIBLE_HINT}]
+                                 if _illegible(look) else [])
     said = alt_text(caption, level, unfamiliar)
     said = None if said == ABSTAIN else (f"Turned upright: {said[0].lower()}{said[1:]}" if turned else said)
     text = f"Text: {'. '.join(line.rstrip('. ') for line in lines[:SPOKEN_LINES])}." if lines else None
@@ -92,3 +92,8 @@ def combine(caption, level, unfamiliar, look, problems, turned=0):
     description = " ".join(parts)
     return {"description": description, "alt_text": fit_alt_text(description), "text": lines,
             "retake_hint": retake}
+
+
+def _illegible(look):
+    """Whether the reader found text-like lines in the photo but could read none of them with assurance."""
+    return look.text is not None and look.text.illegible and not look.text.lines

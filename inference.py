@@ -158,11 +158,13 @@ class Captioner:
         looks = looks if looks is not None else [self.look(im) for im in images]
         turns = [lk.turn for lk in looks]
         found = self._signals(images, turns, beam, max_len, length_penalty, n_best)
-        # a photo on its side with no text to tell by: the photo check's head says how to turn it; caption again
-        again = [i for i, t in enumerate(turns) if not t and self.checker.upright_turn(found[3][i])]
+        # a photo on its side with no text to tell by: where the photo check's head is sure how to turn it, it is
+        # turned and captioned again
+        heads = [0 if t else self.checker.upright_turn(p) for t, p in zip(turns, found[3])]
+        again = [i for i, t in enumerate(heads) if t]
         if again:
             for i in again:
-                turns[i] = self.checker.upright_turn(found[3][i])
+                turns[i] = heads[i]
             redone = self._signals([images[i] for i in again], [turns[i] for i in again], beam, max_len,
                                    length_penalty, n_best)
             found = _replace_rows(found, again, redone)

@@ -3,7 +3,7 @@
 from types import SimpleNamespace
 
 from confidence import ABSTAIN, ALT_TEXT_MAX
-from description import ILLEGIBLE_HINT, NOTHING, NOTHING_HINT, NOTHING_SEEN, Look, combine
+from description import ILLEGIBLE, ILLEGIBLE_HINT, NOTHING, NOTHING_HINT, NOTHING_SEEN, Look, answer, combine
 
 CAPTION = "a dog is running through the grass ."
 DARK = {"problem": "dark", "score": 0.9, "hint": "It is too dark to see: turn on a light."}
@@ -50,9 +50,21 @@ def test_a_photo_nothing_can_be_said_of_says_why_and_how_to_retake_it():
     assert blurred["description"] == f"{NOTHING_SEEN} {BLUR['hint']}"  # never the caption of a photo it abstains on
 
 
+class CleanPhoto:
+    """A photo check that finds nothing wrong."""
+    def scores_of(self, measures, pooled):
+        return {"blur": 0.1, "dark": 0.0}
+
+    def problems(self, scores):
+        return []
+
+
 def test_text_seen_but_not_read_says_so():
-    said = combine(CAPTION, "low", True, Look(text=text(illegible=True, coverage=0.05)), [])
+    look = Look(text=text(illegible=True, coverage=0.05))
+    said = combine(CAPTION, "low", True, look, [])
     assert ILLEGIBLE_HINT in said["description"] and said["retake_hint"] == ILLEGIBLE_HINT and said["text"] == []
+    full = answer(CleanPhoto(), look, None, CAPTION, "low", True)
+    assert full["photo_problems"] == [{"problem": ILLEGIBLE, "score": 1.0}] and full["photo_scores"]["blur"] == 0.1
 
 
 def test_a_turned_photo_says_so_and_the_alt_text_fits():
