@@ -396,10 +396,12 @@ async def load(url, jobs, clients=32):
 def test_under_load_each_photo_gets_its_own_caption_bad_ones_are_refused_memory_stays_flat(probe, tmp_path):
     rng = random.Random(0)
     bad = [b for b in bad_uploads(probe.photos[0]) if not b[0].startswith("over the limit, no")]  # no generators
-    warm = [("good", p) for p in probe.photos] * 2
     jobs = [("good", p) for p in probe.photos] * 12 + [("bad", b) for b in bad] * 5 + \
            [("disconnect", probe.photos[0])] * 8 + [("stall", probe.photos[1])] * 2
     rng.shuffle(jobs)
+    # warmed by the same photos in the same batches first: the allocator's high-water mark (the text reader's
+    # ONNX Runtime runs in the model's thread beside PyTorch) is reached then, so a leak is what grows after it
+    warm = [job for job in jobs if job[0] == "good"]
     with running_server(tmp_path, "--checkpoint", probe.path, "--max-upload-mb", "0.1", "--max-batch", "8",
                         "--threads", "1", "--upload-timeout", "1", "--log-level", "info") as server:
         asyncio.run(load(server.url, warm))
