@@ -129,7 +129,7 @@ class Captioner:
         return load_image(path, self.preset["resize"], name)
 
     def look(self, image, source=None, name=None):
-        """description.Look of a loaded photo: the photo check's image scores, and its text where there is some.
+        """description.Look of a loaded photo: the photo check's image measures, and its text where it has some.
         source: its file's path or bytes, decoded again at the text reader's resolution if it holds text."""
         def reread():
             try:
