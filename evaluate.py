@@ -39,8 +39,7 @@ from image_loader import (
     image_batches,
     load_image,
 )
-from inference import attention_map, read_calibration
-from photo_check import PhotoCheck
+from inference import attention_map, read_fits
 from read_text import READ_SIZE, TextReader
 from runtimes import RUNTIME_HELP, RUNTIMES, use_runtime
 from utils import (
@@ -354,7 +353,7 @@ def main(args):
         return {"reliability": table}
     batches = split_batches(args, model, preset, data, device)
     start = time.time()
-    calibration = read_calibration(paths)
+    calibration, checker = read_fits(paths)
     if calibration:
         generated, decoder, pooled = caption_with_signals(model, batches, vocab, device, args.beam,
                                                           args.length_penalty, args.max_len,
@@ -383,8 +382,8 @@ def main(args):
         results["reliability"] = confidence_report(calibration, decoder, pooled, references, rows)
     if not args.no_describe:
         unfamiliar = calibration.assess(decoder, pooled)[2].tolist() if calibration else [False] * len(rows)
-        results["photo_check"] = describe_rows(rows, data.images_dir, paths, preset, pooled if calibration else None,
-                                               unfamiliar, not args.no_text)
+        results["photo_check"] = describe_rows(rows, data.images_dir, checker, preset,
+                                               pooled if calibration else None, unfamiliar, not args.no_text)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     write_gallery(out / "gallery.html", rows, data.images_dir, metrics)
     print(f"{args.split} split, {len(rows)} images, beam {args.beam}, tokenizer {settings['tokenizer']}")
@@ -411,17 +410,15 @@ def write_attention_maps(args, model, vocab, preset, device, images_dir, rows, o
         sheet.save(out / r["attention_map"])
 
 
-def describe_rows(rows, images_dir, paths, preset, pooled, unfamiliar, read_text=True):
+def describe_rows(rows, images_dir, checker, preset, pooled, unfamiliar, read_text=True):
     """Give each row what a person would hear of its photo (description.answer: the photo check, the text read,
     the description); the photos are not turned, so that the scored captions stay the model's. Returns how many
     photos got each problem named and how many had text read."""
-    checker = PhotoCheck.from_checkpoint(load_checkpoint(paths[0]) if len(paths) == 1 else {})
     reader = TextReader() if read_text else None
     named, texts = Counter(), 0
     for i, r in enumerate(tqdm(rows, desc="photo check and text", unit="photo", leave=False, disable=None)):
         path = images_dir / r["image"]
         look = look_at(load_image(path, preset["resize"]), reader, lambda p=path: load_image(p, READ_SIZE))
-        look.turn = 0
         said = answer(checker, look, None if pooled is None else pooled[i], r["caption"], r.get("confidence_level"),
                       bool(unfamiliar[i]))
         r.update((k, said[k]) for k in ("description", "text", "photo_problems", "photo_scores", "retake_hint"))

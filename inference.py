@@ -116,8 +116,7 @@ class Captioner:
         if vocab_path and load_vocab_file(vocab_path).itos != self.vocab.itos:
             raise DataError(f"{vocab_path} is not the vocabulary {paths[0]} was trained with (leave out --vocab: "
                             "the checkpoint holds its own)")
-        self.calibration = read_calibration(paths)
-        self.checker = PhotoCheck.from_checkpoint(load_checkpoint(paths[0]) if len(paths) == 1 else {})
+        self.calibration, self.checker = read_fits(paths)
         self.reader = TextReader(text_languages, threads=torch.get_num_threads()) if read_text else None
         self.device = torch.device(device)
         self.model.to(self.device).eval()
@@ -218,13 +217,13 @@ def _replace_rows(found, rows, redone):
 TURNS = {90: Image.Transpose.ROTATE_270, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_90}
 
 
-def read_calibration(paths):
-    """The confidence calibration of a single checkpoint, or None (an ensemble of several files, or a
-    checkpoint never calibrated). The file is read again for it: models_from_checkpoints keeps only the model."""
-    if len(paths) != 1:
-        return None
-    state = load_checkpoint(paths[0]).get("calibration")
-    return Calibration(state) if state else None
+def read_fits(paths):
+    """The fits made on dev for a single checkpoint, read from its file once (models_from_checkpoints keeps only
+    the model): (its confidence Calibration, or None for an ensemble of several files or a checkpoint never
+    calibrated; its PhotoCheck, the image measures alone where it has none)."""
+    state = load_checkpoint(paths[0]) if len(paths) == 1 else {}
+    calibration = Calibration(state["calibration"]) if state.get("calibration") else None
+    return calibration, PhotoCheck.from_checkpoint(state)
 
 
 PANEL, TITLE, COLUMNS = 224, 22, 5  # attention maps: each panel's side and title bar (pixels); panels a row

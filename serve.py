@@ -322,7 +322,7 @@ class Service:
             image = self.captioner.load(io.BytesIO(data), name="upload")
         except DataError as e:
             raise Refused(422, str(e)) from None
-        return image.resize((self.size, self.size), Image.Resampling.BILINEAR), image, bytes(data)
+        return image.resize((self.size, self.size), Image.Resampling.BILINEAR), image, data
 
     def search(self, query):
         """(beam, n_best) from the query string, or Refused(400)."""
