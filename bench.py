@@ -70,7 +70,7 @@ from image_loader import (
     train_size,
 )
 from image_training import Trainer, WordLoss, make_optimizer
-from runtimes import RUNTIME_HELP, RUNTIMES, export_backbone, use_runtime
+from runtimes import RUNTIME_CHOICES, RUNTIME_HELP, export_backbone, run_frozen
 from training_run import Preloaded
 from utils import (
     PRECISIONS,
@@ -115,7 +115,7 @@ def get_args_parser():
                    help="time the attention decoder (hidden 512 unless --hidden-size says otherwise), the "
                         "README's best recipe")
     p.add_argument("--batch-size", type=positive(int), default=32, help="images per training batch, as in training")
-    p.add_argument("--runtime", choices=RUNTIMES, default="auto", help=RUNTIME_HELP)
+    p.add_argument("--runtime", choices=RUNTIME_CHOICES, default="auto", help=RUNTIME_HELP)
     p.add_argument("--no-compile", action="store_true",
                    help="leave out torch.compile's ceiling (it compiles for about a minute a shape on a small CPU)")
     p.add_argument("--embed-size", type=positive(int), default=256, help="decoder shape, as in training")
@@ -194,6 +194,7 @@ class Bench:
             self.model = CNN_RNN(margs, weights="random" if args.no_pretrained else "imagenet")
         self.model.to(device)
         set_cnn_layout(self.model, device, False)
+        self.frozen = self.model  # the model as --runtime runs it while it does not learn: set by run()
         self.names = sorted(data.captions)
         self.dtype = autocast_dtype(device, args.precision)
         self.decoder_precision = step_precision(device, args.precision, self.model.args, from_features=True)
@@ -221,7 +222,8 @@ class Bench:
         x = torch.randn(batch, 3, size, size, device=self.device)
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        enc = self.model.encoderCNN.eval()
+        self.model.eval()
+        enc = self.frozen.encoderCNN
 
         @torch.inference_mode()
         def forward():
@@ -268,7 +270,7 @@ class Bench:
 
     def feature_pass(self, n):
         def extract(names):
-            return extract_features(self.model.encoderCNN, self.data.images_dir, names, self.preset, self.device,
+            return extract_features(self.frozen.encoderCNN, self.data.images_dir, names, self.preset, self.device,
                                     self.args.precision, self.args.workers)
 
         extract(self.names[:min(64, n)])  # warm-up: cuDNN's choice of kernels
@@ -380,7 +382,8 @@ class Bench:
     def caption_latency(self, repeat):
         """Seconds to caption one photo file (read, preprocess, encode, decode), greedy and beam 3, and the
         encoder's own forward on one image tensor."""
-        model, path = self.model.eval(), self.data.images_dir / self.names[0]
+        self.model.eval()
+        model, path = self.frozen, self.data.images_dir / self.names[0]
         transform = EvalTransform(self.preset)
 
         def caption(beam):
@@ -417,7 +420,7 @@ def run(args, data_dir, cache_dir):
     bench = Bench(args, device, data)
     _, n_feature, n_frozen, n_finetune, repeat = size_of_run(args)
     n_feature = min(len(bench.names), n_feature)
-    runtime = use_runtime(bench.model, bench.preset, args.runtime, cache_dir, device, decoder=True)
+    bench.frozen, runtime = run_frozen(bench.model, bench.preset, args.runtime, cache_dir, device, decoder=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     r = {"device": name, "encoder": args.encoder, "decoder": bench.model.decoder_kind,
          "hidden_size": bench.model.args.hidden_size, "precision": str(bench.dtype or "fp32").replace("torch.", ""),
@@ -437,8 +440,7 @@ def run(args, data_dir, cache_dir):
     greedy, beam3, encode, words = bench.caption_latency(repeat)
     r.update(caption_greedy_s=greedy, caption_beam3_s=beam3, encoder_one_image_s=encode, caption_words=words,
              checkpoint=args.checkpoint, caption_latency_ratio=beam3 / encode,
-             packed_decoder=bench.model.decoder_runtime is not None)
-    bench.model.decoder_runtime = None  # a copy of the decoder as loaded, which the training stages change
+             packed_decoder=bench.frozen.generator is not bench.model.decoderRNN)
     r["frozen_measured_images"] = n_frozen
     seconds, rate, bare = bench.frozen_epoch(n_frozen)
     r.update(frozen_epoch_s=seconds, frozen_epoch_captions_per_s=rate, decoder_bare_captions_per_s=bare,

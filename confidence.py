@@ -14,6 +14,8 @@ import re
 
 import torch
 
+import search
+
 SIGNALS = (
     "mean_word_logp",     # mean log-probability of the caption's words and its end
     "min_word_logp",      # its least likely word
@@ -48,7 +50,7 @@ def captions_with_signals(model, x, beam=3, max_len=40, length_penalty=0.0, n_be
     generate()'s (n_best()'s best) for the same settings. from_features: x is the CNN's (cached) features."""
     inp, from_features = _cnn_input(model, x, from_features)
     if n_best:
-        best = model.n_best(inp, n_best, max_len, beam, length_penalty, from_features=from_features)
+        best = search.n_best(model, inp, n_best, max_len, beam, length_penalty, from_features=from_features)
         ids = [b[0]["ids"] for b in best]
     else:
         best = None
@@ -60,7 +62,7 @@ def captions_with_signals(model, x, beam=3, max_len=40, length_penalty=0.0, n_be
 
 def decoder_signals(model, inp, from_features, ids):
     """The first five SIGNALS, [N, 5], of each caption `ids` of the images whose generation input is `inp`."""
-    logp, words = model.word_log_probs(inp, ids, from_features=from_features)  # [N, T, V], [N, T]
+    logp, words = search.word_log_probs(model, inp, ids, from_features=from_features)  # [N, T, V], [N, T]
     mask = words != 0  # PAD after each caption's EOS
     chosen = logp.gather(-1, words.unsqueeze(-1)).squeeze(-1)  # [N, T]; -inf at PAD, a banned word
     other = logp.scatter(-1, words.unsqueeze(-1), -math.inf).amax(-1)  # the likeliest word not chosen

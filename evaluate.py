@@ -41,7 +41,7 @@ from image_loader import (
 )
 from inference import attention_map, read_fits
 from read_text import READ_SIZE, TextReader
-from runtimes import RUNTIME_HELP, RUNTIMES, use_runtime
+from runtimes import RUNTIME_CHOICES, RUNTIME_HELP, run_frozen
 from utils import (
     HelpFormatter,
     autocast,
@@ -300,7 +300,7 @@ def get_args_parser():
     p.add_argument("--out", default="eval", help="folder for results.json and gallery.html")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--cache-dir", default="cache", help="cached CNN features (shared with training)")
-    p.add_argument("--runtime", choices=RUNTIMES, default="auto", help=RUNTIME_HELP)
+    p.add_argument("--runtime", choices=RUNTIME_CHOICES, default="auto", help=RUNTIME_HELP)
     p.add_argument("--no-cache", action="store_true", help="run the CNN on the images instead of the cache")
     p.add_argument("--workers", type=positive(int),
                    help="loader worker processes (default: the cores this process may use, at most 16)")
@@ -343,7 +343,7 @@ def main(args):
     paths = checkpoint_paths(find_checkpoint(args.checkpoint))
     model, vocab, preset = models_from_checkpoints(paths)
     model.to(device).eval()
-    use_runtime(model, preset, args.runtime, args.cache_dir, device, decoder=True)
+    model, _ = run_frozen(model, preset, args.runtime, args.cache_dir, device, decoder=True)
     data = Flickr8k.load(args.data, seed=args.seed)
     if args.calibrate:
         if len(paths) > 1:

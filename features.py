@@ -97,8 +97,8 @@ def feature_batches(encoder, images_dir, names, preset, device, precision="auto"
     """Run the CNN once over the images (evaluation preset), yielding (names, features [n, F] or regions
     [n, R, F]) per batch, on the device; unreadable images are left out, each named in one warning."""
     encoder.eval()
-    if hasattr(encoder.runtime, "renew"):
-        encoder.runtime.renew()  # before the loader's workers fork: see runtimes.OnnxBackbone.renew
+    if hasattr(encoder, "renew"):
+        encoder.renew()  # a runtime's CNN, before the loader's workers fork: see runtimes.OnnxBackbone.renew
     batches = image_batches(images_dir, names, preset["resize"], device, workers, batch_size, "eval", preset)
 
     def extract(x):

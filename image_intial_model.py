@@ -1,24 +1,22 @@
 """The captioner, top to bottom: a pretrained CNN encoder, an LSTM decoder, and greedy caption generation.
 
-Show-and-Tell style (the "plain" decoder): the CNN's pooled feature, projected to the embedding size, is the
-LSTM's first input step; then the caption's words follow (teacher forcing in training, the model's own words when
-generating). The attention decoders instead read the CNN's regions at every word: Show-Attend-Tell's
-(AttentionDecoder) or the top-down decoder of Anderson et al. 2018 (TopDownDecoder). `ModelArgs` is the model's
-whole shape: a checkpoint stores it, so a checkpoint alone rebuilds the model.
+Show-and-Tell ("plain"): the CNN's pooled feature, projected to the embedding size, is the LSTM's first input;
+the caption's words follow (in training the true ones, in generation its own). The attention decoders read the
+CNN's regions at every word instead. `ModelArgs` is the model's whole shape, stored in every checkpoint.
 
 Shapes: B images, N captions, T words, V words in the vocabulary, F the CNN's feature width, E the embedding
-size, H the LSTM's, R the CNN's regions (h * w of its feature map). Elsewhere: the CNNs and their weights
-(backbones.py), beam search and sampling (search.py), ensembles (ensemble.py), faster runtimes (runtimes.py).
+size, H the LSTM's, R the CNN's regions (h * w of its feature map). Elsewhere: the CNNs (backbones.py), beam
+search and sampling (search.py), ensembles (ensemble.py), faster runtimes (runtimes.py, lstm_kernels.py).
 """
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from backbones import ENCODERS, build_backbone
-from lstm_kernels import lstm_kernel, lstm_step
+from lstm_kernels import lstm_kernel, lstm_step, output_where_read, shrinking_pass
 
 # Every vocabulary starts with these words, in this order. PAD must be 0: padding and the loss's ignore_index
 # rely on it.
@@ -40,15 +38,6 @@ class ModelArgs:
     def __post_init__(self):
         if self.decoder not in DECODERS:
             raise ValueError(f"unknown decoder {self.decoder!r}; choose from {', '.join(DECODERS)}")
-
-    @classmethod
-    def from_dict(cls, saved):
-        """ModelArgs from a checkpoint's model_args. Older checkpoints (the shipped one too) name the decoder
-        with two booleans, attention and topdown, instead."""
-        saved = dict(saved)
-        attention, topdown = saved.pop("attention", False), saved.pop("topdown", False)
-        saved.setdefault("decoder", "topdown" if topdown else "attention" if attention else "plain")
-        return cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
 
     @property
     def feature_dim(self):
@@ -73,7 +62,6 @@ class CNN_encoder(nn.Module):
         self.dropout = nn.Dropout(args.dropout)
         self.train_cnn = False
         self.backbone.requires_grad_(False)
-        self.runtime = None  # runtimes.py may set a faster forward for the frozen CNN on the CPU
 
     def set_train_cnn(self, train_cnn):
         self.train_cnn = train_cnn
@@ -88,14 +76,12 @@ class CNN_encoder(nn.Module):
 
     def extract(self, images):
         """images [B, 3, S, S] -> features [B, F] or regions [B, R, F]: what a feature cache stands in for."""
-        # the runtime holds a copy of the weights, which a CNN that learns changes
-        if self.runtime is not None and not self.train_cnn and images.device.type == "cpu" \
-                and images.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
-            fmap = self.runtime(images)
-        else:
-            with torch.set_grad_enabled(self.train_cnn and torch.is_grad_enabled()):
-                fmap = self.backbone.forward_features(images)  # [B, F, h, w]
-        # [B, F, h, w] -> regions [B, h*w, F], or the mean over the map (the CNN's own global pool) [B, F]
+        with torch.set_grad_enabled(self.train_cnn and torch.is_grad_enabled()):
+            fmap = self.backbone.forward_features(images)  # [B, F, h, w]
+        return self.pool(fmap)
+
+    def pool(self, fmap):
+        """[B, F, h, w] -> regions [B, h*w, F], or the mean over the map (the CNN's own global pool) [B, F]."""
         return fmap.flatten(2).transpose(1, 2) if self.spatial else fmap.mean((2, 3))
 
     def project(self, features):
@@ -155,35 +141,15 @@ class _RegionDecoder(nn.Module):
         """How much the LSTM in state h looks at each region: keys [N, R, A] + h [N, H] -> [N, R], rows sum to 1."""
         return self.att_score(torch.tanh(keys + self.att_hidden(h).unsqueeze(1))).squeeze(-1).softmax(-1)
 
-    def attention(self, regions, tokens):
-        """regions [N, R, E], tokens [N, T] -> the weights [N, T, R] with which it predicted each next word."""
-        return self(regions, tokens, with_attention=True)[1]
-
     def forward(self, regions, tokens, with_attention=False):
         """regions [N, R, E], tokens [N, T] (SOS w1 .. wn, padded) -> logits [N, T, V] for (w1 .. wn EOS), and
         with_attention, the weights [N, T, R] each of them was predicted with too; both zero where tokens is PAD.
-
-        A caption stops at its padding: the rows go longest first and the batch shrinks as captions end (half
-        the work on Flickr8k's captions). The dropout masks are drawn over the whole padded batch."""
-        n, steps = tokens.shape
+        It is _advance at each word; lstm_kernels.py runs it so that each caption stops at its padding."""
+        read = tokens != PAD_IDX  # [N, T]: padding only ever follows a caption
         emb = self.dropout(self.embed(tokens))  # [N, T, E]
-        lengths = (tokens != PAD_IDX).sum(1)  # [N]: padding only ever follows a caption
-        order = lengths.argsort(descending=True, stable=True)
-        running = (lengths.unsqueeze(1) > torch.arange(steps, device=tokens.device)).sum(0).tolist()  # [T]
-        state, emb, outs, weights = self.start(regions[order]), emb[order], [], []
-        for t, m in enumerate(running):
-            state = tuple(s[:m] for s in state)  # the captions still going: a prefix, longest first
-            h, state, w = self._advance(emb[:m, t], state)  # h [m, H], w [m, R]
-            outs.append(h if m == n else nn.functional.pad(h, (0, 0, 0, n - m)))  # [N, H]
-            weights.append(w if m == n else nn.functional.pad(w, (0, 0, 0, n - m)))  # [N, R]
-        unsort = order.argsort()
-        hidden = self.dropout(torch.stack(outs, 1)[unsort])  # [N, T, H]
-        if running[-1] == n:  # no padding anywhere
-            logits = self.linear(hidden)  # [N, T, V]
-        else:  # the output layer only where a word is read: with Flickr8k's batches, half the positions
-            read = tokens != PAD_IDX
-            logits = hidden.new_zeros(n, steps, self.linear.out_features).index_put((read,), self.linear(hidden[read]))
-        return (logits, torch.stack(weights, 1)[unsort]) if with_attention else logits  # weights [N, T, R]
+        hidden, weights = shrinking_pass(self.start, self._advance, regions, emb, read)  # [N, T, H], [N, T, R]
+        logits = output_where_read(self.linear, self.dropout(hidden), read)  # [N, T, V]
+        return (logits, weights) if with_attention else logits
 
     def step(self, tokens, state):
         """tokens [N] -> logits [N, V] for the next word, and the new state."""
@@ -268,15 +234,14 @@ DECODERS = {"plain": RNN_decoder, "attention": AttentionDecoder, "topdown": TopD
 
 
 class Generation:
-    """Caption generation for anything with `features(x, from_features)` and a `decoderRNN` that has
-    start/step/select: one model (CNN_RNN) or several as one (ensemble.Ensemble). Where runtimes.py set a
-    `decoder_runtime` (a faster copy of decoderRNN for a model that no longer learns), generation runs that."""
-
-    decoder_runtime = None
+    """Caption generation for anything with `features(x, from_features)` and a `generator` that has
+    start/step/select: one model (CNN_RNN), several as one (ensemble.Ensemble), or a frozen model as a faster
+    runtime runs it (runtimes.py)."""
 
     @property
     def generator(self):
-        return self.decoder_runtime or self.decoderRNN
+        """The decoder that generation runs: the model's own."""
+        return self.decoderRNN
 
     @torch.inference_mode()  # lighter than no_grad: generation is many small ops
     def generate(self, x, max_len=40, beam=1, length_penalty=0.0, from_features=False):
@@ -287,20 +252,6 @@ class Generation:
         if beam == 1:
             return greedy_search(self.generator, feats, max_len)
         return beam_search(self.generator, feats, max_len, beam, length_penalty)
-
-    @torch.inference_mode()
-    def n_best(self, x, n, max_len=40, beam=3, length_penalty=0.0, from_features=False):
-        """Each image's n best captions of a beam search (n <= beam), best first: see search.n_best_search."""
-        from search import n_best_search
-
-        return n_best_search(self.generator, self.features(x, from_features), max_len, beam, n, length_penalty)
-
-    @torch.inference_mode()
-    def word_log_probs(self, x, captions, from_features=False):
-        """How sure the model was of each word of given captions: see search.teacher_forced."""
-        from search import teacher_forced
-
-        return teacher_forced(self.generator, self.features(x, from_features), captions)
 
 
 class CNN_RNN(Generation, nn.Module):
@@ -340,7 +291,8 @@ class CNN_RNN(Generation, nn.Module):
         maps = []
         for i, ids in enumerate(captions):
             tokens = torch.tensor([[SOS_IDX, *ids]], device=feats.device)
-            weights = self.decoderRNN.attention(feats[i:i + 1], tokens)[0, :len(ids)].float()  # [words, R]
+            _, weights = self.decoderRNN(feats[i:i + 1], tokens, with_attention=True)  # [1, words + 1, R]
+            weights = weights[0, :len(ids)].float()  # [words, R]
             side = math.isqrt(weights.shape[-1])
             maps.append(weights.view(len(ids), side, side).cpu())  # [words, h, w]
         return maps

@@ -688,14 +688,15 @@ class Batches:
 
     x is what the model's forward takes: cached features [B, F] or [B, R, F] (`from_features`), or images
     [B, 3, S, S], normalised (evaluation preset) or augmented (training preset) on the device. `transform`
-    is None (features), "eval", "train" or "raw" (uint8, as resized: what the image store keeps)."""
+    is None (features), "eval", "train" or "raw" (uint8, as resized: what the image store keeps). encode: a
+    frozen CNN's forward (images -> features) run on each batch after its transform, which makes x features."""
 
     def __init__(self, source, captions, names, device, preset=None, transform=None, batch_size=32,
-                 shuffle=False, rank=0, world=1):
+                 shuffle=False, rank=0, world=1, encode=None):
         self.source, self.captions, self.names, self.device = source, captions, names, device
-        self.preset, self.transform = preset, transform
+        self.preset, self.transform, self.encode = preset, transform, encode
         self.sampler = ShardedBatchSampler(len(names), batch_size, rank, world, shuffle)
-        self.from_features = transform is None
+        self.from_features = transform is None or encode is not None
         self._plan, self._loader = _Plan(), None
 
     def __len__(self):
@@ -715,6 +716,8 @@ class Batches:
                 continue
             indices = [indices[i] for i in kept]
             x = self._transform(x, torch.Generator().manual_seed(seed + k))
+            if self.encode is not None:
+                x = self.encode(x)
             yield Batch(x, *self.captions.batch(torch.tensor(indices)), [self.names[i] for i in indices])
 
     def _loaded(self):

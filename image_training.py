@@ -31,7 +31,7 @@ from evaluate import CiderD, caption_loader, score_captions
 from image_intial_model import CNN_RNN, DECODERS, PAD_IDX, SOS_IDX, ModelArgs, trim_at_eos
 from image_loader import DataError, Flickr8k, default_workers
 from recipes import RECIPES, describe
-from runtimes import RUNTIME_HELP, RUNTIMES
+from runtimes import RUNTIME_CHOICES, RUNTIME_HELP
 from search import caption_log_probs, sample_captions
 from training_run import Progress, RunOutput, StopFlag, check_finite, finish, make_batches, resume, settle
 from utils import (
@@ -76,7 +76,7 @@ def get_args_parser(add_help=True):
                    help="run the frozen CNN on every batch (from the image store) instead of caching its features")
     g.add_argument("--cache-dir", default="cache",
                    help="where cached CNN features and image stores (images resized once) are kept")
-    g.add_argument("--runtime", choices=RUNTIMES, default="auto", help=RUNTIME_HELP)
+    g.add_argument("--runtime", choices=RUNTIME_CHOICES, default="auto", help=RUNTIME_HELP)
     g.add_argument("--features-on-disk", action="store_true",
                    help="read cached CNN features from their file a batch at a time instead of holding them in "
                         "memory (the default only for a cache larger than a quarter of RAM, or half the GPU's "

@@ -35,7 +35,7 @@ from description import answer, look_at
 from image_loader import DataError, EvalTransform, list_images, load_image, load_vocab_file
 from photo_check import PhotoCheck
 from read_text import LANGUAGES, READ_SIZE, TextReader, parse_languages
-from runtimes import RUNTIME_HELP, RUNTIMES, use_runtime
+from runtimes import RUNTIME_CHOICES, RUNTIME_HELP, run_frozen
 from utils import (
     USER_CHECKPOINTS,
     HelpFormatter,
@@ -81,7 +81,7 @@ def get_args_parser():
                    help="write each photo's alt text into its XMP (Iptc4xmpCore:AltTextAccessibility), losslessly: "
                         "the image data is not re-encoded, and the file is replaced whole or not at all")
     p.add_argument("--batch-size", type=positive(int), default=8, help="photos captioned at once")
-    p.add_argument("--runtime", choices=RUNTIMES, default="auto", help=RUNTIME_HELP)
+    p.add_argument("--runtime", choices=RUNTIME_CHOICES, default="auto", help=RUNTIME_HELP)
     p.add_argument("--cache-dir", default="cache", help="where the CNN's ONNX file is kept (shared with training)")
     p.add_argument("--threads", type=positive(int),
                    help="CPU threads (default: the cores the last minute's load average leaves free, so that "
@@ -108,7 +108,7 @@ class Captioner:
     def __init__(self, checkpoint, device="cpu", vocab_path=None, runtime="auto", cache_dir="cache",
                  read_text=True, text_languages=("en",)):
         """checkpoint: a path, or a list of paths for an ensemble of their models. runtime, cache_dir: what runs
-        the CNN on the CPU (runtimes.use_runtime), and where its ONNX file is kept. read_text: read the text in
+        the CNN on the CPU (runtimes.run_frozen), and where its ONNX file is kept. read_text: read the text in
         photos (read_text.TextReader, in text_languages)."""
         paths = checkpoint_paths(checkpoint)
         self.model, self.vocab, self.preset = models_from_checkpoints(paths, vocab_path)
@@ -120,7 +120,8 @@ class Captioner:
         self.reader = TextReader(text_languages, threads=torch.get_num_threads()) if read_text else None
         self.device = torch.device(device)
         self.model.to(self.device).eval()
-        self.runtime = use_runtime(self.model, self.preset, runtime, cache_dir, self.device, decoder=True)
+        # the model as the runtime runs it, which generates only from now on
+        self.model, self.runtime = run_frozen(self.model, self.preset, runtime, cache_dir, self.device, decoder=True)
         self.transform = EvalTransform(self.preset)
 
     def load(self, path, name=None):

@@ -1,6 +1,7 @@
-"""How the plain decoder's nn.LSTM runs: over a whole caption, on PyTorch's own kernel where its fast ones (cuDNN,
-oneDNN) cannot do what training asks of them (`lstm_kernel`); one word at a time, as cells (`lstm_step`). The
-model reads the same with either.
+"""How the decoders run over a caption, fast: the plain decoder's nn.LSTM on PyTorch's own kernel where its fast
+ones (cuDNN, oneDNN) cannot do what training asks of them (`lstm_kernel`), and one word at a time as cells
+(`lstm_step`); the region decoders' pass over a padded batch, each caption stopping at its padding
+(`shrinking_pass`, `output_where_read`). The model reads the same with either.
 """
 
 import contextlib
@@ -39,3 +40,30 @@ def lstm_step(lstm, x, state):
         hs.append(x)
         cs.append(c_i)
     return x, (torch.stack(hs), torch.stack(cs))
+
+
+def shrinking_pass(start, advance, regions, emb, read):
+    """A region decoder's word-by-word pass over a padded batch: regions [N, R, E], the words' embeddings
+    emb [N, T, E], read [N, T] (False at padding) -> (the outputs h [N, T, H], the attention weights
+    [N, T, R]), both zero past each caption's end. The rows go longest first and the batch shrinks as captions
+    end: on Flickr8k's batches, half the work of running every row to the longest caption."""
+    n, steps = read.shape
+    lengths = read.sum(1)  # [N]
+    order = lengths.argsort(descending=True, stable=True)
+    running = (lengths.unsqueeze(1) > torch.arange(steps, device=read.device)).sum(0).tolist()  # [T]
+    state, emb, outs, weights = start(regions[order]), emb[order], [], []
+    for t, m in enumerate(running):
+        state = tuple(s[:m] for s in state)  # the captions still going: a prefix, longest first
+        h, state, w = advance(emb[:m, t], state)  # h [m, H], w [m, R]
+        outs.append(h if m == n else torch.nn.functional.pad(h, (0, 0, 0, n - m)))  # [N, H]
+        weights.append(w if m == n else torch.nn.functional.pad(w, (0, 0, 0, n - m)))  # [N, R]
+    unsort = order.argsort()
+    return torch.stack(outs, 1)[unsort], torch.stack(weights, 1)[unsort]  # [N, T, H], [N, T, R]
+
+
+def output_where_read(linear, hidden, read):
+    """linear(hidden) [N, T, V] where read [N, T] is True, zero elsewhere: the output layer only where a word
+    is read (with Flickr8k's batches, half the positions)."""
+    if read.all():  # no padding anywhere
+        return linear(hidden)
+    return hidden.new_zeros(*read.shape, linear.out_features).index_put((read,), linear(hidden[read]))

@@ -1,10 +1,13 @@
-"""What runs a frozen model on the CPU when it need not be PyTorch's eager forward (`use_runtime`): the CNN in
-ONNX Runtime (`OnnxBackbone`, exported once per weights into the cache folder), and generation from the decoder's
-weights prepacked in fp16 (`PackedDecoder`). A CNN that learns, and any GPU, stay with PyTorch.
+"""What runs a frozen model when it need not be PyTorch's eager forward: a table of runtimes (RUNTIMES), each a
+function that takes a model that no longer learns and returns it as it runs there, and `run_frozen`, which
+chooses one. "onnx" wraps the model in a FrozenModel: its CNN in ONNX Runtime (an OnnxEncoder, exported once per
+weights into the cache folder), and generation from the decoder's weights prepacked in fp16 (a PackedDecoder).
+The model itself is never changed: a CNN that learns, and any GPU, run the model as it is.
 """
 
 import copy
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -14,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from image_intial_model import CNN_encoder, Generation
 from image_loader import DataError, save_atomic
 
 log = logging.getLogger("captioner")
@@ -24,7 +28,6 @@ log = logging.getLogger("captioner")
 # weights and kept in the cache folder; a CNN that learns, and any GPU, stay with PyTorch. The decoder stays
 # in PyTorch too, where generation may run it with its weights prepacked (PackedDecoder).
 
-RUNTIMES = ("auto", "onnx", "eager")
 RUNTIME_HELP = ("what runs a frozen model on the CPU: onnx (the CNN in ONNX Runtime, about 4x as fast; exported "
                 "once per weights into --cache-dir; a decoder stored in fp16 generates from prepacked weights, "
                 "about 2x as fast), eager (PyTorch as it is), auto (onnx where onnxruntime is installed). A GPU, "
@@ -153,41 +156,114 @@ class PackedDecoder:
         return self.net.select(state, rows)
 
 
-def use_runtime(model, preset, runtime="auto", cache_dir="cache", device="cpu", decoder=False):
-    """Run every frozen CNN of `model` (a CNN_RNN or an Ensemble) on `runtime`: "onnx" (ONNX Runtime, on the
-    CPU), "eager" (PyTorch), or "auto": onnx on the CPU where onnxruntime is installed, eager elsewhere.
-    With `decoder` (a model that will only generate from now on: its decoder must not learn), onnx also has
-    generation run a PackedDecoder where that is exact. Returns the runtime it chose. A failed export is an
-    error with onnx, and falls back to eager with auto."""
-    if runtime not in RUNTIMES:
-        raise DataError(f"unknown runtime {runtime!r}: choose from {', '.join(RUNTIMES)}")
-    cnns = [m for m in model.modules() if hasattr(m, "runtime") and hasattr(m, "backbone")]
-    for cnn in cnns:
-        cnn.runtime = None
-    model.decoder_runtime = None
-    if runtime == "eager" or torch.device(device).type != "cpu":
-        if runtime == "onnx":
-            raise DataError(f"--runtime onnx runs on the CPU, not on {device}")
-        return "eager"
+class OnnxEncoder:
+    """A frozen CNN_encoder whose backbone runs in ONNX Runtime (`onnx`, an OnnxBackbone); all else (spatial,
+    project, the weights) is the CNN's own. What the graph cannot stand in for goes to the CNN itself: images
+    that are not fp32 on the CPU, autocast, and a CNN that has begun to learn (the graph holds its old weights)."""
+
+    def __init__(self, cnn, onnx):
+        self.cnn, self.onnx = cnn, onnx
+
+    def __getattr__(self, name):  # called only for what this wrapper lacks
+        if name == "cnn":
+            raise AttributeError(name)
+        return getattr(self.cnn, name)
+
+    def extract(self, images):
+        """images [B, 3, S, S] -> features [B, F] or regions [B, R, F], as CNN_encoder.extract."""
+        if self.cnn.train_cnn or images.device.type != "cpu" or images.dtype != torch.float32 \
+                or torch.is_autocast_enabled("cpu"):
+            return self.cnn.extract(images)
+        return self.cnn.pool(self.onnx(images))  # [B, F, h, w] -> [B, F] or [B, R, F]
+
+    def __call__(self, images):
+        return self.cnn.project(self.extract(images))
+
+    def renew(self):
+        self.onnx.renew()  # before a loader's workers fork: see OnnxBackbone.renew
+
+
+class FrozenModel(Generation):
+    """A model that no longer learns (a CNN_RNN or an ensemble.Ensemble) as a runtime runs it: its CNNs as
+    `cnns` has them ({id of a CNN_encoder: its stand-in}) and generation on `decoder` (else its own decoder).
+    Everything else (args, decoder_kind, the parameters) is the model's own, which this never changes."""
+
+    def __init__(self, model, cnns, decoder=None):
+        self.model, self.cnns, self.decoder = model, cnns, decoder
+
+    def __getattr__(self, name):  # called only for what this wrapper lacks
+        if name == "model":
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+    @property
+    def generator(self):
+        return self.decoder or self.model.decoderRNN
+
+    @property
+    def encoderCNN(self):
+        return self.cnns.get(id(self.model.encoderCNN), self.model.encoderCNN)
+
+    def _cnn_once(self, x, from_features):
+        """(x, from_features) for the model: images become its one CNN's features here."""
+        if from_features or not getattr(self.model, "shared_cnn", True):
+            return x, from_features
+        return self.encoderCNN.extract(x), True
+
+    def features(self, x, from_features=False):
+        x, from_features = self._cnn_once(x, from_features)
+        if from_features:
+            return self.model.features(x, True)
+        return tuple(FrozenModel(m, self.cnns).features(x) for m in self.model.models)  # CNNs that differ
+
+    def attention_maps(self, x, captions, from_features=False):
+        x, from_features = self._cnn_once(x, from_features)
+        return self.model.attention_maps(x, captions, from_features)
+
+
+def eager(model, preset, cache_dir, decoder):
+    """PyTorch as it is: the model itself."""
+    return model
+
+
+def onnx(model, preset, cache_dir, decoder):
+    """Each CNN of the model in ONNX Runtime, and with `decoder` (a model that will only generate from now on),
+    generation from a PackedDecoder where that is exact."""
+    cnns, built = {}, {}
     try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        if runtime == "onnx":
-            raise DataError("--runtime onnx needs onnxruntime (pip install onnxruntime)") from None
-        return "eager"
-    try:
-        built = {}
-        for cnn in cnns:  # an ensemble's members often share one CNN: export it once
-            key = id(cnn.backbone)
-            built[key] = built.get(key) or onnx_backbone(cnn, model.args.encoder, preset["crop"], cache_dir)
-            cnn.runtime = built[key]
+        for cnn in model.modules():
+            if isinstance(cnn, CNN_encoder):
+                key = id(cnn.backbone)  # an ensemble's members often share one CNN: export it once
+                built[key] = built.get(key) or onnx_backbone(cnn, model.args.encoder, preset["crop"], cache_dir)
+                cnns[id(cnn)] = OnnxEncoder(cnn, built[key])
     except Exception as e:  # the exporter's failures are many and unnamed
-        for cnn in cnns:
-            cnn.runtime = None
-        if runtime == "onnx":
-            raise DataError(f"the CNN could not be exported to ONNX: {str(e).splitlines()[0]}") from None
-        log.warning("the CNN runs in PyTorch: exporting it to ONNX failed (%s)", str(e).splitlines()[0])
-        return "eager"
-    if decoder and PackedDecoder.exact(model.decoderRNN):
-        model.decoder_runtime = PackedDecoder(model.decoderRNN)
-    return "onnx"
+        raise DataError(f"the CNN could not be exported to ONNX: {str(e).splitlines()[0]}") from None
+    packed = PackedDecoder(model.decoderRNN) if decoder and PackedDecoder.exact(model.decoderRNN) else None
+    return FrozenModel(model, cnns, packed)
+
+
+# The runtimes by name (--runtime; "auto" chooses one): each turns a frozen model into the model as it runs there.
+# A new runtime: its function, and a line here.
+RUNTIMES = {"eager": eager, "onnx": onnx}
+RUNTIME_CHOICES = ("auto", *RUNTIMES)
+
+
+def run_frozen(model, preset, runtime="auto", cache_dir="cache", device="cpu", decoder=False):
+    """(`model` as `runtime` runs it, the runtime's name), for a model (a CNN_RNN or an Ensemble) whose CNN will
+    not learn while it runs there. "auto": onnx on the CPU where onnxruntime is installed, else eager; a failed
+    export is an error with onnx and falls back to eager with auto. decoder: see `onnx`."""
+    if runtime not in RUNTIME_CHOICES:
+        raise DataError(f"unknown runtime {runtime!r}: choose from {', '.join(RUNTIME_CHOICES)}")
+    on_cpu, installed = torch.device(device).type == "cpu", importlib.util.find_spec("onnxruntime") is not None
+    if runtime == "onnx" and not on_cpu:
+        raise DataError(f"--runtime onnx runs on the CPU, not on {device}")
+    if runtime == "onnx" and not installed:
+        raise DataError("--runtime onnx needs onnxruntime (pip install onnxruntime)")
+    chosen = runtime if runtime != "auto" else "onnx" if on_cpu and installed else "eager"
+    try:
+        return RUNTIMES[chosen](model, preset, cache_dir, decoder), chosen
+    except DataError as e:
+        if runtime != "auto":
+            raise
+        log.warning("the CNN runs in PyTorch: exporting it to ONNX failed (%s)", str(e).split(": ", 1)[1])
+        return model, "eager"

@@ -1,8 +1,9 @@
 """Searching for captions word by word beyond greedy decoding (which image_intial_model.py holds): beam search and
 its n best captions, sampling (self-critical training), and the log-probabilities of given captions.
 
-Every function takes a `decoder` with start/step/select (a model's decoderRNN, an EnsembleDecoder, or a
-runtime's copy of one) and `feats`, the decoder's input for B images.
+The searches take a `decoder` with start/step/select (a model's decoderRNN, an EnsembleDecoder, or a
+runtime's copy of one) and `feats`, the decoder's input for B images; `n_best` and `word_log_probs` take a whole
+model that generates (image_intial_model.Generation) and its images.
 """
 
 import math
@@ -104,3 +105,16 @@ def caption_log_probs(logits, words):
     logits = logits.float().masked_fill(banned, -math.inf)
     logp = logits.log_softmax(-1).gather(-1, words.unsqueeze(-1)).squeeze(-1)  # [N, T]
     return logp.masked_fill(words == PAD_IDX, 0.0).sum(1)
+
+
+@torch.inference_mode()
+def n_best(model, x, n, max_len=40, beam=3, length_penalty=0.0, from_features=False):
+    """Each image's n best captions of a beam search (n <= beam), best first (n_best_search), for a model that
+    generates (image_intial_model.Generation): its images x, or its cached features when from_features."""
+    return n_best_search(model.generator, model.features(x, from_features), max_len, beam, n, length_penalty)
+
+
+@torch.inference_mode()
+def word_log_probs(model, x, captions, from_features=False):
+    """How sure a model that generates was of each word of given captions (teacher_forced)."""
+    return teacher_forced(model.generator, model.features(x, from_features), captions)

@@ -49,7 +49,7 @@ from backbones import EncoderWeightsError
 from image_loader import DataError
 from inference import text_languages
 from read_text import LANGUAGES
-from runtimes import RUNTIME_HELP, RUNTIMES
+from runtimes import RUNTIME_CHOICES, RUNTIME_HELP
 from utils import USER_CHECKPOINTS, HelpFormatter, cores, find_checkpoint, pick_device, positive
 
 log = logging.getLogger("serve")
@@ -64,7 +64,7 @@ def get_args_parser():
                    help=f"checkpoint to serve (default: the first of {', '.join(USER_CHECKPOINTS)}, else the model "
                         "that ships in checkpoints/pretrained/); given several times: their ensemble")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
-    p.add_argument("--runtime", choices=RUNTIMES, default="auto", help=RUNTIME_HELP)
+    p.add_argument("--runtime", choices=RUNTIME_CHOICES, default="auto", help=RUNTIME_HELP)
     p.add_argument("--cache-dir", default="cache", help="where the CNN's ONNX file is kept (shared with training)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; anything but loopback exposes the service: give it a --token")

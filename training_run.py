@@ -17,8 +17,8 @@ import torch
 
 from features import ImageStore, StoreSource, split_sources
 from image_loader import Batches, CaptionTable, EvalTransform, load_image, train_size
-from runtimes import use_runtime
-from utils import checkpoint_state, print_examples, rng_state, save_checkpoint, set_rng_state
+from runtimes import run_frozen
+from utils import autocast, checkpoint_state, print_examples, rng_state, save_checkpoint, set_rng_state
 
 log = logging.getLogger("captioner")
 
@@ -29,13 +29,13 @@ def make_batches(args, data, vocab, model, preset, device, dist):
     """Batches of the training split, the dev split (dev loss) and the first --dev-images dev images (scores).
     A frozen CNN's features come from the feature cache; a CNN that learns (or --no-cache) reads images from
     image stores: the training split at train_size (random crops) with --train-cnn, else at the evaluation
-    size. Under torchrun, rank 0 fills the caches once; the others then read them."""
+    size. A frozen CNN runs on --runtime: in the feature cache's pass, or with --no-cache on every batch. Under
+    torchrun, rank 0 fills the caches once; the others then read them."""
     from_features = not args.train_cnn and not args.no_cache
     with dist.main_first():
-        if not args.train_cnn:  # the frozen CNN's feature pass (or, with --no-cache, every batch's) on --runtime
-            use_runtime(model, preset, args.runtime, args.cache_dir, device)
+        frozen = model if args.train_cnn else run_frozen(model, preset, args.runtime, args.cache_dir, device)[0]
         if from_features:
-            sources = split_sources(model, data, ("train", "dev"), preset, device, args.cache_dir, args.workers,
+            sources = split_sources(frozen, data, ("train", "dev"), preset, device, args.cache_dir, args.workers,
                                     args.precision, args.features_on_disk or None)
         else:
             sizes = {"train": train_size(preset) if args.train_cnn else preset["resize"], "dev": preset["resize"]}
@@ -45,6 +45,12 @@ def make_batches(args, data, vocab, model, preset, device, dist):
                 sources[s] = StoreSource(store, args.workers), store.names
     transforms = {"train": None if from_features else "train" if args.train_cnn else "eval",
                   "dev": None if from_features else "eval"}
+    encode = None
+    if frozen is not model and not from_features:  # --no-cache: each batch's features from the runtime's CNN
+
+        def encode(x):
+            with torch.no_grad(), autocast(device, args.precision):  # as the training step would run it
+                return frozen.encoderCNN.extract(x)
 
     captions = {s: CaptionTable([[vocab.numericalize(c) for c in data.captions[n]] for n in names], device)
                 for s, (_, names) in sources.items()}
@@ -52,7 +58,7 @@ def make_batches(args, data, vocab, model, preset, device, dist):
     def batches(split, limit=None, **sharding):  # the scoring sample is a prefix of dev: the same caption rows
         source, names = sources[split]
         return Batches(source, captions[split], names[:limit], device, preset, transforms[split], args.batch_size,
-                       **sharding)
+                       encode=encode, **sharding)
 
     return {"train": batches("train", shuffle=True, rank=dist.rank, world=dist.world), "dev": batches("dev"),
             "score": batches("dev", limit=args.dev_images)}

@@ -6,7 +6,7 @@ import contextlib
 import os
 import random
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -273,6 +273,15 @@ def find_checkpoint(path):
                     "train first (python image_training.py --demo) or pass --checkpoint PATH")
 
 
+def model_args_from(saved):
+    """ModelArgs from a checkpoint's model_args. Older checkpoints (the shipped one too) name the decoder with two
+    booleans, attention and topdown, instead."""
+    saved = dict(saved)
+    attention, topdown = saved.pop("attention", False), saved.pop("topdown", False)
+    saved.setdefault("decoder", "topdown" if topdown else "attention" if attention else "plain")
+    return ModelArgs(**{f.name: saved[f.name] for f in fields(ModelArgs) if f.name in saved})
+
+
 def model_from_checkpoint(ckpt, vocab_path=None):
     """Rebuild (model, vocab, preprocessing preset) from a loaded checkpoint: this project's, or the seed
     tutorial's {"state_dict", ...} plus its vocabulary.pkl. A released checkpoint (export.py --format release)
@@ -284,7 +293,7 @@ def model_from_checkpoint(ckpt, vocab_path=None):
         return Ensemble([m for m, _, _ in built]), built[0][1], built[0][2]
     if "model_args" not in ckpt:
         return model_from_seed_checkpoint(ckpt, vocab_path)
-    args = ModelArgs.from_dict(ckpt["model_args"])
+    args = model_args_from(ckpt["model_args"])
     imagenet = ckpt.get("encoder_weights") == "imagenet"
     model = CNN_RNN(args, weights="imagenet" if imagenet else None)
     state = ckpt["model"]

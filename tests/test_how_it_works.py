@@ -7,6 +7,7 @@ import torch
 from backbones import preprocessing
 from image_intial_model import CNN_RNN, SOS_IDX, ModelArgs
 from tests.conftest import ROOT
+from utils import model_args_from
 
 T, V = 5, 30  # the caption's words and the vocabulary's size: numbers that no other dimension here has
 # the table's columns: (encoder, decoder, hidden size)
@@ -64,7 +65,7 @@ def test_every_shape_in_how_it_works_is_the_codes(column):
 
 def test_how_it_works_names_the_shipped_models_shape():
     """The third column is the shipped model's shape: its encoder, decoder and hidden size."""
-    shipped = ModelArgs.from_dict(torch.load(ROOT / "checkpoints" / "pretrained" / "model.pth",
+    shipped = model_args_from(torch.load(ROOT / "checkpoints" / "pretrained" / "model.pth",
                                              weights_only=True)["model_args"])
     assert (shipped.encoder, shipped.decoder, shipped.hidden_size) == COLUMNS[2]
     text = " ".join((ROOT / "docs" / "how-it-works.md").read_text().split())

@@ -342,7 +342,7 @@ def test_n_best_captions_are_ranked_with_their_own_log_probabilities(lite0):
     torch.manual_seed(3)
     feats = torch.randn(2, 1280)
     lite0.eval()
-    best = lite0.n_best(feats, 4, max_len=12, beam=5, from_features=True)
+    best = search.n_best(lite0, feats, 4, max_len=12, beam=5, from_features=True)
     assert [len(b) for b in best] == [4, 4]
     assert [b[0]["ids"] for b in best] == lite0.generate(feats, max_len=12, beam=5, from_features=True)
     for i, captions in enumerate(best):
@@ -380,7 +380,7 @@ def test_an_ensemble_chooses_words_by_the_mean_of_its_models_probabilities():
     assert ensemble.shared_cnn
     images = torch.randn(2, 3, 224, 224) * 3
     feats = small.encoderCNN.extract(images)  # [2, R, 1280]: what the feature cache would hold
-    best = ensemble.n_best(images, 3, max_len=10, beam=4)
+    best = search.n_best(ensemble, images, 3, max_len=10, beam=4)
     assert [b[0]["ids"] for b in best] == ensemble.generate(feats, max_len=10, beam=4, from_features=True)
     for i, captions in enumerate(best):
         for c in captions:

@@ -323,7 +323,7 @@ def test_cached_features_give_the_same_loss_as_the_cnn_on_the_image_store(tmp_pa
     cached = training_run.make_batches(args, data, vocab, model, preset, device, Dist())
     args.no_cache = True
     direct = training_run.make_batches(args, data, vocab, model, preset, device, Dist())
-    assert cached["dev"].from_features and not direct["dev"].from_features
+    assert cached["dev"].transform is None and direct["dev"].transform == "eval"  # the second reads images
     assert list(cache_dir.glob("images-224px-*.npy"))  # --no-cache read the images from a store
     with_cache = dev_loss(model, cached["dev"], WordLoss(), device)
     without = dev_loss(model, direct["dev"], WordLoss(), device)

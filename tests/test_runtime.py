@@ -1,6 +1,6 @@
-"""The runtime of a frozen model on the CPU (runtimes.use_runtime): the CNN in ONNX Runtime and a decoder stored
+"""The runtime of a frozen model on the CPU (runtimes.run_frozen): the CNN in ONNX Runtime and a decoder stored
 in fp16 generating from prepacked weights give PyTorch's captions, the export is cached and follows the weights,
-and whatever is not a frozen model on the CPU stays in PyTorch."""
+whatever is not a frozen model on the CPU stays in PyTorch, and the model itself is never changed."""
 
 import json
 import logging
@@ -14,7 +14,8 @@ from ensemble import Ensemble
 from image_intial_model import CNN_RNN, DECODERS, ModelArgs
 from image_loader import DataError
 from inference import Captioner
-from runtimes import PackedDecoder, use_runtime
+from runtimes import RUNTIMES, FrozenModel, PackedDecoder, run_frozen
+from search import word_log_probs
 from tests.conftest import ROOT, SAMPLE, run_script
 
 SHIPPED = ROOT / "checkpoints" / "pretrained" / "model.pth"
@@ -38,7 +39,7 @@ def test_onnx_runtime_captions_as_pytorch_does_greedy_and_beam_3(pair):
     eager, onnx = pair
     assert (eager.runtime, onnx.runtime) == ("eager", "onnx")
     # the shipped release is stored in fp16: its decoder generates from prepacked weights too
-    assert eager.model.decoder_runtime is None and isinstance(onnx.model.decoder_runtime, PackedDecoder)
+    assert isinstance(eager.model, CNN_RNN) and isinstance(onnx.model.generator, PackedDecoder)
     photos = [eager.load(p) for p in sample_photos()]
     for beam in (1, 3):
         by = {c: [] for c in pair}
@@ -78,10 +79,10 @@ def test_a_decoder_stored_in_fp16_generates_from_packed_weights_as_pytorch_does(
     for model in (models[0], Ensemble(models)):
         assert PackedDecoder.exact(model.decoderRNN)
         plain = [model.generate(x, beam=b, from_features=True) for b in (1, 3)]
-        plain_logp = model.word_log_probs(x, plain[1], from_features=True)[0]
-        model.decoder_runtime = PackedDecoder(model.decoderRNN)
-        assert [model.generate(x, beam=b, from_features=True) for b in (1, 3)] == plain
-        torch.testing.assert_close(model.word_log_probs(x, plain[1], from_features=True)[0], plain_logp, atol=1e-4,
+        plain_logp = word_log_probs(model, x, plain[1], from_features=True)[0]
+        packed = FrozenModel(model, {}, PackedDecoder(model.decoderRNN))
+        assert [packed.generate(x, beam=b, from_features=True) for b in (1, 3)] == plain
+        torch.testing.assert_close(word_log_probs(packed, x, plain[1], from_features=True)[0], plain_logp, atol=1e-4,
                                    rtol=0)  # banned words: -inf in both
     fp32 = tiny_model(decoder, vocab_size=60, size=32)[0]
     assert not PackedDecoder.exact(fp32.decoderRNN)  # rounding its weights would change its captions
@@ -90,13 +91,15 @@ def test_a_decoder_stored_in_fp16_generates_from_packed_weights_as_pytorch_does(
 def test_only_a_model_that_no_longer_learns_gets_a_packed_decoder(tmp_path):
     model, preset = tiny_model()
     stored_in_fp16(model)
-    assert use_runtime(model, preset, "onnx", tmp_path) == "onnx" and model.decoder_runtime is None  # training's
-    assert use_runtime(model, preset, "onnx", tmp_path, decoder=True) == "onnx"
-    assert isinstance(model.decoder_runtime, PackedDecoder)
-    assert "decoder_runtime" not in str(list(model.state_dict()))  # no module of the model: not saved
-    assert use_runtime(model, preset, "eager", tmp_path, decoder=True) == "eager" and model.decoder_runtime is None
-    assert use_runtime(model, preset, "auto", tmp_path, decoder=True, device="cuda") == "eager"
-    assert model.decoder_runtime is None
+    keys = list(model.state_dict())
+    training, name = run_frozen(model, preset, "onnx", tmp_path)
+    assert name == "onnx" and training.generator is model.decoderRNN  # training's feature pass: the CNN only
+    generating, name = run_frozen(model, preset, "onnx", tmp_path, decoder=True)
+    assert name == "onnx" and isinstance(generating.generator, PackedDecoder)
+    assert generating.args is model.args and generating.decoderRNN is model.decoderRNN  # the rest is the model's
+    assert model.generator is model.decoderRNN and list(model.state_dict()) == keys  # the model is not changed
+    assert run_frozen(model, preset, "eager", tmp_path, decoder=True) == (model, "eager")
+    assert run_frozen(model, preset, "auto", tmp_path, decoder=True, device="cuda") == (model, "eager")
 
 
 @pytest.mark.slow
@@ -104,24 +107,25 @@ def test_only_a_model_that_no_longer_learns_gets_a_packed_decoder(tmp_path):
 def test_the_export_is_kept_reused_and_follows_the_weights(tmp_path, monkeypatch):
     model, preset = tiny_model()
     cnn, x = model.encoderCNN, torch.rand(3, 3, 64, 64)
-    assert use_runtime(model, preset, "onnx", tmp_path) == "onnx"
+    frozen, name = run_frozen(model, preset, "onnx", tmp_path)
+    assert name == "onnx"
     [first] = tmp_path.glob("cnn-efficientnet_lite0-*.onnx")
-    assert torch.allclose(cnn.runtime(x), cnn.backbone.forward_features(x), atol=1e-4)
+    assert torch.allclose(frozen.encoderCNN.onnx(x), cnn.backbone.forward_features(x), atol=1e-4)
 
     def no_export(*args):
         raise AssertionError("exported again")
 
     with monkeypatch.context() as m:
         m.setattr(runtimes, "export_backbone", no_export)
-        assert use_runtime(model, preset, "onnx", tmp_path) == "onnx"  # from the cache
+        assert run_frozen(model, preset, "onnx", tmp_path)[1] == "onnx"  # from the cache
     cnn.backbone.conv_stem.weight.mul_(1.5)  # as a fine-tuned CNN's would be
-    use_runtime(model, preset, "onnx", tmp_path)
-    assert len(list(tmp_path.glob("cnn-*.onnx"))) == 2 and cnn.runtime.path != first
-    assert torch.allclose(cnn.runtime(x), cnn.backbone.forward_features(x), atol=1e-4)
+    onnx = run_frozen(model, preset, "onnx", tmp_path)[0].encoderCNN.onnx
+    assert len(list(tmp_path.glob("cnn-*.onnx"))) == 2 and onnx.path != first
+    assert torch.allclose(onnx(x), cnn.backbone.forward_features(x), atol=1e-4)
     monkeypatch.setattr(runtimes, "KEEP_EXPORTS", 2)
     for _ in range(2):
         cnn.backbone.conv_stem.weight.mul_(1.5)
-        use_runtime(model, preset, "onnx", tmp_path)
+        run_frozen(model, preset, "onnx", tmp_path)
     assert len(list(tmp_path.glob("cnn-*.onnx"))) == 2 and not first.exists()  # the least recently used went
     assert not list(tmp_path.glob(".*tmp"))
 
@@ -129,24 +133,41 @@ def test_the_export_is_kept_reused_and_follows_the_weights(tmp_path, monkeypatch
 @torch.no_grad()
 def test_what_is_not_a_frozen_cnn_on_the_cpu_stays_in_pytorch(tmp_path):
     model, preset = tiny_model()
-    cnn, x = model.encoderCNN, torch.rand(2, 3, 64, 64)
-    assert use_runtime(model, preset, "auto", tmp_path) == "onnx"
-    eager = cnn.backbone.forward_features(x).flatten(2).transpose(1, 2)
+    frozen, name = run_frozen(model, preset, "auto", tmp_path)
+    cnn, x = frozen.encoderCNN, torch.rand(2, 3, 64, 64)
+    eager = model.encoderCNN.backbone.forward_features(x).flatten(2).transpose(1, 2)
+    assert name == "onnx" and torch.allclose(cnn.extract(x), eager, atol=1e-4)
 
     def refuse(images):
         raise AssertionError("the runtime ran")
 
-    cnn.runtime = refuse
-    cnn.set_train_cnn(True)  # a CNN that learns: the runtime holds its old weights
+    cnn.onnx = refuse
+    model.encoderCNN.set_train_cnn(True)  # a CNN that learns: the runtime holds its old weights
     assert torch.equal(cnn.extract(x), eager)
-    cnn.set_train_cnn(False)
+    model.encoderCNN.set_train_cnn(False)
     with torch.autocast("cpu", torch.bfloat16):  # another precision: PyTorch's
         cnn.extract(x)
-    assert use_runtime(model, preset, "eager", tmp_path) == "eager" and cnn.runtime is None
-    assert use_runtime(model, preset, "auto", tmp_path, device="cuda") == "eager" and cnn.runtime is None
+    assert run_frozen(model, preset, "eager", tmp_path) == (model, "eager")
+    assert run_frozen(model, preset, "auto", tmp_path, device="cuda") == (model, "eager")
     for runtime, device, words in (("onnx", "cuda", "runs on the CPU"), ("fast", "cpu", "unknown runtime")):
         with pytest.raises(DataError, match=words):
-            use_runtime(model, preset, runtime, tmp_path, device)
+            run_frozen(model, preset, runtime, tmp_path, device)
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_an_ensemble_runs_each_of_its_cnns_there_once(tmp_path):
+    """Members that share a CNN export it once; members whose CNNs differ get one each."""
+    torch.manual_seed(0)
+    (a, preset), (b, _) = tiny_model("plain"), tiny_model("plain")
+    x = torch.rand(2, 3, 64, 64)
+    for members, exports in (([a, a], 1), ([a, b], 2)):
+        ensemble = Ensemble(members)
+        frozen = run_frozen(ensemble, preset, "onnx", tmp_path / str(exports))[0]
+        assert len(list((tmp_path / str(exports)).glob("cnn-*.onnx"))) == exports
+        for got, want in zip(frozen.features(x), ensemble.features(x)):
+            assert torch.allclose(got, want, atol=1e-4)
+    assert set(RUNTIMES) == {"eager", "onnx"}
 
 
 def test_a_failed_export_falls_back_with_auto_and_is_one_line_with_onnx(tmp_path, monkeypatch, caplog):
@@ -157,11 +178,10 @@ def test_a_failed_export_falls_back_with_auto_and_is_one_line_with_onnx(tmp_path
 
     monkeypatch.setattr(runtimes, "export_backbone", broken)
     with caplog.at_level(logging.WARNING, logger="captioner"):
-        assert use_runtime(model, preset, "auto", tmp_path) == "eager"
+        assert run_frozen(model, preset, "auto", tmp_path) == (model, "eager")
     assert "exporting it to ONNX failed (Unsupported: an operator)" in caplog.text
     with pytest.raises(DataError, match="^the CNN could not be exported to ONNX: Unsupported: an operator$"):
-        use_runtime(model, preset, "onnx", tmp_path)
-    assert model.encoderCNN.runtime is None
+        run_frozen(model, preset, "onnx", tmp_path)
 
 
 @pytest.mark.slow
@@ -170,9 +190,10 @@ def test_a_cache_folder_that_cannot_be_written_exports_to_a_temporary_one(tmp_pa
     model, preset = tiny_model()
     blocked = tmp_path / "a-file"
     blocked.write_text("not a folder")
-    assert use_runtime(model, preset, "onnx", blocked) == "onnx"
+    frozen, name = run_frozen(model, preset, "onnx", blocked)
     x = torch.rand(1, 3, 64, 64)
-    assert torch.allclose(model.encoderCNN.runtime(x), model.encoderCNN.backbone.forward_features(x), atol=1e-4)
+    assert name == "onnx"
+    assert torch.allclose(frozen.encoderCNN.onnx(x), model.encoderCNN.backbone.forward_features(x), atol=1e-4)
     assert blocked.read_text() == "not a folder"
 
 

@@ -68,7 +68,7 @@ def test_forward_shapes_teacher_forcing_and_the_word_by_word_log_probs(topdown):
     alone = topdown(images[1:], tokens[1:], image_index=torch.tensor([0, 0]))  # image 1 alone: the same logits
     torch.testing.assert_close(logits[1:], alone, atol=1e-5, rtol=1e-4)
     captions = topdown.generate(images, max_len=8, beam=3)
-    logp, words = topdown.word_log_probs(images, captions)  # step by step, as generation reads
+    logp, words = search.word_log_probs(topdown, images, captions)  # step by step, as generation reads
     assert logp.shape == (2, max(map(len, captions)) + 1, 40)
     tokens, expected = _tokens(captions)
     assert torch.equal(words, expected)
@@ -96,7 +96,7 @@ def test_beam_one_is_greedy_and_a_batch_captions_as_one_image_at_a_time(topdown)
 
 def test_n_best_captions_carry_their_own_log_probabilities(topdown):
     regions = torch.randn(2, 49, 1280) * 3
-    best = topdown.n_best(regions, 3, max_len=10, beam=4, from_features=True)
+    best = search.n_best(topdown, regions, 3, max_len=10, beam=4, from_features=True)
     assert [len(b) for b in best] == [3, 3]
     assert [b[0]["ids"] for b in best] == topdown.generate(regions, max_len=10, beam=4, from_features=True)
     for i, captions in enumerate(best):
@@ -187,7 +187,7 @@ def test_an_ensemble_with_a_topdown_model_shares_the_cnn_and_averages_the_probab
     assert ensemble.shared_cnn and ensemble.args.decoder == ("topdown" if other == "topdown" else "attention")
     assert ensemble.decoder_kind == f"topdown + {other}"
     images = torch.randn(2, 3, 96, 96) * 3  # 3x3 regions: quick
-    best = ensemble.n_best(images, 2, max_len=8, beam=3)
+    best = search.n_best(ensemble, images, 2, max_len=8, beam=3)
     assert [b[0]["ids"] for b in best] == ensemble.generate(images, max_len=8, beam=3)
     assert ensemble.generate(images, max_len=8, beam=1) == ensemble.generate(images, max_len=8)
     for i, captions in enumerate(best):
