@@ -222,7 +222,7 @@ class Bench:
         x = torch.randn(batch, 3, size, size, device=self.device)
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        self.model.eval()
+        self.model.encoderCNN.eval()
         enc = self.frozen.encoderCNN
 
         @torch.inference_mode()
