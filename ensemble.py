@@ -82,6 +82,10 @@ class Ensemble(Generation, nn.Module):
     def attention_maps(self, x, captions, from_features=False):
         """The mean of the members' attention maps for each caption (attention decoders only)."""
         x, from_features = self._cnn_once(x, from_features)
-        per_member = [m.attention_maps(x, captions, from_features) for m in self.models]
+        return self.mean_maps([m.attention_maps(x, captions, from_features) for m in self.models])
+
+    @staticmethod
+    def mean_maps(per_member):
+        """Each member's list of maps -> their mean for each caption."""
         return [torch.stack(maps).mean(0) for maps in zip(*per_member)]
 

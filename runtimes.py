@@ -218,7 +218,10 @@ class FrozenModel(Generation):
 
     def attention_maps(self, x, captions, from_features=False):
         x, from_features = self._cnn_once(x, from_features)
-        return self.model.attention_maps(x, captions, from_features)
+        if from_features:
+            return self.model.attention_maps(x, captions, True)
+        members = [FrozenModel(m, self.cnns) for m in self.model.models]  # an ensemble whose CNNs differ
+        return self.model.mean_maps([m.attention_maps(x, captions) for m in members])
 
 
 def eager(model, preset, cache_dir, decoder):

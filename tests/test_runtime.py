@@ -156,17 +156,24 @@ def test_what_is_not_a_frozen_cnn_on_the_cpu_stays_in_pytorch(tmp_path):
 
 @pytest.mark.slow
 @torch.no_grad()
-def test_an_ensemble_runs_each_of_its_cnns_there_once(tmp_path):
-    """Members that share a CNN export it once; members whose CNNs differ get one each."""
+def test_an_ensemble_runs_each_of_its_cnns_there_once(tmp_path, monkeypatch):
+    """Members that share a CNN export it once; members whose CNNs differ get one each, and their features and
+    attention maps come from ONNX Runtime, as PyTorch's would."""
     torch.manual_seed(0)
-    (a, preset), (b, _) = tiny_model("plain"), tiny_model("plain")
-    x = torch.rand(2, 3, 64, 64)
+    (a, preset), (b, _) = tiny_model(), tiny_model()
+    x, captions = torch.rand(2, 3, 64, 64), [[4, 5, 6], [7]]
     for members, exports in (([a, a], 1), ([a, b], 2)):
         ensemble = Ensemble(members)
         frozen = run_frozen(ensemble, preset, "onnx", tmp_path / str(exports))[0]
         assert len(list((tmp_path / str(exports)).glob("cnn-*.onnx"))) == exports
-        for got, want in zip(frozen.features(x), ensemble.features(x)):
-            assert torch.allclose(got, want, atol=1e-4)
+        features, maps = ensemble.features(x), ensemble.attention_maps(x, captions)
+        with monkeypatch.context() as m:
+            for member in members:  # PyTorch's CNN may not run now
+                m.setattr(member.encoderCNN.backbone, "forward_features", None)
+            for got, want in zip(frozen.features(x), features):
+                assert torch.allclose(got, want, atol=1e-4)
+            for got, want in zip(frozen.attention_maps(x, captions), maps):
+                assert got.shape == want.shape and torch.allclose(got, want, atol=1e-4)
     assert set(RUNTIMES) == {"eager", "onnx"}
 
 
