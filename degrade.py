@@ -515,7 +515,7 @@ def main(args):
     from inference import Captioner  # the captioner's own loading and CNN: what the check sees in use
 
     path = find_checkpoint(args.checkpoint)
-    captioner = Captioner(path)
+    captioner = Captioner(path, read_text=False)  # only its CNN and loading are used: no text reader
     images_dir = find_images_dir(args.data)
     splits = split_images(args.data, [p.name for p in list_images(images_dir)])
     pick = {s: v[:args.max_images] for s, v in splits.items()}

@@ -438,7 +438,7 @@ def main(argv=None):
         from inference import Captioner
         from utils import find_checkpoint
 
-        captioner = Captioner(find_checkpoint(None))
+        captioner = Captioner(find_checkpoint(None), read_text=False)  # only caption() is timed; `reader` reads
     print(f"reader: det side {args.det_side}, rec height {args.rec_height}, max lines {args.max_lines}, look side "
           f"{args.look_side}, "
           f"{threads} threads; READ_SIZE {read_text.READ_SIZE}")
