@@ -173,8 +173,7 @@ class PhotoCheck:
         if state and list(state["measures"]) != list(MEASURES):
             raise ValueError("the checkpoint's photo check was fitted on other image measures than this code's: "
                              "fit it again with python degrade.py --fit")
-        self.state = state
-        self.image_head = _Head(state["image_head"] if state else IMAGE_HEAD) if (state or IMAGE_HEAD) else None
+        self.image_head = _Head(state["image_head"] if state else IMAGE_HEAD)  # always one: IMAGE_HEAD ships
         self.pooled_head = _Head(state["pooled_head"]) if state and "pooled_head" in state else None
         up = state.get("upright") if state else None
         # (weights [4, F], bias [4], the probability of a turn above which to turn, and to name "rotated")
@@ -198,7 +197,7 @@ class PhotoCheck:
         if pooled is not None and self.pooled_head is not None:
             x = torch.cat([m, _tensor(pooled).reshape(1, -1)], 1)  # [1, M + F]
             out.update(zip(self.pooled_head.problems, self.pooled_head(x)[0].tolist()))
-        elif self.image_head is not None:
+        else:
             out.update(zip(self.image_head.problems, self.image_head(m)[0].tolist()))
         if pooled is not None and self.upright is not None:
             out["rotated"] = max(self.turn_probabilities(pooled)[1:])  # that one turn makes it upright
@@ -207,7 +206,7 @@ class PhotoCheck:
 
     def thresholds(self, pooled_available=True):
         """{problem: the score above which it is named}."""
-        th = dict(self.image_head.thresholds) if self.image_head else {}
+        th = dict(self.image_head.thresholds)
         if pooled_available and self.pooled_head is not None:
             th.update(self.pooled_head.thresholds)
         if pooled_available and self.upright is not None:
