@@ -311,7 +311,7 @@ def _graphs(model):
             return (*decoder.start(model.encoderCNN.project(raw)), pooled_features(raw))
 
     class Step(nn.Module):
-        attention = not ensemble and hasattr(decoder, "_advance")  # the decoders with attention over regions
+        attention = not ensemble and getattr(decoder, "regions", False)  # the decoders with attention over regions
 
         def __init__(self):
             super().__init__()
