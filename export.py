@@ -555,9 +555,10 @@ def timed_caption(caption, path, repeat=3):
 def check(folder, images, beam, compare=None):
     """Caption with the export each image path, and each image in a folder, of `images`, as inference.py does:
     a row {"image", "caption", "alt_text", "confidence", "confidence_level", "export_s"} per image (see
-    Runner.describe), or {"image", "error"} for one that cannot be read (and for
-    a folder with no images), the others still captioned. With `compare`, also with the PyTorch checkpoint, and
-    time both per image (file to text: reading, preprocessing, encoder, caption loop)."""
+    Runner.describe), or {"image", "error"} for one that cannot be read (and for a folder with no images), the
+    others still captioned. export_s: the time to the caption alone (Runner.caption: file to text: reading,
+    preprocessing, encoder, caption loop; see timed_caption). With `compare`, also caption with the PyTorch
+    checkpoint, timed the same way (Captioner.caption): "pytorch_caption", "pytorch_s"."""
     from pillow_heif import register_heif_opener
 
     register_heif_opener()  # iPhone photos, as image_loader reads them
@@ -569,14 +570,17 @@ def check(folder, images, beam, compare=None):
             rows.append({"image": str(path), "error": f"{path}: folder holds no images"})
         for image in found:
             try:
-                said, seconds = timed_caption(lambda p: runner.describe(p, beam), image)
+                said = runner.describe(image, beam)
+                # the caption alone is timed, as captioner.caption is below: like with like, and the figure
+                # printed beside the caption is the time to that caption (no confidence pass)
+                _, seconds = timed_caption(lambda p: runner.caption(p, beam), image)
                 rows.append({"image": str(image), **said, "export_s": seconds})
             except UnreadableImage as e:
                 rows.append({"image": str(image), "error": str(e)})
     if compare:
         from inference import Captioner
 
-        captioner = Captioner(compare)
+        captioner = Captioner(compare, read_text=False)  # it captions only: no text reader to load
         for r in rows:
             if "caption" in r:
                 r["pytorch_caption"], r["pytorch_s"] = timed_caption(lambda p: captioner.caption(p, beam),
