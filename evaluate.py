@@ -39,8 +39,8 @@ from image_loader import (
     image_batches,
     load_image,
 )
-from inference import attention_map, read_fits
-from read_text import READ_SIZE, TextReader
+from inference import attention_map, read_fits, rereader
+from read_text import TextReader
 from runtimes import RUNTIME_CHOICES, RUNTIME_HELP, run_frozen
 from utils import (
     HelpFormatter,
@@ -418,7 +418,8 @@ def describe_rows(rows, images_dir, checker, preset, pooled, unfamiliar, read_te
     named, texts = Counter(), 0
     for i, r in enumerate(tqdm(rows, desc="photo check and text", unit="photo", leave=False, disable=None)):
         path = images_dir / r["image"]
-        look = look_at(load_image(path, preset["resize"]), reader, lambda p=path: load_image(p, READ_SIZE))
+        image = load_image(path, preset["resize"])
+        look = look_at(image, reader, rereader(path, image))
         said = answer(checker, look, None if pooled is None else pooled[i], r["caption"], r.get("confidence_level"),
                       bool(unfamiliar[i]))
         r.update((k, said[k]) for k in ("description", "text", "photo_problems", "photo_scores", "retake_hint"))

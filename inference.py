@@ -101,6 +101,22 @@ def text_languages(text):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def rereader(source, image, name=None):
+    """description.look_at's `reread` for a photo loaded from `source` (its file's path or bytes; None: no
+    reread, the small image is read): the photo decoded again at the text reader's READ_SIZE, or `image`, the
+    decode in hand, should that fail."""
+    if source is None:
+        return None
+
+    def reread():
+        try:
+            return load_image(io.BytesIO(source) if isinstance(source, bytes) else source, READ_SIZE, name)
+        except DataError:  # decoded once already; should a larger decode fail, read what was decoded
+            return image
+
+    return reread
+
+
 class Captioner:
     """A checkpoint ready to describe photos with the preprocessing it was trained with, and with its
     confidence calibration where it has one (evaluate.py --calibrate)."""
@@ -131,13 +147,7 @@ class Captioner:
     def look(self, image, source=None, name=None):
         """description.Look of a loaded photo: the photo check's image measures, and its text where it has some.
         source: its file's path or bytes, decoded again at the text reader's resolution if it holds text."""
-        def reread():
-            try:
-                return load_image(io.BytesIO(source) if isinstance(source, bytes) else source, READ_SIZE, name)
-            except DataError:  # decoded once already; should a larger decode fail, read what was decoded
-                return image
-
-        return look_at(image, self.reader, reread if source is not None else None)
+        return look_at(image, self.reader, rereader(source, image, name))
 
     def _batch(self, images):
         return torch.stack([self.transform(im) for im in images]).to(self.device)
