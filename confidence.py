@@ -15,6 +15,7 @@ import re
 import torch
 
 import search
+from ensemble import cnn_once
 
 SIGNALS = (
     "mean_word_logp",     # mean log-probability of the caption's words and its end
@@ -32,23 +33,12 @@ ALT_TEXT_MAX = 125  # characters: what screen readers and CMSs expect of an alt 
 ABSTAIN = "No reliable description."
 
 
-def _cnn_input(model, x, from_features):
-    """(what generation reads, from_features): the shared CNN's features, computed once, where the model has
-    one CNN (or x itself, when it is those features already); the images themselves for an ensemble whose CNNs
-    differ."""
-    if from_features:
-        return x, True
-    if getattr(model, "shared_cnn", True):
-        return model.encoderCNN.extract(x), True
-    return x, False
-
-
 @torch.inference_mode()
 def captions_with_signals(model, x, beam=3, max_len=40, length_penalty=0.0, n_best=None, from_features=False):
     """Caption images x [B, 3, S, S] -> (word ids per image, the n-best lists per image or None, the decoder's
     signals [B, 5], the pooled CNN features [B, F]: see decoder_signals and Calibration). The captions are
     generate()'s (n_best()'s best) for the same settings. from_features: x is the CNN's (cached) features."""
-    inp, from_features = _cnn_input(model, x, from_features)
+    inp, from_features = cnn_once(model, x, from_features)  # the CNN once, for generation and the signals
     if n_best:
         best = search.n_best(model, inp, n_best, max_len, beam, length_penalty, from_features=from_features)
         ids = [b[0]["ids"] for b in best]

@@ -36,11 +36,18 @@ class EnsembleDecoder(nn.Module):
         return tuple(d.select(s, rows) for d, s in zip(self.members, state))
 
 
-
 def _same_cnn(a, b):
     """Whether two encoders' CNNs give the same features: same weights, both pooled or both regions."""
     return a.spatial == b.spatial and same_weights(a.backbone.state_dict(), b.backbone.state_dict())
 
+
+def cnn_once(model, x, from_features):
+    """(x, from_features) for a model's generation: images become its CNN's features here, once, where it has one
+    CNN (a CNN_RNN, an Ensemble whose members share it, or a runtime's frozen model of either); an ensemble whose
+    CNNs differ gets the images themselves. Features (from_features) pass as they are."""
+    if from_features or not getattr(model, "shared_cnn", True):
+        return x, from_features
+    return model.encoderCNN.extract(x), True
 
 
 class Ensemble(Generation, nn.Module):
@@ -69,19 +76,15 @@ class Ensemble(Generation, nn.Module):
         """The CNN that turns images into the features every member projects (see shared_cnn)."""
         return self.models[0].encoderCNN
 
-    def _cnn_once(self, x, from_features):
-        """(x, from_features) for the members: images become the shared CNN's features here, once."""
-        return (self.encoderCNN.extract(x), True) if not from_features and self.shared_cnn else (x, from_features)
-
     def features(self, x, from_features=False):
         """Images, or the shared CNN's cached features -> the tuple of each member's input."""
-        x, from_features = self._cnn_once(x, from_features)
+        x, from_features = cnn_once(self, x, from_features)
         return tuple(m.features(x, from_features) for m in self.models)
 
     @torch.inference_mode()
     def attention_maps(self, x, captions, from_features=False):
         """The mean of the members' attention maps for each caption (attention decoders only)."""
-        x, from_features = self._cnn_once(x, from_features)
+        x, from_features = cnn_once(self, x, from_features)
         return self.mean_maps([m.attention_maps(x, captions, from_features) for m in self.models])
 
     @staticmethod

@@ -8,6 +8,7 @@ The model itself is never changed: a CNN that learns, and any GPU, run the model
 import copy
 import hashlib
 import importlib.util
+import io
 import json
 import logging
 import os
@@ -17,7 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from image_intial_model import CNN_encoder, Generation
+from ensemble import cnn_once
+from image_intial_model import Generation
 from image_loader import DataError, save_atomic
 
 log = logging.getLogger("captioner")
@@ -71,7 +73,7 @@ def backbone_key(backbone, encoder, size):
     return h.hexdigest()
 
 
-class _ForwardFeatures(torch.nn.Module):
+class _ForwardFeatures(nn.Module):
     def __init__(self, backbone):
         super().__init__()
         self.backbone = backbone
@@ -82,9 +84,6 @@ class _ForwardFeatures(torch.nn.Module):
 
 def export_backbone(backbone, size, path):
     """The backbone's forward_features as ONNX (any batch size), written atomically to `path`."""
-    import io
-    import warnings
-
     buf, was_training = io.BytesIO(), backbone.training
     backbone.eval()
     try:
@@ -176,9 +175,6 @@ class OnnxEncoder:
             return self.cnn.extract(images)
         return self.cnn.pool(self.onnx(images))  # [B, F, h, w] -> [B, F] or [B, R, F]
 
-    def __call__(self, images):
-        return self.cnn.project(self.extract(images))
-
     def renew(self):
         self.onnx.renew()  # before a loader's workers fork: see OnnxBackbone.renew
 
@@ -204,20 +200,14 @@ class FrozenModel(Generation):
     def encoderCNN(self):
         return self.cnns.get(id(self.model.encoderCNN), self.model.encoderCNN)
 
-    def _cnn_once(self, x, from_features):
-        """(x, from_features) for the model: images become its one CNN's features here."""
-        if from_features or not getattr(self.model, "shared_cnn", True):
-            return x, from_features
-        return self.encoderCNN.extract(x), True
-
     def features(self, x, from_features=False):
-        x, from_features = self._cnn_once(x, from_features)
+        x, from_features = cnn_once(self, x, from_features)
         if from_features:
             return self.model.features(x, True)
         return tuple(FrozenModel(m, self.cnns).features(x) for m in self.model.models)  # CNNs that differ
 
     def attention_maps(self, x, captions, from_features=False):
-        x, from_features = self._cnn_once(x, from_features)
+        x, from_features = cnn_once(self, x, from_features)
         if from_features:
             return self.model.attention_maps(x, captions, True)
         members = [FrozenModel(m, self.cnns) for m in self.model.models]  # an ensemble whose CNNs differ
@@ -232,13 +222,13 @@ def eager(model, preset, cache_dir, decoder):
 def onnx(model, preset, cache_dir, decoder):
     """Each CNN of the model in ONNX Runtime, and with `decoder` (a model that will only generate from now on),
     generation from a PackedDecoder where that is exact."""
-    cnns, built = {}, {}
+    # the CNNs that run: the model's one (an ensemble's first member's, where its members' CNNs are the same),
+    # else each member's
+    shared = getattr(model, "shared_cnn", True)
+    encoders = {id(c): c for c in ([model.encoderCNN] if shared else [m.encoderCNN for m in model.models])}
     try:
-        for cnn in model.modules():
-            if isinstance(cnn, CNN_encoder):
-                key = id(cnn.backbone)  # an ensemble's members often share one CNN: export it once
-                built[key] = built.get(key) or onnx_backbone(cnn, model.args.encoder, preset["crop"], cache_dir)
-                cnns[id(cnn)] = OnnxEncoder(cnn, built[key])
+        cnns = {key: OnnxEncoder(cnn, onnx_backbone(cnn, model.args.encoder, preset["crop"], cache_dir))
+                for key, cnn in encoders.items()}
     except Exception as e:  # the exporter's failures are many and unnamed
         raise DataError(f"the CNN could not be exported to ONNX: {str(e).splitlines()[0]}") from None
     packed = PackedDecoder(model.decoderRNN) if decoder and PackedDecoder.exact(model.decoderRNN) else None

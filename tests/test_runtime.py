@@ -2,6 +2,7 @@
 in fp16 generating from prepacked weights give PyTorch's captions, the export is cached and follows the weights,
 whatever is not a frozen model on the CPU stays in PyTorch, and the model itself is never changed."""
 
+import copy
 import json
 import logging
 
@@ -174,6 +175,8 @@ def test_an_ensemble_runs_each_of_its_cnns_there_once(tmp_path, monkeypatch):
                 assert torch.allclose(got, want, atol=1e-4)
             for got, want in zip(frozen.attention_maps(x, captions), maps):
                 assert got.shape == want.shape and torch.allclose(got, want, atol=1e-4)
+    twin = Ensemble([a, copy.deepcopy(a)])  # as two checkpoints of one CNN load: two objects, one set of weights
+    assert twin.shared_cnn and len(run_frozen(twin, preset, "onnx", tmp_path / "twin")[0].cnns) == 1  # one session
     assert set(RUNTIMES) == {"eager", "onnx"}
 
 
