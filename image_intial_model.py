@@ -147,8 +147,8 @@ class _RegionDecoder(nn.Module):
         It is _advance at each word; lstm_kernels.py runs it so that each caption stops at its padding."""
         read = tokens != PAD_IDX  # [N, T]: padding only ever follows a caption
         emb = self.dropout(self.embed(tokens))  # [N, T, E]
-        hidden, weights = shrinking_pass(self.start, self._advance, regions, emb, read)  # [N, T, H], [N, T, R]
-        logits = output_where_read(self.linear, self.dropout(hidden), read)  # [N, T, V]
+        hidden, weights, padded = shrinking_pass(self.start, self._advance, regions, emb, read)  # [N,T,H], [N,T,R]
+        logits = output_where_read(self.linear, self.dropout(hidden), read, padded)  # [N, T, V]
         return (logits, weights) if with_attention else logits
 
     def step(self, tokens, state):

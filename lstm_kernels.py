@@ -45,8 +45,9 @@ def lstm_step(lstm, x, state):
 def shrinking_pass(start, advance, regions, emb, read):
     """A region decoder's word-by-word pass over a padded batch: regions [N, R, E], the words' embeddings
     emb [N, T, E], read [N, T] (False at padding) -> (the outputs h [N, T, H], the attention weights
-    [N, T, R]), both zero past each caption's end. The rows go longest first and the batch shrinks as captions
-    end: on Flickr8k's batches, half the work of running every row to the longest caption."""
+    [N, T, R], both zero past each caption's end; whether any caption ended early, i.e. read has a False). The
+    rows go longest first and the batch shrinks as captions end: on Flickr8k's batches, half the work of running
+    every row to the longest caption."""
     n, steps = read.shape
     lengths = read.sum(1)  # [N]
     order = lengths.argsort(descending=True, stable=True)
@@ -58,12 +59,13 @@ def shrinking_pass(start, advance, regions, emb, read):
         outs.append(h if m == n else torch.nn.functional.pad(h, (0, 0, 0, n - m)))  # [N, H]
         weights.append(w if m == n else torch.nn.functional.pad(w, (0, 0, 0, n - m)))  # [N, R]
     unsort = order.argsort()
-    return torch.stack(outs, 1)[unsort], torch.stack(weights, 1)[unsort]  # [N, T, H], [N, T, R]
+    return torch.stack(outs, 1)[unsort], torch.stack(weights, 1)[unsort], running[-1] < n  # [N, T, H], [N, T, R]
 
 
-def output_where_read(linear, hidden, read):
+def output_where_read(linear, hidden, read, padded):
     """linear(hidden) [N, T, V] where read [N, T] is True, zero elsewhere: the output layer only where a word
-    is read (with Flickr8k's batches, half the positions)."""
-    if read.all():  # no padding anywhere
+    is read (with Flickr8k's batches, half the positions). padded: whether read has a False (shrinking_pass says,
+    without another wait for the device)."""
+    if not padded:
         return linear(hidden)
     return hidden.new_zeros(*read.shape, linear.out_features).index_put((read,), linear(hidden[read]))
