@@ -228,7 +228,7 @@ def main(args):
     first, stop = len(state.history), StopFlag()
     log.info("training %d images (%d captions) on %s%s, %s, epochs %d..%d", len(train.names),
              len(train.captions.lengths), device, f" x {dist.world} processes" if dist.world > 1 else "",
-             "from cached features" if train.from_features else "through the CNN", state.epoch + 1, args.epochs)
+             "from cached features" if train.transform is None else "through the CNN", state.epoch + 1, args.epochs)
     with stop.installed():
         for epoch in range(state.epoch + 1, args.epochs + 1):
             train.sampler.generator.manual_seed(args.seed * 100003 + epoch)  # the order: seed and epoch alone

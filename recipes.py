@@ -36,7 +36,7 @@ RECIPES = {
         "lr": 5e-5, "epochs": 4, "lr_patience": 2, "early_stop": 3, "checkpoint_dir": "checkpoints/att_lite1_scst_cnn",
     },
 }
-SHIPPED_STAGES = ("shipped-word", "shipped-scst", "shipped-scst-cnn")  # in the order they trained the shipped model
+SHIPPED_STAGES = tuple(name for name in RECIPES if name.startswith("shipped-"))  # in the order they trained it
 
 
 def describe(name):
