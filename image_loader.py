@@ -90,11 +90,7 @@ def load_captions(data_dir):
     """Return (images_dir, {image name: [caption, ...]}) for the images that exist on disk, from the first
     captions file of CAPTION_FILES that the folder has."""
     data_dir = Path(data_dir)
-    images_dir = find_images_dir(data_dir)
-    layout = next((c for c in CAPTION_FILES if c.recognises(data_dir)), None)
-    if layout is None:
-        raise DataError(f"no captions file in {data_dir} ({LAYOUT_HELP})")
-    return images_dir, read_caption_file(images_dir, data_dir / layout.name, layout.parse)
+    return find_layout(data_dir, CAPTION_FILES).captions(data_dir)
 
 
 def read_caption_file(images_dir, path, reader):
@@ -434,15 +430,28 @@ class CaptionFile:
     def recognises(self, data_dir):
         return (data_dir / self.name).is_file()
 
-    def read(self, data_dir, seed):
+    def captions(self, data_dir):
         images_dir = find_images_dir(data_dir)
-        captions = read_caption_file(images_dir, data_dir / self.name, self.parse)
+        return images_dir, read_caption_file(images_dir, data_dir / self.name, self.parse)
+
+    def read(self, data_dir, seed):
+        images_dir, captions = self.captions(data_dir)
         return images_dir, captions, split_images(data_dir, captions, seed)
 
 
 # Kaggle's captions.txt ("image,caption" CSV) before the original Flickr8k.token.txt ("name#i<TAB>caption")
 CAPTION_FILES = [CaptionFile("captions.txt", _read_kaggle), CaptionFile("Flickr8k.token.txt", _read_token)]
 LAYOUTS = [KarpathySplit(), *CAPTION_FILES]  # Karpathy's file, where there is one, decides the split
+
+
+def find_layout(data_dir, layouts=LAYOUTS):
+    """The first of `layouts` that recognises the folder; else the folder's missing image folder, or its
+    missing captions file, as a DataError."""
+    layout = next((reader for reader in layouts if reader.recognises(data_dir)), None)
+    if layout is None:
+        find_images_dir(data_dir)  # no folder, or no image folder in it: that error first
+        raise DataError(f"no captions file in {data_dir} ({LAYOUT_HELP})")
+    return layout
 
 
 # ------------------------------------------------------------------------------------------- datasets
@@ -458,11 +467,7 @@ class Flickr8k:
     def load(cls, data_dir, seed=0, max_images=None):
         """Read by the first of LAYOUTS that recognises the folder."""
         data_dir = Path(data_dir)
-        layout = next((reader for reader in LAYOUTS if reader.recognises(data_dir)), None)
-        if layout is None:
-            find_images_dir(data_dir)  # no folder, or no image folder in it: that error first
-            raise DataError(f"no captions file in {data_dir} ({LAYOUT_HELP})")
-        images_dir, captions, splits = layout.read(data_dir, seed)
+        images_dir, captions, splits = find_layout(data_dir).read(data_dir, seed)
         if max_images:  # smoke runs: the first images of each split, in proportion
             splits = {s: v[:max(1, round(max_images * SPLIT_FRACTIONS[s]))] for s, v in splits.items()}
         return cls(images_dir, captions, splits)
