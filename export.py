@@ -120,12 +120,14 @@ def _calibration(paths, out, pooled):
     an ensemble, a checkpoint never calibrated, or graphs without the pooled feature), and its "alt_text": the
     wording of confidence.alt_text, which the runners follow."""
     import confidence
-    from utils import load_checkpoint
+    from inference import read_fits
 
     wording = {"alt_text": alt_text_rules()}
-    state = load_checkpoint(paths[0]).get("calibration") if len(paths) == 1 and pooled else None
-    if not state:
+    # the fit as inference.py reads it (a single checkpoint's), and its state: the plain dict it is kept as
+    calibration = read_fits(paths)[0] if pooled else None
+    if calibration is None:
         return wording
+    state = calibration.state
     bank = state["bank"].half().numpy()
     bank.astype("<f2").tofile(out / "bank.f16")
     fit = {k: state[k] for k in ("signals", "mean", "std", "weights", "bias", "thresholds", "familiar_above")}
