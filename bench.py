@@ -727,7 +727,6 @@ def describe_bench(args):
     pages, signs, some degraded); photos without are Flickr8k's (--data's, else the bundled sample's); and real
     phone photos from ../shared/vizwiz_dev where it is."""
     from inference import Captioner
-    from read_text import FIRST_LOOK_MIN, READ_SIZE
     from text_photos import make_set
 
     if args.threads:
@@ -743,16 +742,18 @@ def describe_bench(args):
         r = {"checkpoint": str(checkpoint), "threads": torch.get_num_threads(),
              "load_average_before": os.getloadavg()[0], "groups": {}}
         for name, paths in groups.items():
-            r["groups"][name] = time_descriptions(captioner, paths, FIRST_LOOK_MIN, READ_SIZE)
+            r["groups"][name] = time_descriptions(captioner, paths)
     r["load_average_after"] = os.getloadavg()[0]
     return r
 
 
-def time_descriptions(captioner, paths, look_min, read_size):
+def time_descriptions(captioner, paths):
     """Median seconds per photo of the caption, the photo check and the text reading (see describe_bench)."""
-    caption, check, text, read = [], [], [], 0
     from tqdm import tqdm
 
+    from read_text import FIRST_LOOK_MIN, READ_SIZE
+
+    caption, check, text, read = [], [], [], 0
     for path in tqdm(paths, desc="describe", unit="photo", leave=False, disable=None):
         captioner.caption(path)  # warm: the file in the page cache, the model's buffers
         start = time.perf_counter()
@@ -763,8 +764,8 @@ def time_descriptions(captioner, paths, look_min, read_size):
         captioner.checker.scores(image)
         check.append(time.perf_counter() - start)
         start = time.perf_counter()
-        if captioner.reader.first_look(image) >= look_min:
-            captioner.reader.read(load_image(path, read_size))
+        if captioner.reader.first_look(image) >= FIRST_LOOK_MIN:
+            captioner.reader.read(load_image(path, READ_SIZE))
             read += 1
         text.append(time.perf_counter() - start)
     med, mean = statistics.median, statistics.mean
