@@ -378,10 +378,10 @@ def main(args):
     if model.args.attention:  # what the decoder looked at for each word, for the gallery's first images
         write_attention_maps(args, model, vocab, preset, device, data.images_dir, rows, out)
     results = {"metrics": metrics, "settings": settings, "images": rows}
+    unfamiliar = [False] * len(rows)
     if calibration:
-        results["reliability"] = confidence_report(calibration, decoder, pooled, references, rows)
+        results["reliability"], unfamiliar = confidence_report(calibration, decoder, pooled, references, rows)
     if not args.no_describe:
-        unfamiliar = calibration.assess(decoder, pooled)[2].tolist() if calibration else [False] * len(rows)
         results["photo_check"] = describe_rows(rows, data.images_dir, checker, preset,
                                                pooled if calibration else None, unfamiliar, not args.no_text)
     (out / "results.json").write_text(json.dumps(results, indent=1))
@@ -437,13 +437,14 @@ def print_photo_check(found):
 
 
 def confidence_report(calibration, decoder, pooled, references, rows):
-    """The reliability of the model's confidence on the scored photos (confidence.reliability); each row of
-    `rows` gets its confidence, level and CIDEr-D."""
-    confidence, levels, _ = calibration.assess(decoder, pooled)
+    """The reliability of the model's confidence on the scored photos (confidence.reliability), and which photos
+    are unfamiliar ([bool], for their descriptions: assessed once for both); each row of `rows` gets its
+    confidence, level and CIDEr-D."""
+    confidence, levels, unfamiliar = calibration.assess(decoder, pooled)
     cider = per_image_cider(references, [r["caption"] for r in rows])
     for r, c, level, score in zip(rows, confidence.tolist(), levels, cider.tolist()):
         r.update(confidence=round(c, 3), confidence_level=level, cider=round(score, 3))
-    return reliability(confidence, levels, cider, cider >= GOOD_CIDER)
+    return reliability(confidence, levels, cider, cider >= GOOD_CIDER), unfamiliar.tolist()
 
 
 def cli(argv=None):
