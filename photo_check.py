@@ -31,8 +31,9 @@ HINTS = {
     "dark": "It is too dark to see: turn on a light.",
     "bright": "It is too bright: move away from the light or turn off the flash.",
     "blur": "The photo is blurry: hold the phone still and try again.",
-    # named only when the check turns the photo upright itself (upright_turn), so the hint says so
-    "rotated": "The photo was on its side or upside down, so it was turned to describe it: hold the phone upright.",
+    # named where the check is sure enough to turn the photo upright (upright_turn); the hint claims no turn: one
+    # turned says so itself ("Turned upright: ..."), and evaluate.py captions every photo as it was
+    "rotated": "The photo is on its side or upside down: hold the phone upright.",
 }
 NAMED = 0.5  # a score above which its problem is named (each head's threshold, chosen on dev, maps to it)
 TURNS = (0, 90, 180, 270)  # clockwise quarter turns, the classes of the upright head

@@ -4,6 +4,7 @@ from types import SimpleNamespace
 
 from confidence import ABSTAIN, ALT_TEXT_MAX
 from description import ILLEGIBLE, ILLEGIBLE_HINT, NOTHING, NOTHING_HINT, NOTHING_SEEN, Look, answer, combine
+from photo_check import HINTS
 
 CAPTION = "a dog is running through the grass ."
 DARK = {"problem": "dark", "score": 0.9, "hint": "It is too dark to see: turn on a light."}
@@ -72,3 +73,21 @@ def test_a_turned_photo_says_so_and_the_alt_text_fits():
     assert said["description"] == "Turned upright: a dog is running through the grass."
     long = combine(CAPTION, "high", False, Look(text=text(["word " * 40], coverage=0.5)), [])
     assert len(long["alt_text"]) <= ALT_TEXT_MAX < len(long["description"])
+
+
+class UpsideDownPhoto:
+    """A photo check whose upright head is sure the photo is upside down."""
+    def scores_of(self, measures, pooled):
+        return {"blur": 0.1, "rotated": 0.9}
+
+    def problems(self, scores):
+        return [{"problem": "rotated", "score": 0.9, "hint": HINTS["rotated"]}]
+
+
+def test_a_photo_on_its_side_is_said_to_be_turned_only_where_it_was():
+    left = answer(UpsideDownPhoto(), Look(), [0.0], CAPTION, "high", False)  # turned=0, as evaluate.py describes
+    assert "turned" not in left["description"].lower() and "hold the phone upright" in left["description"]
+    assert left["retake_hint"] in left["description"] and "turned" not in left["retake_hint"].lower()
+    assert left["photo_problems"] == [{"problem": "rotated", "score": 0.9}] and left["turned"] == 0
+    turned = answer(UpsideDownPhoto(), Look(), [0.0], CAPTION, "high", False, turned=180)
+    assert turned["description"] == "Turned upright: a dog is running through the grass."
