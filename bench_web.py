@@ -34,6 +34,7 @@ BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"
                  "--disable-sync", "--disable-extensions", "--disable-default-apps", "--no-proxy-server",
                  "--disable-background-networking", "--disable-component-update", "--window-size=412,915",
                  "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1"]
+WAITING = "Describing the photo\u2026"  # what both pages (web/app.js's, serve.py's) say while they describe one
 
 
 def get_args_parser():
@@ -86,36 +87,52 @@ def chromium(profile):
 
 
 def ready_ms(driver, within=300):
-    """Milliseconds from opening the page to its model ready, as the page measured it."""
+    """Milliseconds from opening the page to its model ready, as the page measured it; ExportError, in the
+    page's words, where it says it could not load (at once: it will not get ready however long one waits)."""
     from selenium.webdriver.support.ui import WebDriverWait
 
-    WebDriverWait(driver, within).until(lambda d: d.execute_script("return document.documentElement.dataset.readyMs"))
-    return int(driver.execute_script("return document.documentElement.dataset.readyMs"))
+    from export import ExportError
+
+    def ready(d):
+        return d.execute_script("return document.documentElement.dataset.readyMs")
+
+    WebDriverWait(driver, within).until(lambda d: ready(d) or d.find_element("id", "answer").text.startswith("Sorry"))
+    if not ready(driver):
+        raise ExportError(f"the page did not get ready: {driver.find_element('id', 'answer').text}")
+    return int(ready(driver))
 
 
 def page_describe(driver, photo, within=300):
-    """Choose `photo` in the page; -> {caption, alt_text, confidence_level, ms (chosen to announced), parts}."""
+    """Choose `photo` in the page's file input; -> what the page said of it: {caption, alt_text (as announced in
+    the live region), confidence_level, confidence}, ms (chosen to announced) and parts (the page's own split
+    of ms)."""
     from selenium.webdriver.support.ui import WebDriverWait
 
     answer = driver.find_element("id", "answer")
     # emptied first: choosing the file already chosen would change nothing, and say nothing
     driver.execute_script("arguments[0].textContent = ''; document.getElementById('photo').value = ''", answer)
     driver.find_element("id", "photo").send_keys(str(photo))
-    WebDriverWait(driver, within).until(lambda d: answer.text not in ("", "Describing the photo\u2026"))
+    WebDriverWait(driver, within).until(lambda d: answer.text not in ("", WAITING))
+    level, conf = answer.get_attribute("data-level"), answer.get_attribute("data-confidence")
     return {"caption": answer.get_attribute("data-caption"), "alt_text": answer.text,
-            "confidence_level": answer.get_attribute("data-level") or None,
+            "confidence_level": level or None, "confidence": float(conf) if conf else None,
             "ms": int(driver.execute_script("return document.documentElement.dataset.captionMs")),
             "parts": json.loads(answer.get_attribute("data-ms") or "{}")}
 
 
 def page_tensor(driver, photo, preset):
     """The input tensor the page makes of `photo` (chosen in its file input), as float32 [3 * S * S]."""
+    from selenium.common.exceptions import JavascriptException
+
     driver.find_element("id", "photo").send_keys(str(photo))
-    return np.array(driver.execute_async_script(
+    got = driver.execute_async_script(
         "const done = arguments[arguments.length - 1];"
-        "import('./captioner.js').then(async m => done(Array.from(m.preprocess("
-        "await m.readPixels(document.getElementById('photo').files[0]), arguments[0]).data)));", preset),
-        dtype=np.float32)
+        "import('./captioner.js').then(async m => {"
+        "const t = m.preprocess(await m.readPixels(document.getElementById('photo').files[0]), arguments[0]);"
+        "done(Array.from(t.data)); }, e => done(String(e)));", preset)
+    if isinstance(got, str):  # the script's error, said now rather than after the script's timeout
+        raise JavascriptException(f"the page could not preprocess {photo}: {got}")
+    return np.array(got, dtype=np.float32)
 
 
 def folder_sizes(site):

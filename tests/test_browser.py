@@ -17,15 +17,9 @@ from test_serve import (  # as pytest imports it: so that the probe fixture is s
 )
 
 import serve
+from bench_web import BROWSER_FLAGS, WAITING
 
 pytestmark = pytest.mark.slow  # every test here runs a command line, a service or a browser
-
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-default-apps", "--disable-extensions", "--no-proxy-server", "--window-size=412,915",
-                  # nothing but 127.0.0.1 resolves, whatever the browser might try to reach on its own
-                  "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1")
-WAITING = "Describing the photo\u2026"
 
 
 @pytest.fixture
@@ -41,7 +35,7 @@ def chromium(tmp_path, monkeypatch):
     monkeypatch.setenv("SE_OFFLINE", "true")
     options = webdriver.ChromeOptions()
     options.binary_location = browser
-    for flag in CHROMIUM_FLAGS:
+    for flag in BROWSER_FLAGS:  # the benchmark's: headless, nothing reached but 127.0.0.1
         options.add_argument(flag)
     options.add_argument(f"--user-data-dir={tmp_path / 'profile'}")
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})

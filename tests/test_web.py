@@ -7,13 +7,13 @@ serve.py's page does. Skips, saying why, without a browser, without `npm ci`, or
 import json
 
 import pytest
-from test_browser import WAITING, active_id, chromium, serving_in_thread  # noqa: F401
+from test_browser import active_id, chromium, serving_in_thread  # noqa: F401
 from test_serve import args_for, probe, torch_threads  # noqa: F401
 
 import confidence
 import export
 import serve
-from bench_web import static_server
+from bench_web import page_describe, page_tensor, ready_ms, static_server
 from tests.conftest import ROOT, SAMPLE, run_script
 from utils import SHIPPED_CHECKPOINT
 
@@ -23,6 +23,7 @@ PHOTOS = sorted((SAMPLE / "Images").glob("*.jpg"))[:20]
 AXE = ROOT / "node_modules" / "axe-core" / "axe.min.js"
 WCAG = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "wcag22aa"]
 TARGET_PX = 44  # WCAG 2.5.5's target size, in CSS pixels: every button and input is at least this
+READY_S, ANSWER_S = 180, 120  # how long a test waits for the page to get ready, and for its answer to a photo
 
 
 @pytest.fixture(scope="session")
@@ -44,32 +45,6 @@ def expected(site):
     proc = run_script("export.py", "--check", site, *PHOTOS, "--beam", 3, "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]
     return {row["image"]: row for row in json.loads(proc.stdout)}
-
-
-def wait_ready(driver, within=180):
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    WebDriverWait(driver, within).until(
-        lambda d: d.execute_script("return document.documentElement.dataset.readyMs")
-        or d.find_element("id", "answer").text.startswith("Sorry"))
-    return int(driver.execute_script("return document.documentElement.dataset.readyMs") or -1)
-
-
-def describe_in_page(driver, photo, within=120):
-    """Choose `photo` in the page's file input; -> what the page said of it: {caption, alt_text,
-    confidence_level, confidence} (the alt text as announced in the live region), and the milliseconds taken."""
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    answer = driver.find_element(By.ID, "answer")
-    # emptied first: choosing the file already chosen would change nothing, and say nothing
-    driver.execute_script("arguments[0].textContent = ''; document.getElementById('photo').value = ''", answer)
-    driver.find_element(By.ID, "photo").send_keys(str(photo))
-    WebDriverWait(driver, within).until(lambda d: answer.text not in ("", WAITING))
-    level, conf = answer.get_attribute("data-level"), answer.get_attribute("data-confidence")
-    return {"caption": answer.get_attribute("data-caption"), "alt_text": answer.text,
-            "confidence_level": level or None, "confidence": float(conf) if conf else None,
-            "ms": int(driver.execute_script("return document.documentElement.dataset.captionMs"))}
 
 
 def audit(driver):
@@ -95,11 +70,11 @@ def test_web_page_describes_like_the_runner_sends_nothing_and_works_offline(chro
     with static_server(site) as server:
         chromium.get(server.url)
         assert chromium.title == "Describe a photo"
-        assert wait_ready(chromium) > 0, chromium.find_element("id", "answer").text
+        assert ready_ms(chromium, READY_S) > 0, chromium.find_element("id", "answer").text
         chromium.execute_script("window.spoken = []; speechSynthesis.speak = u => spoken.push(u.text);")
         ActionChains(chromium).send_keys(Keys.TAB).perform()
         assert active_id(chromium) == "photo"  # the first stop of the keyboard: the labelled file input
-        said = {p: describe_in_page(chromium, p) for p in PHOTOS}
+        said = {p: page_describe(chromium, p, ANSWER_S) for p in PHOTOS}
         ActionChains(chromium).send_keys(Keys.TAB).perform()
         assert active_id(chromium) == "speak"
         ActionChains(chromium).send_keys(Keys.ENTER).perform()
@@ -118,8 +93,8 @@ def test_web_page_describes_like_the_runner_sends_nothing_and_works_offline(chro
     assert requests and all(m == "GET" and p.split("?")[0] in files and n == 0 for m, p, n in requests), requests
 
     chromium.refresh()  # the server is gone
-    assert wait_ready(chromium) > 0, chromium.find_element("id", "answer").text
-    again = describe_in_page(chromium, PHOTOS[0])
+    assert ready_ms(chromium, READY_S) > 0, chromium.find_element("id", "answer").text
+    again = page_describe(chromium, PHOTOS[0], ANSWER_S)
     assert again["alt_text"] == expected[str(PHOTOS[0])]["alt_text"]
     blocked = [e["message"] for e in chromium.get_log("browser") if "Content Security Policy" in e["message"]]
     assert not blocked  # the page's scripts, styles and WebAssembly run under its policy
@@ -132,17 +107,11 @@ def test_web_preprocessing_is_pillows_to_the_pixel(chromium, site):  # noqa: F81
 
     with static_server(site) as server:
         chromium.get(server.url)
-        wait_ready(chromium)
+        ready_ms(chromium, READY_S)
         preset = json.loads((site / "captioner.json").read_text())["preprocessing"]
         for photo in PHOTOS[:5]:
-            chromium.find_element("id", "photo").send_keys(str(photo))
-            got = chromium.execute_async_script(
-                "const done = arguments[arguments.length - 1];"
-                "import('./captioner.js').then(async m => {"
-                "const t = m.preprocess(await m.readPixels(document.getElementById('photo').files[0]), arguments[0]);"
-                "done(Array.from(t.data)); }, e => done(String(e)));", preset)
             want = export.preprocess(photo, preset).ravel()
-            assert np.array_equal(np.array(got, dtype=np.float32), want), photo.name
+            assert np.array_equal(page_tensor(chromium, photo, preset), want), photo.name
 
 
 def test_web_alt_text_is_confidences(chromium, site):  # noqa: F811
@@ -173,8 +142,8 @@ def test_both_pages_pass_an_accessibility_audit(chromium, site, tmp_path):  # no
         pytest.skip("no node_modules/axe-core: run `npm ci`")
     with static_server(site) as server:
         chromium.get(server.url)
-        wait_ready(chromium)
-        describe_in_page(chromium, PHOTOS[0])
+        ready_ms(chromium, READY_S)
+        page_describe(chromium, PHOTOS[0], ANSWER_S)
         assert audit(chromium) == ([], [])
     for token in (False, True):  # serve.py's page as it serves it, its API left out
         (tmp_path / "index.html").write_text(serve.Page(token).html)
@@ -197,8 +166,8 @@ def test_the_service_serves_the_offline_page_too(chromium, site, probe):  # noqa
     with torch_threads(1), serving_in_thread(serve.make_app(args_for(probe.path, "--web-dir", str(site)),
                                                             probe.captioner)) as url:
         chromium.get(url + "offline")
-        assert chromium.current_url == url + "offline/" and wait_ready(chromium) > 0
-        assert describe_in_page(chromium, PHOTOS[0])["caption"]
+        assert chromium.current_url == url + "offline/" and ready_ms(chromium, READY_S) > 0
+        assert page_describe(chromium, PHOTOS[0], ANSWER_S)["caption"]
         assert chromium.execute_async_script("const done = arguments[arguments.length - 1];"
                                              "fetch(arguments[0]).then(r => done(r.status));",
                                              url + "offline/nothing.js") == 404
