@@ -38,10 +38,12 @@ WAITING = "Describing the photo\u2026"  # what both pages (web/app.js's, serve.p
 
 
 def get_args_parser():
+    from utils import positive
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="the model to export (default: as export.py: yours, else the shipped one)")
     p.add_argument("--site", help="an existing web export to measure (default: export one into a temporary folder)")
-    p.add_argument("--photos", type=int, default=20, help="how many sample photos to caption in both")
+    p.add_argument("--photos", type=positive(int), default=20, help="how many sample photos to caption in both")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     return p
 
@@ -173,12 +175,18 @@ def measure(site, photos, profile):
     r["python_ms"] = statistics.median(x["python_ms"] for x in rows)
     r["page_ms"] = statistics.median(x["page_ms"] for x in rows)
     r["page_over_python"] = r["page_ms"] / r["python_ms"]
-    for part in [k for k in rows[0] if k.startswith("page_") and k.endswith("_ms") and k != "page_ms"]:
+    for part in page_parts(rows[0]):
         r[part] = statistics.median(x[part] for x in rows)
     r["same_descriptions"] = sum(x["same"] for x in rows)
     r["preprocessing_max_abs_diff"] = float(max(diffs))
     r["rows"] = rows
     return r
+
+
+def page_parts(r):
+    """The keys of `r` that hold a part of the page's time per caption (page_<part>_ms), in r's order; page_ms is
+    the whole."""
+    return [k for k in r if k.startswith("page_") and k.endswith("_ms") and k != "page_ms"]
 
 
 def report(r):
@@ -188,8 +196,7 @@ def report(r):
     print(f"web export: {r['folder_mib']} MiB in all (model {r['model_mib']}, runtime {r['runtime_mib']}, "
           f"training photos' features {r['bank_mib']}); {r['cores']} cores, load {r['load_before']} before")
     print(f"ready: {r['ready_first_visit_ms']} ms on the first visit, {r['ready_warm_ms']:.0f} ms from the cache")
-    parts = ", ".join(f"{k[5:-3]} {r[k]:.0f}" for k in r if k.startswith("page_") and k.endswith("_ms")
-                      and k != "page_ms")
+    parts = ", ".join(f"{k[5:-3]} {r[k]:.0f}" for k in page_parts(r))
     print(f"caption (median of {r['photos']} photos): page {r['page_ms']:.0f} ms ({parts}), Python runner "
           f"{r['python_ms']:.0f} ms: {r['page_over_python']:.2f}x")
     print(f"same caption, level and alt text as the Python runner: {r['same_descriptions']} of {r['photos']}; "
@@ -202,8 +209,6 @@ def main(args):
     import export
     from utils import find_checkpoint
 
-    if args.photos < 1:
-        raise SystemExit("error: --photos must be at least 1")
     photos = sorted(SAMPLE_IMAGES.glob("*.jpg"))[:args.photos]
     with tempfile.TemporaryDirectory(prefix="bench_web_") as tmp:
         site = Path(args.site) if args.site else Path(tmp) / "site"
