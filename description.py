@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 from confidence import ABSTAIN, alt_text, fit_alt_text
 from photo_check import measures
-from read_text import FIRST_LOOK_MIN
 
 MOSTLY_TEXT = 0.12  # share of the photo inside text boxes from which it is "mostly text": the text leads
 SPOKEN_LINES = 6  # lines of text read aloud at most (the full list is in the answer's `text`)
@@ -44,11 +43,13 @@ class Look:
 
 def look_at(image, reader=None, reread=None):
     """Look at a photo (upright by EXIF, as loaded): its image measures, and its text where the reader's first look
-    on this small image finds some; `reread()` gives the photo again at the reader's READ_SIZE (the small image
+    finds some; `reread()` gives the photo again at the reader's READ_SIZE, which the reader looks at (`image`
     itself when None)."""
     text = None
-    if reader is not None and reader.first_look(image) >= FIRST_LOOK_MIN:
-        text = reader.read(reread() if reread is not None else image)
+    if reader is not None:
+        large = reread() if reread is not None else image
+        first = reader.first_look(large)
+        text = reader.read(large, first) if first.passes else None
     turn = text.angle if text is not None and text.lines and text.angle else 0
     return Look(measures(image), text, turn)
 

@@ -1,72 +1,80 @@
-"""Read the text in a photo, offline: find text lines, read the confident ones aloud-ready (spaced, in reading
-order, in the photo's upright frame), and tell how the photo must be turned and whether text is there but
-unreadable.
+"""Read the text in a photo, offline: find text lines, read the confident ones aloud-ready (in reading order, in the
+photo's upright frame), and tell how the photo must be turned and whether text is there but unreadable.
 
-It runs the PaddleOCR detector, direction classifier and Chinese+English recogniser that the rapidocr-onnxruntime
-wheel carries (ONNX Runtime, nothing downloaded). The recogniser often drops the spaces between English words;
-they are restored with wordninja's English word list. Lines that are junk (too few letters, mostly non-words, a
-low recogniser score) are dropped: a wrong word said with assurance is worse than none.
+It runs PaddleOCR's PP-OCRv6 text detector and recogniser and its direction classifier, the ONNX files that the
+`rapidocr` wheel carries, on ONNX Runtime (nothing is downloaded). The steps around the networks are this file's
+own, in plain array code, so that the web page can do exactly the same: the detector's probability map becomes
+boxes (`boxes_from_map`), each box is cut out and turned to read left to right, the recogniser's output is
+decoded (`ctc_decode`). Lines that are junk (too few letters, a low recogniser score, words no English reader
+would know) are dropped: a wrong word said with assurance is worse than none.
 
     reader = TextReader(threads=2)
-    if reader.first_look(small_rgb) >= FIRST_LOOK_MIN:
-        result = reader.read(rgb_at_most_READ_SIZE)   # result.lines, result.angle, result.illegible ...
+    look = reader.first_look(rgb)              # cheap: is there text worth reading?
+    if look.passes:
+        result = reader.read(rgb, look)        # result.lines, result.angle, result.illegible ...
 """
 
 import math
 import re
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-READ_SIZE = 1024      # long side (px) read() wants: crops for the recogniser come from this size
-FIRST_LOOK_MIN = 0.2  # first_look score at or above which read() is worth running (chosen on dev photos)
-LANGUAGES = {"en": "English", "zh": "Chinese"}  # what the bundled PP-OCRv4 recogniser reads
+READ_SIZE = 1024      # long side (px) a photo is decoded at, at least, to be read (the text's size is measured here)
+CROP_SIDE = 2048      # line crops are cut from the photo as decoded, at most this long: small print keeps its detail
+LANGUAGES = {"en": "English", "zh": "Chinese"}  # what the recogniser reads and the junk rules know
+MODELS = {"det": "PP-OCRv6_det_small.onnx", "cls": "ch_ppocr_mobile_v2.0_cls_mobile.onnx",
+          "rec": "PP-OCRv6_rec_small.onnx"}  # inside the rapidocr wheel's models/ folder
 
-DET_SIDE = 480        # long side the detector sees in read() (dev: 640 reads 8% more key words at 1.6x the time)
-LOOK_SIDE = 320       # long side the detector sees in first_look() (384: 5% more text photos, 2x the time)
-LOOK_TURN_BELOW = 0.002  # first_look: under this share of the photo in text lines it looks again, turned 90
-DENSE_LINES = 6       # read(): this many boxes whose median height is under DENSE_PX at the detector's scale
-DENSE_PX = 18         # ... are small print: the detector looks again at twice det_side
+DET_SIDE = 1024       # long side the detector sees in read()
+LOOK_SIDE = 480       # long side the detector sees in first_look(); it passes with LOOK_MIN_BOXES boxes of at
+LOOK_MIN_BOXES = 1    # least LOOK_THRESH mean probability, LOOK_ASPECT times as long as high (on dev: 97% of the
+LOOK_THRESH = 0.4     # photos read let through, 20% of Flickr8k's without text; at 320 px real photos' small
+LOOK_ASPECT = 1.5     # print is lost, at 640 the look costs twice as much for no more photos read)
+DB_THRESH = 0.3       # detector probability above which a pixel is text (PaddleOCR's DB default)
+BOX_THRESH = 0.5      # mean probability a box needs
+WEAK_THRESH = 0.2     # where "half sure" starts: the evidence for text that is there but unreadable
+UNCLIP = 1.6          # how far a box grows back out from the detector's shrunk text kernel
+MAX_CANDIDATES = 300  # detector regions examined at most: bounds the time on a page of noise
 MAX_LINES = 32        # text boxes recognised at most: bounds the time on a page of tiny print
-MAX_CANDIDATES = 300  # detector regions examined at most (the library's 1000 costs ~0.2 s on a page of noise)
-MIN_TEXT_PX = 9       # boxes whose text is less high than this (in the READ_SIZE image) cannot be read
+MIN_TEXT_PX = 8       # boxes whose text is less high than this (in the READ_SIZE image) cannot be read
 MAX_ASPECT = 40       # a crop wider than this many heights is squashed: bounds the recogniser's input
-MIN_SCORE = 0.85      # recogniser score (mean character probability) a line needs
-SURE_SCORE = 0.93     # ... at or above which words unknown to the word list count as words if they look like one
-MIN_WORD_SHARE = 0.75  # share of a line's tokens that must be known words or numbers (dev: 0.6 to 0.8 keep
-                       # the same key words; 0.75 and 0.85 above say the fewest wrong words)
+REC_HEIGHT = 48       # the recogniser's input height (fixed by the model)
+CLS_SHAPE = (48, 192)  # the direction classifier's input (height, width)
+RETRY_SCORE = 0.85    # below this mean score the other reading direction is tried too,
+RETRY_LINES = 4       # ... on this many of the largest lines first
+# The junk rules, chosen on the real photos (text_photos.py --vizwiz ../shared/vizwiz_dev --sweep; the generated
+# ones keep 0.94 of their key words under any of the settings swept, so the real ones decide):
+MIN_SCORE = 0.8       # recogniser score (mean character probability) a line needs
+SURE_SCORE = 0.95     # ... at or above which words unknown to the word list count as words if they look like one
+MIN_WORD_SHARE = 0.75  # share of a line's tokens that must be known words or numbers
+TRUST_SCORE = 0.97    # ... at or above which a line is kept whatever its words (a brand, another language)
 MIN_ALNUM = 3         # letters and digits a line needs
 LONG_NAME = 14        # an unknown word longer than this does not count as a word (medicine names are shorter)
 MAX_WORD = 20         # no token longer than this many letters is ever output
-SPLIT_COST = 2.0      # respacing: cost of each added space, against
-UNKNOWN_LETTER_COST = 2.8  # ... the cost per letter of leaving the token whole (chosen on the rendered phrases)
+ILLEGIBLE_COVER = 0.01  # text-box share of the photo above which unread boxes mean "text is there"
+ILLEGIBLE_BOXES = 1
+ILLEGIBLE_SCORE = 0.5  # ... or a line of MIN_ALNUM letters or digits read with at least this score, but not kept
+LINE_HIGH = 0.25      # a box higher than this share of the photo's short side is a blob, not a line of text
+LINE_ASPECT = 1.2     # a line of text is at least this many times as long as it is high (a blob is not)
 # words of fewer than 3 letters that count (the list's others are mostly abbreviations such as "td", "rn")
 SHORT_WORDS = frozenset(re.findall(r"\w+", "a i of in is to it as he on by or be an at if up so do no we go us my "
                                     "me am hi oh ok ex mg ml kg oz lb fl cm mm km tv pm dr mr ms st rd uk"))
-NUMBER_COST = 8.0     # a number's cost as a part (like a word of middling frequency)
-REC_HEIGHT = 32       # recogniser input height: the model was trained at 48; 32 costs ~half (dev: 0.74 of key
-                      # words read at 32, 0.82 at 48, at 1.3x the whole read's time)
-REREAD_HEIGHT = 48    # lines read at 32 with a score in [REREAD_LOW, SURE_SCORE) are read again at this height
-REREAD_LOW = 0.6
-REREAD_LINES = 2      # ... the largest this many of them (crops come largest first): the time stays bounded
-RETRY_SCORE = 0.85    # below this mean score the other reading direction is tried too,
-RETRY_LINES = 4       # ... on this many of the largest lines first
-ILLEGIBLE_COVER = 0.01  # text-box share of the photo above which unread boxes mean "text is there"
-ILLEGIBLE_BOXES = 1
-WEAK_THRESH = 0.2     # detector probability where "half sure" starts (its own thresholds: 0.3 and 0.5)
-LINE_HIGH = 0.25      # a box higher than this share of the photo's short side is a blob, not a line of text
+# words that say nothing alone: a line of nothing else ("and", the visible part of a title) is not read out
+FUNCTION_WORDS = frozenset(re.findall(r"\w+", "a an the and or but of in on at to for from by with as is are was be it "
+                                       "its this that you your we our he she they his her not no so if"))
 
-_CJK = re.compile(r"[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uff00-\uffef]")
+_CJK = re.compile(r"[\u3000-\u303f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uff00-\uffef]")
 _NUMBER = re.compile(r"^[+-]?\d+([.,:/]\d+)*%?$")
-_NUMBER_UNIT = re.compile(r"^(\d+(?:[.,]\d+)?)([A-Za-z]{1,12}[.,:;]?)$")
 
 
 @dataclass
 class TextResult:
     """What read() found: the confident lines and the signals a description is built from."""
-    lines: list = field(default_factory=list)  # confident lines, spaced, in reading order
+    lines: list = field(default_factory=list)  # confident lines, in reading order
     confidence: float = 0.0   # mean recogniser score of the kept lines (0 if none)
     coverage: float = 0.0     # share of the photo's area inside detected text boxes
     illegible: bool = False   # text-like regions found, nothing read confidently
@@ -75,6 +83,16 @@ class TextResult:
 
     def as_dict(self):
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class Look:
+    """What first_look() saw: the photo as an array (at most CROP_SIDE long), the line boxes the detector found
+    at LOOK_SIDE, and whether to read."""
+    img: np.ndarray
+    boxes: list
+    passes: bool
+    seconds: float = 0.0
 
 
 def parse_languages(languages):
@@ -91,7 +109,8 @@ def parse_languages(languages):
 
 
 class Words:
-    """English word list (wordninja's, ranked by frequency): restores lost spaces and tells words from junk."""
+    """English word list (wordninja's, ranked by frequency): tells words from junk, and restores the spaces a
+    recogniser drops."""
 
     def __init__(self):
         import wordninja
@@ -107,34 +126,22 @@ class Words:
                 self.triples[t] = self.triples.get(t, 0) + 1
 
     def is_word(self, token):
-        core = token.strip(".,:;!?'\"()[]{}-*#").lower()
+        core = _core(token)
         return bool(core) and (core in self.cost or bool(_NUMBER.match(core)))
 
     def looks_like_word(self, token):
-        """Letters only, 4 to LONG_NAME of them, every letter triple common in English words (longer unknown runs
-        are words the recogniser ran together and could not be split: junk to say)."""
-        core = token.strip(".,:;!?'\"()[]{}-*#").lower()
-        return (4 <= len(core) <= LONG_NAME and core.isalpha()
-                and all(self.triples.get(t, 0) >= 3 for t in _triples(core)))
+        """Letters only (a hyphen between parts allowed: "Coca-Cola"), 4 to LONG_NAME of them, every letter triple
+        common in English words (longer unknown runs are words the recogniser ran together: junk to say)."""
+        core = _core(token)
+        parts = core.split("-")
+        return (4 <= len(core) <= LONG_NAME and all(p.isalpha() for p in parts)
+                and all(self.triples.get(t, 0) >= 3 for p in parts for t in _triples(p)))
 
-    def _cost(self, part):
-        return NUMBER_COST if _NUMBER.match(part) else self.cost.get(part.lower(), math.inf)
 
-    def respace(self, token):
-        """A token the recogniser ran together ('anotrepairthiscomputer') -> 'a not repair this computer'; kept
-        whole where it is a known word, or where splitting it costs more than an unknown word of its length
-        ('Metformin' is not 'Met form in')."""
-        if self.is_word(token) or len(token) < 3 or not re.search("[A-Za-z]", token):
-            return token
-        unit = _NUMBER_UNIT.match(token)  # "20mg" -> "20 mg": a number and a known word are always two
-        if unit and unit.group(2).rstrip(".,:;").lower() in self.cost:
-            return f"{unit.group(1)} {unit.group(2)}"
-        core = token.rstrip(".,:;!?")
-        parts = self.model.split(core)
-        cost = sum(self._cost(p) for p in parts) + SPLIT_COST * (len(parts) - 1)
-        if len(parts) > 1 and cost < UNKNOWN_LETTER_COST * len(core):
-            return " ".join(parts) + token[len(core):]  # wordninja drops punctuation: put a trailing one back
-        return token
+def _core(token):
+    """A token without the punctuation around it or a possessive 's, lower-cased: what the word list holds."""
+    core = token.strip(".,:;!?'\"()[]{}-*#®™°").lower()
+    return core[:-2] if core.endswith(("'s", "’s")) and len(core) > 3 else core
 
 
 def _triples(word):
@@ -148,32 +155,110 @@ class Rules:
     min_score: float = MIN_SCORE
     sure_score: float = SURE_SCORE
     min_word_share: float = MIN_WORD_SHARE
+    trust_score: float = TRUST_SCORE
+    long_name: int = LONG_NAME
     min_alnum: int = MIN_ALNUM
     illegible_cover: float = ILLEGIBLE_COVER
     illegible_boxes: int = ILLEGIBLE_BOXES
+    illegible_score: float = ILLEGIBLE_SCORE
 
 
 def tidy_line(text, score, words, languages, rules):
-    """The recogniser's line -> (spaced line, kept?) with the junk rules above."""
+    """The recogniser's line -> (tidied line, kept?) under the junk rules above."""
     text = " ".join(text.split())
     if "zh" not in languages:
         text = _CJK.sub(" ", text).strip()
-    tokens = [t for t in " ".join(words.respace(t) for t in text.split()).split()
-              if sum(c.isalpha() for c in t) <= MAX_WORD]
+    # a run of letters longer than a name the list lacks is words run together, or junk: not said
+    tokens = [t for t in text.split() if sum(c.isalpha() for c in t) <= min(rules.long_name, MAX_WORD)
+              or words.is_word(t)]
     line = " ".join(tokens)
     alnum = sum(c.isalnum() for c in line)
     if not tokens or alnum < rules.min_alnum or alnum < 0.6 * len(line.replace(" ", "")):
         return line, False
+    if all(_core(t) in FUNCTION_WORDS for t in tokens):
+        return line, False
     # a word the list lacks (a medicine's name) counts where the recogniser is sure and it looks like a word
     good = sum(words.is_word(t) or bool(_CJK.search(t)) or (score >= rules.sure_score and words.looks_like_word(t))
                for t in tokens) / len(tokens)
-    keep = score >= rules.min_score and good >= rules.min_word_share
-    return line, keep
+    # a line read with great assurance is kept whatever its words (a brand, a name, another language)
+    return line, score >= rules.min_score and (good >= rules.min_word_share or score >= rules.trust_score)
 
+
+# ------------------------------------------------------------------------------------------- geometry
 
 def _box_sides(box):
-    """(width along the text, height) of a detector quadrilateral tl, tr, br, bl."""
+    """(width along the text, height) of a quadrilateral tl, tr, br, bl."""
     return float(np.linalg.norm(box[0] - box[1])), float(np.linalg.norm(box[0] - box[3]))
+
+
+def _line_like(box, aspect=LINE_ASPECT):
+    """A text line is long and thin (either way: the photo may be on its side); a blob is not."""
+    w, h = _box_sides(box)
+    return max(w, h) >= aspect * min(w, h)
+
+
+def _area(box):
+    x, y = box[:, 0], box[:, 1]
+    return 0.5 * abs(float(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))))
+
+
+def rect_corners(cx, cy, w, h, angle):
+    """A rotated rectangle (centre, sides, angle in degrees) -> its corners tl, tr, br, bl (4, 2), with the
+    top edge the one nearest the top of the image, and tl its left end."""
+    a = math.radians(angle)
+    u, v = np.array([math.cos(a), math.sin(a)]) * w / 2, np.array([-math.sin(a), math.cos(a)]) * h / 2
+    c = np.array([cx, cy])
+    pts = np.array([c - u - v, c + u - v, c + u + v, c - u + v], np.float32)
+    return order_corners(pts)
+
+
+def order_corners(pts):
+    """Four corners in any order -> tl, tr, br, bl: the two leftmost are the left side (top one first)."""
+    by_x = pts[np.lexsort((pts[:, 1], pts[:, 0]))]
+    left, right = by_x[:2][np.argsort(by_x[:2, 1])], by_x[2:][np.argsort(by_x[2:, 1])]
+    return np.array([left[0], right[0], right[1], left[1]], np.float32)
+
+
+def boxes_from_map(prob, thresh=DB_THRESH, box_thresh=BOX_THRESH, unclip=UNCLIP, max_boxes=MAX_CANDIDATES):
+    """The detector's probability map (h, w) -> [(box (4, 2) tl, tr, br, bl in map pixels, score)], largest
+    regions first. Differentiable Binarization's postprocess: pixels above `thresh` (dilated by one pixel) form
+    regions; each region's smallest rotated rectangle, if its mean probability reaches `box_thresh`, is grown by
+    area * unclip / perimeter on every side, undoing the shrink the detector was trained with."""
+    import cv2
+
+    mask = cv2.dilate((prob > thresh).astype(np.uint8), np.ones((2, 2), np.uint8))
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    order = 1 + np.argsort(-stats[1:, cv2.CC_STAT_AREA], kind="stable")[:max_boxes]
+    out = []
+    for k in order:
+        x, y, w, h = stats[k, :4]
+        inside = labels[y:y + h, x:x + w] == k
+        ys, xs = np.nonzero(inside)
+        (cx, cy), (rw, rh), angle = cv2.minAreaRect(np.stack([xs + x, ys + y], 1).astype(np.float32))
+        if min(rw, rh) < 3:
+            continue
+        score = rect_mean(prob, cx, cy, rw, rh, angle)
+        if score < box_thresh:
+            continue
+        grow = rw * rh * unclip / (2 * (rw + rh))
+        if min(rw, rh) + 2 * grow < 5:
+            continue
+        out.append((rect_corners(cx, cy, rw + 2 * grow, rh + 2 * grow, angle), score))
+    return out
+
+
+def rect_mean(prob, cx, cy, w, h, angle):
+    """The mean of prob (h, w) over the pixels whose centres lie in a rotated rectangle (its edges included):
+    how sure the detector is of the region as a box, gaps between letters counted."""
+    a = math.radians(angle)
+    r = 0.5 * math.hypot(w, h)
+    x0, x1 = max(int(math.floor(cx - r)), 0), min(int(math.ceil(cx + r)), prob.shape[1] - 1)
+    y0, y1 = max(int(math.floor(cy - r)), 0), min(int(math.ceil(cy + r)), prob.shape[0] - 1)
+    yy, xx = np.mgrid[y0:y1 + 1, x0:x1 + 1]
+    dx, dy = xx - cx, yy - cy
+    along, across = dx * math.cos(a) + dy * math.sin(a), -dx * math.sin(a) + dy * math.cos(a)
+    inside = (np.abs(along) <= w / 2 + 0.5) & (np.abs(across) <= h / 2 + 0.5)
+    return float(prob[y0:y1 + 1, x0:x1 + 1][inside].mean()) if inside.any() else 0.0
 
 
 def crop_box(img, box):
@@ -210,7 +295,7 @@ def reading_order(items, angle, width, height):
     return [" ".join(t for _, t in sorted(r["parts"])) for r in rows]
 
 
-def to_array(image, long_side):
+def to_array(image, long_side=READ_SIZE):
     """PIL image -> BGR uint8 array (H, W, 3) at most long_side px long (the models were trained on BGR)."""
     image = image.convert("RGB")
     if max(image.size) > long_side:
@@ -219,165 +304,206 @@ def to_array(image, long_side):
     return np.ascontiguousarray(np.asarray(image)[:, :, ::-1])
 
 
-def _line_like(box):
-    """A text line is long and thin (either way: the photo may be on its side); a blob is not."""
-    w, h = _box_sides(box)
-    return max(w, h) >= 1.5 * min(w, h)
+def resize_side(img, side):
+    """img (H, W, 3) scaled so that its long side is about `side`, each side a multiple of 32 (the detector's
+    grid): (h', w', 3)."""
+    import cv2
+
+    h, w = img.shape[:2]
+    scale = side / max(h, w)
+    size = [max(32, int(round(n * scale / 32)) * 32) for n in (w, h)]  # (w', h')
+    return cv2.resize(img, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
 
 
-def _area(box):
-    x, y = box[:, 0], box[:, 1]
-    return 0.5 * abs(float(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))))
+def ctc_decode(probs, chars):
+    """The recogniser's output (T, C) for one line -> (text, mean probability of its characters): the likeliest
+    class at each step, repeats merged, blanks (class 0) dropped. chars[i - 1] is class i's character."""
+    best, p = probs.argmax(1), probs.max(1)
+    keep = (best != 0) & np.concatenate([[True], best[1:] != best[:-1]])
+    text = "".join(chars[i - 1] for i in best[keep])
+    return text, float(p[keep].mean()) if keep.any() else 0.0
 
+
+# ------------------------------------------------------------------------------------------- the networks
+
+def model_dir():
+    """The folder of the rapidocr wheel's ONNX files (found, not imported: only its files are used)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("rapidocr")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("reading text needs the rapidocr wheel's models: pip install 'rapidocr>=3.10,<4'")
+    return Path(spec.origin).resolve().parent / "models"
+
+
+def _session(path, threads):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or 0  # 0: ONNX Runtime's default, all cores
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def normalise(img):
+    """BGR uint8 (h, w, 3) -> (3, h, w) float32 in [-1, 1], as the three networks were trained."""
+    return (img.astype(np.float32) * (2 / 255) - 1).transpose(2, 0, 1)
+
+
+def line_batches(crops, batch):
+    """Indices of the crops grouped `batch` at a time, narrowest first (crops of one batch are padded to the
+    widest: similar widths waste least)."""
+    order = sorted(range(len(crops)), key=lambda i: crops[i].shape[1] / crops[i].shape[0])
+    return [order[i:i + batch] for i in range(0, len(order), batch)]
+
+
+class Networks:
+    """The detector, direction classifier and recogniser in ONNX Runtime: arrays in, arrays out."""
+
+    BATCH = 6  # crops the classifier and the recogniser take at once (PaddleOCR's own)
+
+    def __init__(self, threads=None, folder=None):
+        folder = Path(folder) if folder else model_dir()
+        self.det, self.cls, self.rec = (_session(folder / MODELS[k], threads) for k in ("det", "cls", "rec"))
+        # the recogniser's classes: 0 is CTC's blank, then its character list, then a space
+        self.chars = self.rec.get_modelmeta().custom_metadata_map["character"].splitlines() + [" "]
+
+    def detect(self, img, side):
+        """img (H, W, 3) BGR -> the text probability map (h', w') of the photo at about `side` px long."""
+        x = normalise(resize_side(img, side))[None]  # (1, 3, h', w')
+        return self.det.run(None, {"x": x})[0][0, 0]  # (1, 1, h', w') -> (h', w')
+
+    def direction(self, crops):
+        """Line crops (h, w, 3), each read left to right -> P(the crop is upside down) per crop."""
+        out = np.zeros(len(crops), np.float32)
+        h, w = CLS_SHAPE
+        for idx in line_batches(crops, self.BATCH):
+            x = np.zeros((len(idx), 3, h, w), np.float32)  # (B, 3, 48, 192), zero (grey) padded
+            for j, i in enumerate(idx):
+                fit = fit_height(crops[i], h, w)
+                x[j, :, :, :fit.shape[1]] = normalise(fit)
+            out[idx] = self.cls.run(None, {"x": x})[0][:, 1]  # (B, 2): P("0"), P("180")
+        return out
+
+    def recognise(self, crops):
+        """Line crops (h, w, 3) read left to right -> [(text, mean character probability)] per crop."""
+        out = [("", 0.0)] * len(crops)
+        for idx in line_batches(crops, self.BATCH):
+            ratio = max([320 / REC_HEIGHT] + [crops[i].shape[1] / crops[i].shape[0] for i in idx])
+            width = int(REC_HEIGHT * ratio)
+            x = np.zeros((len(idx), 3, REC_HEIGHT, width), np.float32)  # (B, 3, 48, W), zero (grey) padded
+            for j, i in enumerate(idx):
+                fit = fit_height(crops[i], REC_HEIGHT, width)
+                x[j, :, :, :fit.shape[1]] = normalise(fit)
+            probs = self.rec.run(None, {"x": x})[0]  # (B, T, C)
+            for j, i in enumerate(idx):
+                out[i] = ctc_decode(probs[j], self.chars)
+        return out
+
+
+def fit_height(crop, height, max_width):
+    """A crop scaled to `height` px high, its width in proportion (at most max_width): (height, w, 3)."""
+    import cv2
+
+    w = min(max_width, math.ceil(height * crop.shape[1] / crop.shape[0]))
+    return cv2.resize(crop, (max(w, 1), height), interpolation=cv2.INTER_LINEAR)
+
+
+# ------------------------------------------------------------------------------------------- the reader
 
 class TextReader:
-    """The bundled detector, direction classifier and recogniser, loaded once; read() and first_look() are
-    safe to call from one thread at a time."""
+    """The networks loaded once, and the steps around them; first_look() and read() are safe to call from one
+    thread at a time."""
 
-    def __init__(self, languages=("en",), threads=None, det_side=DET_SIDE, max_lines=MAX_LINES, rec_height=REC_HEIGHT,
-                 look_side=LOOK_SIDE, rules=None):
-        """languages: codes from LANGUAGES ('en', 'zh'); threads: ONNX Runtime threads per model (None: its
-        default, all cores); det_side, max_lines, rec_height, look_side, rules: the speed/recall knobs text_photos.py
+    def __init__(self, languages=("en",), threads=None, det_side=DET_SIDE, max_lines=MAX_LINES, look_side=LOOK_SIDE,
+                 rules=None):
+        """languages: codes from LANGUAGES ('en', 'zh'); threads: ONNX Runtime threads per network (None: its
+        default, all cores); det_side, max_lines, look_side, rules: the speed/recall knobs text_photos.py
         measures."""
         self.languages = parse_languages(languages)
-        try:
-            from rapidocr_onnxruntime.ch_ppocr_cls import TextClassifier
-            from rapidocr_onnxruntime.ch_ppocr_det import TextDetector
-            from rapidocr_onnxruntime.ch_ppocr_det.utils import DBPostProcess
-            from rapidocr_onnxruntime.ch_ppocr_rec import TextRecognizer
-            from rapidocr_onnxruntime.main import DEFAULT_CFG_PATH
-            from rapidocr_onnxruntime.utils import read_yaml, update_model_path
-        except ImportError as e:
-            raise RuntimeError(f"reading text needs rapidocr-onnxruntime ({e}): "
-                               "pip install rapidocr-onnxruntime wordninja") from None
-        config = update_model_path(read_yaml(DEFAULT_CFG_PATH))
-        for part in ("Det", "Cls", "Rec"):
-            config[part]["intra_op_num_threads"] = threads or -1
-            config[part]["inter_op_num_threads"] = 1
-        config["Det"]["max_candidates"] = MAX_CANDIDATES
-        self.det = TextDetector(config["Det"])
-        self.weak = DBPostProcess(thresh=WEAK_THRESH, box_thresh=WEAK_THRESH, max_candidates=MAX_CANDIDATES,
-                                  unclip_ratio=1.6, use_dilation=True)
-        self.cls = TextClassifier(config["Cls"])
-        self.rec = TextRecognizer(config["Rec"])
-        self.rec.rec_image_shape = [3, rec_height, 320]  # (C, H, W at least): the width follows each crop
+        self.nets = Networks(threads)
         self.det_side, self.max_lines, self.look_side = det_side, max_lines, look_side
         self.rules = rules or Rules()
         self.words = Words()
 
-    def _detect(self, img, side):
-        """img (H, W, 3) BGR -> (probability map (h, w) at <= side px, boxes (N, 4, 2) in img's pixels, scores)."""
-        h, w = img.shape[:2]
-        if min(h, w) * side / max(h, w) < 32:  # too thin for the network's 32-px grid: pad it square
-            pad = np.full((max(h, w), max(h, w), 3), 255, np.uint8)
-            pad[:h, :w] = img
-            img = pad
-        import cv2
-
-        scale = side / max(img.shape[:2])
-        size = [max(32, int(round(n * scale / 32)) * 32) for n in img.shape[1::-1]]  # (w', h'): multiples of 32
-        x = cv2.resize(img, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-        x = (x.astype(np.float32) * (2 / 255) - 1).transpose(2, 0, 1)[None]  # (1, 3, h', w'), in [-1, 1]
-        prob = self.det.infer(x)[0]  # (1, 1, h', w')
-        boxes, scores = self.det.postprocess_op(prob, img.shape[:2])
-        boxes = [self.det.order_points_clockwise(b.astype(np.float32)) for b in boxes]
-        keep = [i for i, b in enumerate(boxes) if min(_box_sides(b)) > 3]
-        return prob[0, 0], [boxes[i] for i in keep], [float(scores[i]) for i in keep]
+    def _boxes(self, img, side, thresh=DB_THRESH, box_thresh=BOX_THRESH):
+        """The detector on img (H, W, 3) at `side` px: (its map (h, w), boxes_from_map's [(box, score)] in img's
+        pixels)."""
+        prob = self.nets.detect(img, side)
+        scale = np.array([img.shape[1] / prob.shape[1], img.shape[0] / prob.shape[0]], np.float32)  # (x, y)
+        return prob, [(box * scale, s) for box, s in boxes_from_map(prob, thresh, box_thresh)]
 
     def first_look(self, image):
-        """A cheap score in [0, 1] that the photo holds text worth reading: the share of the photo inside lines
-        the detector finds with assurance, at look_side px (one or two detector passes on a small image)."""
-        img = to_array(image, self.look_side)
-        share = self._line_share(img)
-        if share < LOOK_TURN_BELOW:  # the detector misses small print on its side: look at the photo turned too
-            share = max(share, self._line_share(np.ascontiguousarray(np.rot90(img))))
-        return float(1.0 - math.exp(-share / 0.01))  # 1% of the photo in text lines: 0.63
+        """A cheap look for text worth reading: the detector on the photo at look_side px. Returns a Look; read()
+        takes it, to reuse the photo's array."""
+        start = time.perf_counter()
+        img = to_array(image, CROP_SIDE)
+        found = [b for b, _ in self._boxes(img, self.look_side, box_thresh=LOOK_THRESH)[1]
+                 if _line_like(b, LOOK_ASPECT)]
+        return Look(img, found, len(found) >= LOOK_MIN_BOXES, time.perf_counter() - start)
 
-    def _line_share(self, img):
-        _, boxes, scores = self._detect(img, self.look_side)
-        return sum(_area(b) for b, s in zip(boxes, scores) if s >= 0.6 and _line_like(b)) / img[..., 0].size
+    def read_raw(self, image, look=None):
+        """Everything the recogniser said, before the junk rules: a dict for judge() and for threshold sweeps.
+        Where the detector finds no line of text in the photo as it is, it looks in the photo turned a quarter:
+        it misses much small print that runs sideways."""
+        start = time.perf_counter()
+        img = look.img if look is not None else to_array(image, CROP_SIDE)
+        found = self._read_frame(img, 0)
+        if not found["boxes"]:
+            turned = self._read_frame(img, 270)
+            found = max(found, turned, key=lambda r: _worth(r["read"]))
+        return {**found, "seconds": time.perf_counter() - start}
 
-    def _recognise(self, crops):
-        """crops -> ([(text, score)], length-weighted mean score)."""
-        if not crops:
-            return [], 0.0
-        res, _ = self.rec([np.ascontiguousarray(c) for c in crops])
-        return res, self._recognise_score(res)
+    def _read_frame(self, img, turn):
+        """_find_lines and _orient in one frame: read_raw's dict without its time."""
+        found = self._find_lines(img, turn)
+        boxes, read, angle = self._orient(found["frame"], found["boxes"])
+        return {"boxes": boxes, "read": read, "angle": angle, "turn": turn, **found["signals"]}
 
-    @staticmethod
-    def _recognise_score(res):
-        lengths = [max(len(t), 1) for t, _ in res]
-        return float(sum(s * n for (_, s), n in zip(res, lengths)) / max(sum(lengths), 1))
+    def _find_lines(self, img, turn):
+        """The text lines of img turned `turn` degrees clockwise (0 or 270): the turned array, the boxes worth
+        recognising (the largest print first, at most max_lines) and the signals judge() needs."""
+        frame = _turned(img, turn)
+        height, width = frame.shape[:2]
+        prob, found = self._boxes(frame, self.det_side)
+        boxes = [b for b, _ in found if _line_like(b)]  # a blob (a ball, a window) is no line of text
+        cover = min(1.0, sum(_area(b) for b in boxes) / (width * height))
+        # the evidence for "illegible": text-line-sized boxes (not a blob as high as a quarter of the photo) where
+        # the detector is only half sure, as it is of blurred text
+        scale = np.array([width / prob.shape[1], height / prob.shape[0]], np.float32)
+        weak = [b * scale for b, _ in boxes_from_map(prob, WEAK_THRESH, WEAK_THRESH)]
+        weak = [b for b in weak if _line_like(b) and min(_box_sides(b)) <= LINE_HIGH * min(width, height)]
+        least = MIN_TEXT_PX * max(width, height) / READ_SIZE  # MIN_TEXT_PX is at READ_SIZE
+        boxes = sorted((b for b in boxes if min(_box_sides(b)) >= least), key=lambda b: -min(_box_sides(b)))
+        signals = {"coverage": cover, "line_cover": sum(_area(b) for b in weak) / (width * height),
+                   "lines_seen": len(weak), "width": width, "height": height}
+        return {"frame": frame, "turn": turn, "boxes": boxes[:self.max_lines], "signals": signals}
 
     def _orient(self, img, boxes):
-        """Boxes -> (kept boxes, their crops turned to read left to right, angle). A photo turned 90 degrees has
-        tall boxes; the classifier votes 0 or 180 over all crops; where the reading is unsure the other
-        direction is read too and the surer one kept."""
+        """Boxes -> (kept boxes, their readings, the clockwise turn of img that makes the text upright). Text on
+        its side has tall boxes; the direction classifier votes 0 or 180 over all crops, weighted by their
+        length; where the reading is unsure the other direction is read too and the surer one kept."""
         sides = [_box_sides(b) for b in boxes]
         tall = sum(w * h for w, h in sides if h > 1.5 * w)
         wide = sum(w * h for w, h in sides if w > 1.5 * h)
         sideways = tall > wide
-        keep = [i for i, (w, h) in enumerate(sides) if (h > w / 1.5 if sideways else w > h / 1.5)]
-        boxes = [boxes[i] for i in keep]
+        boxes = [b for b, (w, h) in zip(boxes, sides) if (h > w / 1.5 if sideways else w > h / 1.5)]
         crops = [crop_box(img, b) for b in boxes]
         if sideways:  # turned a quarter counter-clockwise: upright if the photo needs 270 clockwise
-            crops = [np.rot90(c) for c in crops]
+            crops = [np.ascontiguousarray(np.rot90(c)) for c in crops]
+        if not crops:
+            return [], [], 0
         base = 270 if sideways else 0
-        _, votes, _ = self.cls(crops) if crops else (None, [], 0)
-        vote = sum(c.shape[1] * (s if label == "180" else -s) for c, (label, s) in zip(crops, votes))
-        flip = vote > 0
-        read, score = self._recognise([np.rot90(c, 2) if flip else c for c in crops])
-        if crops and score < RETRY_SCORE:  # compare on the largest print (crops come largest first)
-            other = [c if flip else np.rot90(c, 2) for c in crops]
-            top, top_score = self._recognise(other[:RETRY_LINES])
-            if top_score > self._recognise_score(read[:RETRY_LINES]):
-                rest, _ = self._recognise(other[RETRY_LINES:])
-                read, flip = top + rest, not flip
-        final = [np.rot90(c, 2) if flip else c for c in crops]
-        return boxes, self._reread(final, read), (base + 180 * flip) % 360
-
-    def _reread(self, crops, read):
-        """The largest lines read with middling assurance are read again at the recogniser's full input height
-        (48 px, what it was trained at; 32 px costs ~half): the surer reading of the two is kept."""
-        again = [i for i, (_, score) in enumerate(read) if REREAD_LOW <= score < SURE_SCORE][:REREAD_LINES]
-        if not again or self.rec.rec_image_shape[1] >= REREAD_HEIGHT:
-            return read
-        height = self.rec.rec_image_shape[1]
-        self.rec.rec_image_shape[1] = REREAD_HEIGHT
-        try:
-            better, _ = self._recognise([crops[i] for i in again])
-        finally:
-            self.rec.rec_image_shape[1] = height
-        read = list(read)
-        for i, new in zip(again, better):
-            read[i] = max(read[i], new, key=lambda r: r[1])
-        return read
-
-    def read_raw(self, image):
-        """Everything the recogniser said, before the junk rules: a dict for read() and for threshold sweeps."""
-        start = time.perf_counter()
-        img = to_array(image, READ_SIZE)
-        height, width = img.shape[:2]
-        prob, boxes, _ = self._detect(img, self.det_side)
-        scale = self.det_side / max(height, width)
-        if len(boxes) >= DENSE_LINES and np.median([min(_box_sides(b)) for b in boxes]) * scale < DENSE_PX:
-            # a page of small print: at det_side its lines run into each other; look again at twice the size
-            prob, boxes, _ = self._detect(img, min(2 * self.det_side, READ_SIZE))
-        boxes = [b for b in boxes if _line_like(b)]  # a blob (a ball, a dark window) is no line of text
-        cover = min(1.0, sum(_area(b) for b in boxes) / (width * height))
-        # the evidence for "illegible": text-line-sized boxes (not a blob as high as a quarter of the photo) where
-        # the detector is only half sure, as it is of blurred text
-        weak, _ = self.weak(prob[None, None], (height, width))  # prob (h', w') -> (1, 1, h', w')
-        weak = [self.det.order_points_clockwise(b.astype(np.float32)) for b in weak]
-        sized = [b for b in weak if min(_box_sides(b)) > 3 and _line_like(b)
-                 and min(_box_sides(b)) <= LINE_HIGH * min(width, height)]
-        line_cover = sum(_area(b) for b in sized) / (width * height)
-        boxes = [b for b in boxes if min(_box_sides(b)) >= MIN_TEXT_PX]
-        boxes = sorted(boxes, key=lambda b: -min(_box_sides(b)))[:self.max_lines]  # the largest print first
-        boxes, read, angle = self._orient(img, boxes)
-        return {"boxes": boxes, "read": read, "angle": angle, "coverage": cover, "line_cover": line_cover,
-                "lines_seen": len(sized), "width": width,
-                "height": height, "seconds": time.perf_counter() - start}
+        flipped = self.nets.direction(crops)  # (N,) P(upside down)
+        flip = float(sum(c.shape[1] * (2 * p - 1) for c, p in zip(crops, flipped))) > 0
+        read = self.nets.recognise([_flip(c) for c in crops] if flip else crops)
+        if _mean_score(read) < RETRY_SCORE:  # compare on the largest print (crops come largest first)
+            other = crops if flip else [_flip(c) for c in crops]
+            top = self.nets.recognise(other[:RETRY_LINES])
+            if _mean_score(top) > _mean_score(read[:RETRY_LINES]):
+                read, flip = top + self.nets.recognise(other[RETRY_LINES:]), not flip
+        return boxes, read, (base + 180 * flip) % 360
 
     def judge(self, raw, rules=None):
         """read_raw's dict -> TextResult under `rules` (default: this reader's)."""
@@ -389,15 +515,40 @@ class TextReader:
                 kept.append((box, line))
                 scores.append(score)
         lines = reading_order(kept, raw["angle"], raw["width"], raw["height"])
-        seen = raw["line_cover"] >= rules.illegible_cover and raw["lines_seen"] >= rules.illegible_boxes
-        illegible = seen and not lines
+        # text is there but unreadable: lines the detector is only half sure of, as of blurred print, or lines
+        # the recogniser made something of without assurance
+        unsure = any(score >= rules.illegible_score and sum(c.isalnum() for c in text) >= rules.min_alnum
+                     for text, score in raw["read"])
+        seen = (raw["line_cover"] >= rules.illegible_cover and raw["lines_seen"] >= rules.illegible_boxes) or unsure
         return TextResult(lines=lines, confidence=float(np.mean(scores)) if scores else 0.0,
-                          coverage=float(raw["coverage"]), illegible=bool(illegible),
-                          angle=int(raw["angle"]) if lines else None, seconds=raw["seconds"])
+                          coverage=float(raw["coverage"]), illegible=bool(seen and not lines),
+                          angle=(raw["turn"] + raw["angle"]) % 360 if lines else None, seconds=raw["seconds"])
 
-    def read(self, image):
-        """The confident text of a PIL image (best at most READ_SIZE px long; larger ones are scaled down)."""
+    def read(self, image, look=None):
+        """The confident text of a PIL image (found at det_side px, read from crops of up to CROP_SIDE px).
+        look: this photo's first_look(), whose array and turn are reused."""
         start = time.perf_counter()
-        result = self.judge(self.read_raw(image))
+        result = self.judge(self.read_raw(image, look))
         result.seconds = time.perf_counter() - start
         return result
+
+
+def _turned(img, turn):
+    """img (H, W, 3) turned `turn` (0 or 270) degrees clockwise: np.rot90 turns counter-clockwise."""
+    return np.ascontiguousarray(np.rot90(img)) if turn == 270 else img
+
+
+def _flip(crop):
+    return np.ascontiguousarray(np.rot90(crop, 2))
+
+
+def _worth(read):
+    """How much a reading says with assurance: the characters of its lines read at MIN_SCORE or above, weighted
+    by their scores."""
+    return sum(len(t.strip()) * s for t, s in read if s >= MIN_SCORE)
+
+
+def _mean_score(read):
+    """Length-weighted mean score of [(text, score)]."""
+    lengths = [max(len(t), 1) for t, _ in read]
+    return float(sum(s * n for (_, s), n in zip(read, lengths)) / max(sum(lengths), 1))

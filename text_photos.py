@@ -23,6 +23,7 @@ import random
 import re
 import sys
 import time
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -69,12 +70,14 @@ SIGNS = ["EXIT", "NO SMOKING", "BUS STOP", "PUSH", "PULL", "RESTROOM", "WET FLOO
          "Platform 2", "Women", "Men", "Pharmacy", "Reception", "Waiting Room", "Parking", "Library",
          "Stop", "Information"]
 KINDS = ("medicine", "screen", "page", "sign")
-SMALL = 240  # side the shipped captioner decodes a photo at (EfficientNet-Lite1): what first_look gets
+NO_TEXT = ("none", "blurred")  # the kinds of photo without legible text
 
 
 def words_of(text):
-    """Lower-case letter/digit runs: how rendered and read text are compared."""
-    return re.findall(r"[a-z0-9]+", text.lower())
+    """Lower-case letter/digit runs, accents dropped ("RAÍZ" is "raiz", as a screen reader says either): how
+    rendered and read text are compared."""
+    plain = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+    return re.findall(r"[a-z0-9]+", plain.lower())
 
 
 def font(rng, size, serif=False):
@@ -264,55 +267,56 @@ def load_records(split, args):
     return out_dir, make_set(split, args.photos, args.negatives, args.blurred, out_dir, args.seed)
 
 
-def look_and_read(reader, path, small):
-    """first_look on the small image the captioner decoded, then (always, for the sweeps) read_raw on the photo
-    decoded again at READ_SIZE: (first_look score, raw, first_look seconds, decode+read seconds)."""
+def look_and_read(reader, path):
+    """The photo decoded at the reader's READ_SIZE, its first look, then (always, for the sweeps) read_raw:
+    (the Look, raw, decode + first_look seconds, read seconds)."""
     from image_loader import load_image
 
     start = time.perf_counter()
-    score = reader.first_look(small)
+    look = reader.first_look(load_image(path, read_text.READ_SIZE))
     looked = time.perf_counter()
-    raw = reader.read_raw(load_image(path, read_text.READ_SIZE))
-    return score, raw, looked - start, time.perf_counter() - looked
+    raw = reader.read_raw(None, look)
+    return look, raw, looked - start, time.perf_counter() - looked
 
 
 def run_reader(reader, captioner, out_dir, records):
     """Every photo through first_look and read_raw, and through the captioner (alternating which goes first, so
     that both see the same machine load); returns rows with the times."""
-    from image_loader import load_image
-
     rows = []
     for i, rec in enumerate(tqdm(records, desc="reading", file=sys.stderr)):
         path = out_dir / rec["file"]
-        small = load_image(path, SMALL) if captioner is None else captioner.load(path)
         cap_s = None
         if captioner is not None and i % 2 == 0:
             start = time.perf_counter()
             captioner.caption(path)
             cap_s = time.perf_counter() - start
-        score, raw, look_s, read_s = look_and_read(reader, path, small)
+        look, raw, look_s, read_s = look_and_read(reader, path)
         if captioner is not None and i % 2 == 1:
             start = time.perf_counter()
             captioner.caption(path)
             cap_s = time.perf_counter() - start
-        rows.append({"rec": rec, "look": score, "raw": raw, "look_s": look_s, "read_s": read_s, "caption_s": cap_s})
+        rows.append({"rec": rec, "look": look.passes, "raw": raw, "look_s": look_s, "read_s": read_s,
+                     "caption_s": cap_s})
     return rows
 
 
-def score_rows(reader, rows, rules, look_min):
-    """The reader's figures over the rows under junk rules `rules` and first_look threshold `look_min`."""
-    legible = [r for r in rows if r["rec"]["kind"] in KINDS]
-    empty = [r for r in rows if r["rec"]["kind"] not in KINDS]
-    out_words, right, hits, invented, longest, turns, told = 0, 0, 0, 0, 0, 0, 0
+def score_rows(reader, rows, rules, use_look=True):
+    """The reader's figures over the rows under junk rules `rules` (use_look: a photo the first look turns away
+    is not read; False: every photo is read, to see what the first look loses)."""
+    legible = [r for r in rows if r["rec"]["kind"] not in NO_TEXT]
+    empty = [r for r in rows if r["rec"]["kind"] in NO_TEXT]
+    out_words, right, hits, invented, longest, turns, told, read_any, passed = 0, 0, 0, 0, 0, 0, 0, 0, 0
     flags = {"none": [0, 0], "blurred": [0, 0]}
     for r in rows:
-        res = reader.judge(r["raw"], rules) if r["look"] >= look_min else read_text.TextResult()
+        whole = reader.judge(r["raw"], rules)
+        res = whole if r["look"] or not use_look else read_text.TextResult()
         r["result"] = res
+        read_any, passed = read_any + bool(whole.lines), passed + bool(whole.lines and r["look"])
         said = words_of(" ".join(res.lines))
         out_words += len(said)
         right += sum(w in set(r["rec"]["words"]) for w in said)
         longest = max([longest] + [sum(c.isalpha() for c in w) for line in res.lines for w in line.split()])
-        if r["rec"]["kind"] in KINDS:
+        if r["rec"]["kind"] not in NO_TEXT:
             hits += all(w in said for w in words_of(r["rec"]["key"]))
             if res.angle is not None:
                 told, turns = told + 1, turns + (res.angle == r["rec"]["turn"])
@@ -325,22 +329,21 @@ def score_rows(reader, rows, rules, look_min):
             "turn_right": turns / max(told, 1), "turn_told": told / max(len(legible), 1),
             "illegible_blurred": flags["blurred"][0] / max(flags["blurred"][1], 1),
             "illegible_none": flags["none"][0] / max(flags["none"][1], 1),
-            "look_pass_text": sum(r["look"] >= look_min for r in legible) / max(len(legible), 1),
-            "look_pass_none": sum(r["look"] >= look_min for r in empty if r["rec"]["kind"] == "none")
-            / max(flags["none"][1], 1)}
+            "look_keeps": passed / max(read_any, 1),
+            "look_pass_none": sum(r["look"] for r in empty if r["rec"]["kind"] == "none") / max(flags["none"][1], 1)}
 
 
 def print_scores(title, s):
     print(f"{title}: key words read {s['key_recall']:.3f} | words right {s['precision']:.3f} | invented "
           f"{s['invented']:.3f} | longest word {s['longest_word']} | turn right {s['turn_right']:.3f} "
           f"(told on {s['turn_told']:.3f}) | illegible: blurred {s['illegible_blurred']:.3f}, no text "
-          f"{s['illegible_none']:.3f} | first look passes: text {s['look_pass_text']:.3f}, no text "
-          f"{s['look_pass_none']:.3f}")
+          f"{s['illegible_none']:.3f} | first look lets through {s['look_keeps']:.3f} of the photos read, "
+          f"{s['look_pass_none']:.3f} of those without text")
 
 
-def print_times(rows, look_min):
+def print_times(rows):
     """Mean times per photo, text and no-text photos apart, beside the caption's in the same run. On a photo
-    the first look turns away, reading costs only the first look."""
+    the first look turns away, reading costs only the decode and the first look."""
     def mean(xs):
         return sum(xs) / max(len(xs), 1)
 
@@ -349,51 +352,69 @@ def print_times(rows, look_min):
         if not sel:
             continue
         look = mean([r["look_s"] for r in sel])
-        spent = mean([r["look_s"] + (r["read_s"] if r["look"] >= look_min else 0.0) for r in sel])
+        spent = mean([r["look_s"] + (r["read_s"] if r["look"] else 0.0) for r in sel])
         read = mean([r["read_s"] for r in sel])
         cap = [r["caption_s"] for r in sel if r["caption_s"] is not None]
         # per photo, against the caption measured next to it: robust to the machine's load drifting
-        pairs = sorted((r["look_s"] + (r["read_s"] if r["look"] >= look_min else 0.0)) / r["caption_s"]
+        pairs = sorted((r["look_s"] + (r["read_s"] if r["look"] else 0.0)) / r["caption_s"]
                        for r in sel if r["caption_s"])
         ratio = (f" = {spent / mean(cap):.2f}x the caption's {mean(cap) * 1000:.0f} ms (median per photo "
                  f"{pairs[len(pairs) // 2]:.2f}x)" if cap else "")
-        print(f"time per photo {group} ({len(sel)}): first_look {look * 1000:.1f} ms, read (decode at "
-              f"{read_text.READ_SIZE} px + read) {read * 1000:.0f} ms; first_look + read where it passes "
-              f"{spent * 1000:.0f} ms{ratio}")
+        print(f"time per photo {group} ({len(sel)}): decode at {read_text.READ_SIZE} px + first_look "
+              f"{look * 1000:.0f} ms, read {read * 1000:.0f} ms; both where the look passes {spent * 1000:.0f} ms"
+              f"{ratio}")
 
 
 def sweep(reader, rows, args):
-    """Score a grid of junk rules and first_look thresholds on these (dev) rows; print the best under the goals
-    (words right >= --goal-precision, invention <= --goal-invented), best key-word recall first."""
+    """Score a grid of junk rules on these (dev) rows; print the best under the goals (words right >=
+    --goal-precision, invention <= --goal-invented), best key-word recall first."""
     grid = []
-    for min_score in (0.6, 0.7, 0.75, 0.8, 0.85, 0.9):
-        for share in (0.4, 0.5, 0.6, 0.75):
-            for sure in (0.9, 0.95, 1.01):
-                for cover in (0.005, 0.01, 0.02):
-                    for look_min in (0.05, 0.1, 0.2, 0.3, 0.5):
-                        rules = read_text.Rules(min_score=min_score, min_word_share=share, sure_score=sure,
-                                                illegible_cover=cover)
-                        grid.append((rules, look_min, score_rows(reader, rows, rules, look_min)))
-    ok = [g for g in grid if g[2]["precision"] >= args.goal_precision and g[2]["invented"] <= args.goal_invented]
-    ok.sort(key=lambda g: (-g[2]["key_recall"], g[2]["illegible_none"], -g[2]["illegible_blurred"], -g[1]))
+    for min_score in (0.75, 0.8, 0.85, 0.9):
+        for share in (0.5, 0.75):
+            for sure in (0.9, 0.95):
+                for trust in (0.9, 0.95, 0.97, 1.01):
+                    rules = read_text.Rules(min_score=min_score, min_word_share=share, sure_score=sure,
+                                            trust_score=trust)
+                    grid.append((rules, score_rows(reader, rows, rules)))
+    ok = [g for g in grid if g[1]["precision"] >= args.goal_precision and g[1]["invented"] <= args.goal_invented]
+    ok.sort(key=lambda g: (-g[1]["key_recall"], -g[1]["precision"]))
     print(f"{len(ok)} of {len(grid)} settings meet the goals on these photos; the best 10:")
-    for rules, look_min, s in ok[:10]:
+    for rules, s in ok[:10]:
         print_scores(f"min_score {rules.min_score} word share {rules.min_word_share} sure {rules.sure_score} "
-                     f"illegible cover {rules.illegible_cover} first_look >= {look_min}", s)
+                     f"trust {rules.trust_score}", s)
 
 
-def vizwiz(reader, captioner, folder):
-    """What the reader says of every photo under folder (real photos by blind people): a markdown table."""
-    from image_loader import load_image
+def vizwiz_rows(reader, folder):
+    """Real photos under folder, read, as rows like run_reader's: the text a sighted reader transcribed
+    (folder/text_truth.json) stands for the rendered text; a photo it lists without legible text is a negative."""
+    truth = json.loads((Path(folder) / "text_truth.json").read_text())
+    rows = []
+    for name, t in tqdm(sorted((k, v) for k, v in truth.items() if not k.startswith("_")), desc="reading",
+                        file=sys.stderr):
+        look, raw, look_s, read_s = look_and_read(reader, Path(folder) / name)
+        rec = {"file": name, "kind": "real" if t["has_text"] else "none", "key": t["key_text"],
+               "words": words_of(" ".join(t["legible_text"])), "turn": t["orientation"]}
+        rows.append({"rec": rec, "look": look.passes, "raw": raw, "look_s": look_s, "read_s": read_s,
+                     "caption_s": None})
+    return rows
 
-    print("| photo | first look | read (s) | angle | illegible | coverage | lines |\n|---|---|---|---|---|---|---|")
-    for path in sorted(Path(folder).rglob("*.jpg")):
-        small = load_image(path, SMALL) if captioner is None else captioner.load(path)
-        score, raw, look_s, read_s = look_and_read(reader, path, small)
-        res = reader.judge(raw)
-        gated = "" if score >= read_text.FIRST_LOOK_MIN else " (first look: skip)"
-        print(f"| {path.name} | {score:.2f}{gated} | {read_s:.2f} | {res.angle} | {res.illegible} | "
-              f"{res.coverage:.3f} | {' / '.join(res.lines) or '-'} |")
+
+def vizwiz(reader, folder, args):
+    """What the reader says of every real photo under folder: a markdown table, and its figures against the
+    by-eye transcription where folder/text_truth.json has one."""
+    if not (Path(folder) / "text_truth.json").is_file():
+        raise SystemExit(f"{folder}/text_truth.json not found: the real photos' text, transcribed by eye")
+    rows = vizwiz_rows(reader, folder)
+    scores = score_rows(reader, rows, reader.rules)
+    print("| photo | first look | read (s) | angle | illegible | lines |\n|---|---|---|---|---|---|")
+    for r in rows:
+        res = r["result"]
+        gated = "" if r["look"] else " (skipped)"
+        print(f"| {Path(r['rec']['file']).name} | {gated or 'read'} | {r['read_s']:.2f} | {res.angle} | "
+              f"{res.illegible} | {' / '.join(res.lines) or '-'} |")
+    print_scores(f"real photos ({len(rows)}), shipped rules", scores)
+    if args.sweep:
+        sweep(reader, rows, args)
 
 
 def get_args_parser():
@@ -407,19 +428,20 @@ def get_args_parser():
     p.add_argument("--seed", type=int, default=0, help="seed of the photos (with the split's name)")
     p.add_argument("--out", default="cache/text_photos", help="folder the photos are written to (and reused from)")
     p.add_argument("--remake", action="store_true", help="make the photos again even where they exist")
-    p.add_argument("--sweep", action="store_true", help="score a grid of junk rules and first_look thresholds")
+    p.add_argument("--sweep", action="store_true", help="score a grid of junk rules")
     p.add_argument("--goal-precision", type=float, default=0.85, help="--sweep: least share of words read right")
     p.add_argument("--goal-invented", type=float, default=0.08,
                    help="--sweep: most share of photos without legible text that get any line")
     p.add_argument("--det-side", type=int, default=read_text.DET_SIDE, help="long side (px) the detector sees")
-    p.add_argument("--rec-height", type=int, default=read_text.REC_HEIGHT, help="recogniser input height (px)")
     p.add_argument("--look-side", type=int, default=read_text.LOOK_SIDE, help="first_look detector side (px)")
     p.add_argument("--max-lines", type=int, default=read_text.MAX_LINES, help="text boxes recognised at most")
     p.add_argument("--threads", type=int, default=None,
                    help="threads of the captioner (PyTorch) and of each reader model (ONNX Runtime); default: "
                    "PyTorch's")
     p.add_argument("--no-caption", action="store_true", help="skip the captioner's time (faster sweeps)")
-    p.add_argument("--vizwiz", default=None, help="a folder of real photos: print what the reader says of each")
+    p.add_argument("--vizwiz", default=None,
+                   help="a folder of real photos with text_truth.json (their text transcribed by eye): print what "
+                        "the reader says of each and score it (with --sweep, sweep the junk rules on them)")
     p.add_argument("--dump", default=None, help="write every photo's lines and figures to this JSON file")
     return p
 
@@ -432,28 +454,26 @@ def main(argv=None):
         torch.set_num_threads(args.threads)  # the captioner's threads too: the reader runs beside it with as many
     threads = torch.get_num_threads()
     reader = read_text.TextReader(threads=threads, det_side=args.det_side, max_lines=args.max_lines,
-                                  rec_height=args.rec_height, look_side=args.look_side)
+                                  look_side=args.look_side)
+    print(f"reader: det side {args.det_side}, max lines {args.max_lines}, look side {args.look_side}, {threads} "
+          f"threads; READ_SIZE {read_text.READ_SIZE}")
+    if args.vizwiz:
+        return vizwiz(reader, args.vizwiz, args)
     captioner = None
     if not args.no_caption:
         from inference import Captioner
         from utils import find_checkpoint
 
         captioner = Captioner(find_checkpoint(None), read_text=False)  # only caption() is timed; `reader` reads
-    print(f"reader: det side {args.det_side}, rec height {args.rec_height}, max lines {args.max_lines}, look side "
-          f"{args.look_side}, "
-          f"{threads} threads; READ_SIZE {read_text.READ_SIZE}")
-    if args.vizwiz:
-        return vizwiz(reader, captioner, args.vizwiz)
     out_dir, records = load_records(args.split, args)
     rows = run_reader(reader, captioner, out_dir, records)
     if args.sweep:
         sweep(reader, rows, args)
-    print_scores(f"{args.split} ({len(rows)} photos), shipped rules, first_look >= {read_text.FIRST_LOOK_MIN}",
-                 score_rows(reader, rows, reader.rules, read_text.FIRST_LOOK_MIN))
-    print_times(rows, read_text.FIRST_LOOK_MIN)
+    print_scores(f"{args.split} ({len(rows)} photos), shipped rules", score_rows(reader, rows, reader.rules))
+    print_times(rows)
     if args.dump:
         Path(args.dump).write_text(json.dumps([
-            {**r["rec"], "look": round(r["look"], 3), **r["result"].as_dict(),
+            {**r["rec"], "look": r["look"], **r["result"].as_dict(),
              "raw": [[t, round(float(s), 3)] for t, s in r["raw"]["read"]]} for r in rows], indent=1))
 
 
