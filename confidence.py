@@ -36,8 +36,10 @@ ABSTAIN = "No reliable description."
 @torch.inference_mode()
 def captions_with_signals(model, x, beam=3, max_len=40, length_penalty=0.0, n_best=None, from_features=False):
     """Caption images x [B, 3, S, S] -> (word ids per image, the n-best lists per image or None, the decoder's
-    signals [B, 5], the pooled CNN features [B, F]: see decoder_signals and Calibration). The captions are
-    generate()'s (n_best()'s best) for the same settings. from_features: x is the CNN's (cached) features."""
+    signals [B, 5], the CNN's pooled features [B, F] as it gives them: see decoder_signals and Calibration; the
+    photo check reads them at unit length, pooled_features, and the ImageNet head of things.py as they are). The
+    captions are generate()'s (n_best()'s best) for the same settings. from_features: x is the CNN's (cached)
+    features."""
     inp, from_features = cnn_once(model, x, from_features)  # the CNN once, for generation and the signals
     if n_best:
         best = search.n_best(model, inp, n_best, max_len, beam, length_penalty, from_features=from_features)
@@ -47,7 +49,7 @@ def captions_with_signals(model, x, beam=3, max_len=40, length_penalty=0.0, n_be
         ids = model.generate(inp, max_len=max_len, beam=beam, length_penalty=length_penalty,
                              from_features=from_features)
     raw = inp if from_features else model.encoderCNN.extract(x)
-    return ids, best, decoder_signals(model, inp, from_features, ids), pooled_features(raw)
+    return ids, best, decoder_signals(model, inp, from_features, ids), pooled_mean(raw)
 
 
 def decoder_signals(model, inp, from_features, ids):
@@ -68,10 +70,16 @@ def decoder_signals(model, inp, from_features, ids):
     return torch.stack([mean, least, margin, (n - 1).float(), entropy], 1).cpu()
 
 
+def pooled_mean(raw):
+    """The CNN's features [N, F] or regions [N, R, F] -> the pooled feature [N, F] as the CNN gives it (the mean
+    of its last feature map), float, on the CPU."""
+    return (raw.float().mean(1) if raw.dim() == 3 else raw.float()).cpu()
+
+
 def pooled_features(raw):
-    """The CNN's features [N, F] or regions [N, R, F] -> the pooled feature [N, F], unit length, on the CPU."""
-    pooled = raw.float().mean(1) if raw.dim() == 3 else raw.float()
-    return torch.nn.functional.normalize(pooled, dim=1).cpu()
+    """The CNN's features [N, F] or regions [N, R, F] (or pooled_mean's [N, F]) -> the pooled feature [N, F], unit
+    length, on the CPU: how the fits on it (familiarity, the photo check) compare photos, whatever their contrast."""
+    return torch.nn.functional.normalize(pooled_mean(raw), dim=1)
 
 
 def familiarity(pooled, bank):
@@ -89,9 +97,10 @@ class Calibration:
 
     @classmethod
     def fit(cls, decoder, pooled, good, bank, about):
-        """decoder [N, 5] and pooled [N, F]: dev photos' signals and features; good [N] bool: TARGET met;
-        bank [K, F]: unit features of training photos; about: a dict of plain facts stored with the fit."""
-        fam = familiarity(pooled, bank)
+        """decoder [N, 5] and pooled [N, F]: dev photos' signals and pooled features (at any length); good [N] bool:
+        TARGET met; bank [K, F]: unit features of training photos; about: a dict of plain facts stored with the
+        fit."""
+        fam = familiarity(pooled_features(pooled), bank)
         x = torch.cat([decoder, fam.unsqueeze(1)], 1).double()
         mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
         weights, bias = _logistic((x - mean) / std, good.double())
@@ -106,10 +115,11 @@ class Calibration:
         return calibration
 
     def assess(self, decoder, pooled):
-        """-> (confidence [N] in [0, 1], levels [N] of LEVELS, unfamiliar [N] bool). An unfamiliar photo's
-        confidence is 0: the fit never saw such an image, and a caption of a photo of nothing cannot be good."""
+        """decoder [N, 5] and pooled [N, F] (at any length) -> (confidence [N] in [0, 1], levels [N] of LEVELS,
+        unfamiliar [N] bool). An unfamiliar photo's confidence is 0: the fit never saw such an image, and a caption
+        of a photo of nothing cannot be good."""
         s = self.state
-        fam = familiarity(pooled, s["bank"])
+        fam = familiarity(pooled_features(pooled), s["bank"])
         x = torch.cat([decoder, fam.unsqueeze(1)], 1).double()
         z = (x - torch.tensor(s["mean"], dtype=torch.double)) / torch.tensor(s["std"], dtype=torch.double)
         confidence = torch.sigmoid(z @ torch.tensor(s["weights"], dtype=torch.double) + s["bias"])

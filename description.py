@@ -1,25 +1,31 @@
-"""What a person hears about a photo: the text read in it, what is wrong with it and how to take it again, and
-the caption at the level its confidence allows, combined into one description, shortest useful first.
+"""What a person hears about a photo: what the thing in it is, the text read in it, what is wrong with it and how to
+take it again, and the caption at the level its confidence allows, combined into one description, shortest useful
+first.
 
 Captioning a photo (inference.Captioner) is two steps. `look_at` measures the photo as it was taken: the photo
 check's image scores (photo_check.py) and, where a cheap first look finds text, the text read at a higher
 resolution (read_text.py), which also says how far the photo is turned. Then the caption is written on the upright
-photo, and `combine` says it all in one description:
+photo, what the thing is is named from the captioner's own CNN (things.py), and `combine` says it all in one
+description:
 
+    a package, a screen, a bottle   "Probably a package. Text: Farley's. Orange Slices."
     a photo that is mostly text     "Text: BRISTOL Tablets 20 mg. Probably a box on a table."
     a good photo                    "A dog runs through the grass."
     a photo with a problem          "Probably a dog in the dark. It is too dark to see: turn on a light."
     a photo turned on its side      "Turned upright: a man rides a bicycle."
     nothing recognisable at all     "No reliable description: nothing recognisable. Hold the phone ..."
 
-Every part is honest: text is read aloud only where the reader was sure of it, a caption only at the level its
-confidence allows (confidence.alt_text), and a photo the captioner cannot place gets no caption at all.
+Every part is honest: text is read aloud only where the reader was sure of it, a thing named and a caption said
+only at the level their fits allow (things.py, confidence.alt_text), and a photo the captioner cannot place gets
+no caption at all. A photo whose text was read is not called too dark to see: the text says otherwise (a lit
+screen in a dark room is the usual case).
 """
 
 from dataclasses import dataclass
 
 from confidence import ABSTAIN, alt_text, fit_alt_text
 from photo_check import measures
+from things import thing_sentence
 
 MOSTLY_TEXT = 0.12  # share of the photo inside text boxes from which it is "mostly text": the text leads
 SPOKEN_LINES = 6  # lines of text read aloud at most (the full list is in the answer's `text`)
@@ -54,41 +60,49 @@ def look_at(image, reader=None, reread=None):
     return Look(measures(image), text, turn)
 
 
-def answer(checker, look, pooled, caption, level, unfamiliar, turned=0):
+def answer(checker, look, pooled, caption, level, unfamiliar, turned=0, thing=None):
     """The description part of one photo's answer: the photo check's scores (of the image's measures in `look`
-    and, where given, the CNN's pooled feature [F]) and the problems found, and what `combine` makes of it all."""
+    and, where given, the CNN's pooled feature [F]) and the problems found, the thing named (things.Things.assess:
+    {"name", "score", "level"} or None), and what `combine` makes of it all."""
     scores = checker.scores_of(look.measures, pooled)
-    problems = checker.problems(scores)
+    read = look.text is not None and bool(look.text.lines)
+    problems = [p for p in checker.problems(scores) if not (read and p["problem"] == "dark")]  # text was seen
     told = [p for p in problems if not (turned and p["problem"] == "rotated")]  # turned upright: says so itself
-    said = combine(caption, level, unfamiliar, look, told, turned)
+    said = combine(caption, level, unfamiliar, look, told, turned, thing)
     found = problems + ([{"problem": ILLEGIBLE, "score": 1.0}] if _illegible(look) else [])
-    return {"alt_text": said["alt_text"], "description": said["description"], "text": said["text"],
+    return {"alt_text": said["alt_text"], "description": said["description"], "text": said["text"], "thing": thing,
             "photo_problems": [{"problem": p["problem"], "score": round(p["score"], 3)} for p in found],
             "photo_scores": {k: round(v, 3) for k, v in scores.items()}, "retake_hint": said["retake_hint"],
             "turned": turned}
 
 
-def combine(caption, level, unfamiliar, look, problems, turned=0):
+def combine(caption, level, unfamiliar, look, problems, turned=0, thing=None):
     """The answer's description fields for one photo: description (what a person hears), alt_text (the same cut to
     fit an alt attribute), text (the lines read), retake_hint (the most serious problem's hint, or None).
     caption/level/unfamiliar: the caption and its confidence (confidence.alt_text); problems: the photo check's
-    [{"problem", "score", "hint"}], most serious first; turned: the clockwise turn made before captioning."""
+    [{"problem", "score", "hint"}], most serious first; turned: the clockwise turn made before captioning; thing:
+    the thing named, or None."""
     lines = list(look.text.lines) if look.text is not None else []
-    problems = list(problems) + ([{"problem": ILLEGIBLE, "score": 1.0, "hint": ILLEGIBLE_HINT}]
-                                 if _illegible(look) else [])
     said = alt_text(caption, level, unfamiliar)
     said = None if said == ABSTAIN else (f"Turned upright: {said[0].lower()}{said[1:]}" if turned else said)
     text = f"Text: {'. '.join(line.rstrip('. ') for line in lines[:SPOKEN_LINES])}." if lines else None
-    hints = [p["hint"] for p in problems if p.get("hint")][:SPOKEN_HINTS]
-    mostly_text = text is not None and look.text.coverage >= MOSTLY_TEXT
     sure = said is not None and level in (None, "high", "medium")
-    parts = [text if mostly_text else None, said if sure else None, None if mostly_text else text, *hints,
+    # the thing, named where its fit is sure, says more than a caption hedged as a guess; a caption the model is
+    # sure of says it better ("A dog runs through the grass.", not "Probably a dog." too)
+    named = None if sure else thing_sentence(thing)
+    said = None if named else said
+    hints = [p["hint"] for p in problems if p.get("hint")]
+    if _illegible(look):  # text seen but unreadable is something made out: first where nothing else is
+        hints = [ILLEGIBLE_HINT, *hints] if said is None and named is None else [*hints, ILLEGIBLE_HINT]
+    hints = hints[:SPOKEN_HINTS]
+    mostly_text = text is not None and look.text.coverage >= MOSTLY_TEXT
+    parts = [named, text if mostly_text else None, said if sure else None, None if mostly_text else text, *hints,
              None if sure else said]
     parts = [p for p in parts if p]
-    if said is None and text is None and hints:  # the hints say why: say first that nothing could be made out
-        parts.insert(0, NOTHING_SEEN)
+    if said is None and text is None and named is None and hints and not _illegible(look):
+        parts.insert(0, NOTHING_SEEN)  # the hints say why: nothing could be made out
     retake = hints[0] if hints else None
-    if not parts:  # nothing read, nothing wrong that the check can name, and no caption it could stand by
+    if not parts:  # nothing read or named, nothing wrong that the check can name, and no caption it could stand by
         parts, retake = [NOTHING, NOTHING_HINT], NOTHING_HINT
     description = " ".join(parts)
     return {"description": description, "alt_text": fit_alt_text(description), "text": lines,

@@ -342,6 +342,7 @@ def main(args):
     device = pick_device(args.device)
     paths = checkpoint_paths(find_checkpoint(args.checkpoint))
     model, vocab, preset = models_from_checkpoints(paths)
+    calibration, checker, things = read_fits(paths, model)
     model.to(device).eval()
     model, _ = run_frozen(model, preset, args.runtime, args.cache_dir, device, decoder=True)
     data = Flickr8k.load(args.data, seed=args.seed)
@@ -353,7 +354,6 @@ def main(args):
         return {"reliability": table}
     batches = split_batches(args, model, preset, data, device)
     start = time.time()
-    calibration, checker = read_fits(paths)
     if calibration:
         generated, decoder, pooled = caption_with_signals(model, batches, vocab, device, args.beam,
                                                           args.length_penalty, args.max_len,
@@ -382,7 +382,7 @@ def main(args):
     if calibration:
         results["reliability"], unfamiliar = confidence_report(calibration, decoder, pooled, references, rows)
     if not args.no_describe:
-        results["photo_check"] = describe_rows(rows, data.images_dir, checker, preset,
+        results["photo_check"] = describe_rows(rows, data.images_dir, (checker, things), preset,
                                                pooled if calibration else None, unfamiliar, not args.no_text)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     write_gallery(out / "gallery.html", rows, data.images_dir, metrics)
@@ -410,30 +410,35 @@ def write_attention_maps(args, model, vocab, preset, device, images_dir, rows, o
         sheet.save(out / r["attention_map"])
 
 
-def describe_rows(rows, images_dir, checker, preset, pooled, unfamiliar, read_text=True):
-    """Give each row what a person would hear of its photo (description.answer: the photo check, the text read,
-    the description); the photos are not turned, so that the scored captions stay the model's. Returns how many
-    photos got each problem named and how many had text read."""
+def describe_rows(rows, images_dir, fits, preset, pooled, unfamiliar, read_text=True):
+    """Give each row what a person would hear of its photo (description.answer: the photo check, the thing named,
+    the text read, the description); the photos are not turned, so that the scored captions stay the model's.
+    fits: the checkpoint's (PhotoCheck, Things or None); pooled: the CNN's pooled features [N, F] as it gives
+    them, or None. Returns how many photos got each problem named, a thing named and text read."""
+    checker, things = fits
+    named_things = things.assess(pooled) if things is not None and pooled is not None else [None] * len(rows)
+    unit = pooled_features(pooled) if pooled is not None else None
     reader = TextReader() if read_text else None
     named, texts = Counter(), 0
     for i, r in enumerate(tqdm(rows, desc="photo check and text", unit="photo", leave=False, disable=None)):
         path = images_dir / r["image"]
         image = load_image(path, preset["resize"])
         look = look_at(image, reader, rereader(path, image))
-        said = answer(checker, look, None if pooled is None else pooled[i], r["caption"], r.get("confidence_level"),
-                      bool(unfamiliar[i]))
-        r.update((k, said[k]) for k in ("description", "text", "photo_problems", "photo_scores", "retake_hint"))
+        said = answer(checker, look, None if unit is None else unit[i], r["caption"], r.get("confidence_level"),
+                      bool(unfamiliar[i]), thing=named_things[i])
+        r.update((k, said[k]) for k in ("description", "text", "thing", "photo_problems", "photo_scores",
+                                        "retake_hint"))
         named.update(p["problem"] for p in said["photo_problems"])
         texts += bool(said["text"])
     return {"photos": len(rows), "any_problem": sum(bool(r["photo_problems"]) for r in rows),
-            "problems": dict(named), "text_read": texts}
+            "problems": dict(named), "text_read": texts, "thing_named": sum(t is not None for t in named_things)}
 
 
 def print_photo_check(found):
     n = found["photos"]
     named = ", ".join(f"{k} {v}" for k, v in sorted(found["problems"].items())) or "none"
     print(f"photo check: a problem named on {found['any_problem']} of {n} photos ({named}); text read on "
-          f"{found['text_read']}")
+          f"{found['text_read']}; a thing named on {found['thing_named']}")
 
 
 def confidence_report(calibration, decoder, pooled, references, rows):

@@ -30,12 +30,13 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from backbones import EncoderWeightsError
-from confidence import Calibration, captions_with_signals
+from confidence import Calibration, captions_with_signals, pooled_features
 from description import answer, look_at
 from image_loader import DataError, EvalTransform, list_images, load_image, load_vocab_file
 from photo_check import PhotoCheck
 from read_text import LANGUAGES, READ_SIZE, TextReader, parse_languages
 from runtimes import RUNTIME_CHOICES, RUNTIME_HELP, run_frozen
+from things import Things, ThingsError
 from utils import (
     USER_CHECKPOINTS,
     HelpFormatter,
@@ -88,8 +89,8 @@ def get_args_parser():
                         "captioning beside other work slows down gracefully)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON list of {image, caption, alt_text, confidence, confidence_level, "
-                        "description, text, photo_problems, photo_scores, retake_hint, turned} or {image, error} "
-                        "(n_best: [...] too with --n-best)")
+                        "description, text, thing, photo_problems, photo_scores, retake_hint, turned} or {image, "
+                        "error} (n_best: [...] too with --n-best)")
     return p
 
 
@@ -132,7 +133,7 @@ class Captioner:
         if vocab_path and load_vocab_file(vocab_path).itos != self.vocab.itos:
             raise DataError(f"{vocab_path} is not the vocabulary {paths[0]} was trained with (leave out --vocab: "
                             "the checkpoint holds its own)")
-        self.calibration, self.checker = read_fits(paths)
+        self.calibration, self.checker, self.things = read_fits(paths, self.model)
         self.reader = TextReader(text_languages, threads=torch.get_num_threads()) if read_text else None
         self.device = torch.device(device)
         self.model.to(self.device).eval()
@@ -162,15 +163,16 @@ class Captioner:
     def describe(self, images, beam=3, max_len=40, length_penalty=0.0, n_best=None, looks=None):
         """PIL images, captioned as one batch -> one dict each: caption, alt_text, confidence (the estimated
         probability that the caption is good; None without a calibration), confidence_level (high, medium,
-        low, or None), description (what a person hears: description.combine), text, photo_problems,
-        photo_scores, retake_hint, turned; with n_best=K, n_best: see n_best_entries. looks: each image's
-        description.Look (default: looked at here, without reading text at a higher resolution)."""
+        low, or None), description (what a person hears: description.combine), text, thing (what the photo
+        shows, things.Things.assess: {"name", "score", "level"} or None), photo_problems, photo_scores, retake_hint,
+        turned; with n_best=K, n_best: see n_best_entries. looks: each image's description.Look (default: looked
+        at here, without reading text at a higher resolution)."""
         looks = looks if looks is not None else [self.look(im) for im in images]
         turns = [lk.turn for lk in looks]
         found = self._signals(images, turns, beam, max_len, length_penalty, n_best)
         # a photo on its side with no text to tell by: where the photo check's head is sure how to turn it, it is
         # turned and captioned again
-        heads = [0 if t else self.checker.upright_turn(p) for t, p in zip(turns, found[3])]
+        heads = [0 if t else self.checker.upright_turn(p) for t, p in zip(turns, pooled_features(found[3]))]
         again = [i for i, t in enumerate(heads) if t]
         if again:
             for i in again:
@@ -186,7 +188,9 @@ class Captioner:
         return captions_with_signals(self.model, self._batch(upright), beam, max_len, length_penalty, n_best)
 
     def _answers(self, found, looks, turns):
-        ids, best, decoder, pooled = found
+        ids, best, decoder, pooled = found  # pooled [N, F]: the CNN's, as it gives them
+        things = self.things.assess(pooled) if self.things else [None] * len(ids)
+        unit = pooled_features(pooled)
         if self.calibration:
             confidence, levels, unfamiliar = self.calibration.assess(decoder, pooled)
             confidence = [round(c, 3) for c in confidence.tolist()]
@@ -196,8 +200,8 @@ class Captioner:
         for i, words in enumerate(ids):
             caption = self.vocab.decode(words)
             out.append({"caption": caption, "confidence": confidence[i], "confidence_level": levels[i],
-                        **answer(self.checker, looks[i], pooled[i], caption, levels[i], bool(unfamiliar[i]),
-                                 turns[i])})
+                        **answer(self.checker, looks[i], unit[i], caption, levels[i], bool(unfamiliar[i]),
+                                 turns[i], things[i])})
             if best:
                 out[-1]["n_best"] = self.n_best_entries(best[i])
         return out
@@ -228,13 +232,20 @@ def _replace_rows(found, rows, redone):
 TURNS = {90: Image.Transpose.ROTATE_270, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_90}
 
 
-def read_fits(paths):
+def read_fits(paths, model=None):
     """The fits made on dev for a single checkpoint, read from its file once (models_from_checkpoints keeps only
     the model): (its confidence Calibration, or None for an ensemble of several files or a checkpoint never
-    calibrated; its PhotoCheck, the image measures alone where it has none)."""
+    calibrated; its PhotoCheck, the image measures alone where it has none; its Things, the head that names what
+    the photo shows, or None where it has none, or one fitted on another CNN than `model`'s, said on stderr)."""
     state = load_checkpoint(paths[0]) if len(paths) == 1 else {}
     calibration = Calibration(state["calibration"]) if state.get("calibration") else None
-    return calibration, PhotoCheck.from_checkpoint(state)
+    things = None
+    if state.get("things"):
+        try:
+            things = Things(state["things"], model.encoderCNN.backbone if model is not None else None)
+        except ThingsError as e:  # the captions are still good: say why no thing is named, and go on
+            print(f"no thing will be named: {e}", file=sys.stderr)
+    return calibration, PhotoCheck.from_checkpoint(state), things
 
 
 PANEL, TITLE, COLUMNS = 224, 22, 5  # attention maps: each panel's side and title bar (pixels); panels a row

@@ -6,8 +6,8 @@
 
 POST /caption takes the photo as a multipart field named "image", or as the raw request body (Content-Type
 image/... or application/octet-stream), and answers what `inference.py --json` says of it: {"caption",
-"alt_text", "confidence", "confidence_level", "description", "text", "photo_problems", "photo_scores",
-"retake_hint", "turned"}; the page announces the description; ?n_best=K adds the beam search's K best,
+"alt_text", "confidence", "confidence_level", "description", "text", "thing", "photo_problems",
+"photo_scores", "retake_hint", "turned"}; the page announces the description; ?n_best=K adds the beam search's K best,
 ?beam=N chooses the beam (up to --max-beam). GET /health says whether the model is ready, and which; GET / is the page;
 with --web-dir, GET /offline/ is the web export's page, which describes photos in the browser.
 

@@ -64,6 +64,9 @@ def test_text_seen_but_not_read_says_so():
     look = Look(text=text(illegible=True, coverage=0.05))
     said = combine(CAPTION, "low", True, look, [])
     assert ILLEGIBLE_HINT in said["description"] and said["retake_hint"] == ILLEGIBLE_HINT and said["text"] == []
+    assert said["description"].startswith(ILLEGIBLE_HINT)  # text was made out: not "Nothing recognisable"
+    blurred = combine(CAPTION, "low", True, look, [BLUR])
+    assert blurred["description"] == f"{ILLEGIBLE_HINT} {BLUR['hint']}"
     full = answer(CleanPhoto(), look, None, CAPTION, "low", True)
     assert full["photo_problems"] == [{"problem": ILLEGIBLE, "score": 1.0}] and full["photo_scores"]["blur"] == 0.1
 
@@ -91,3 +94,37 @@ def test_a_photo_on_its_side_is_said_to_be_turned_only_where_it_was():
     assert left["photo_problems"] == [{"problem": "rotated", "score": 0.9}] and left["turned"] == 0
     turned = answer(UpsideDownPhoto(), Look(), [0.0], CAPTION, "high", False, turned=180)
     assert turned["description"] == "Turned upright: a dog is running through the grass."
+
+
+CAN = {"name": "a can", "score": 0.82, "level": "medium"}
+
+
+def test_a_thing_is_named_where_the_caption_is_unsure_and_never_nothing_recognisable():
+    alone = combine(CAPTION, "low", True, Look(), [], thing=CAN)
+    assert alone["description"] == "Probably a can." and alone["retake_hint"] is None
+    blurred = combine(CAPTION, "low", False, Look(), [BLUR], thing=CAN)
+    assert blurred["description"] == f"Probably a can. {BLUR['hint']}"  # not the low caption, not "Nothing ..."
+    read = combine(CAPTION, "low", True, Look(text=text(["Crushed Tomatoes"], coverage=0.05)), [], thing=CAN)
+    assert read["description"] == "Probably a can. Text: Crushed Tomatoes."
+    sure = combine(CAPTION, "high", False, Look(), [], thing={"name": "a dog", "score": 0.9, "level": "medium"})
+    assert sure["description"] == "A dog is running through the grass."  # the sure caption says it better
+
+
+class DarkPhoto:
+    """A photo check that finds the photo too dark (a lit screen in a dark room scores so)."""
+    def scores_of(self, measures, pooled):
+        return {"dark": 0.9, "blur": 0.1}
+
+    def problems(self, scores):
+        return [DARK]
+
+
+def test_a_photo_whose_text_was_read_is_not_called_too_dark():
+    screen = answer(DarkPhoto(), Look(text=text(["Windows cannot repair this computer"], coverage=0.05)), None,
+                    CAPTION, "low", True, thing={"name": "a computer screen", "score": 0.7, "level": "medium"})
+    assert DARK["hint"] not in screen["description"] and screen["photo_problems"] == []
+    assert screen["description"] == "Probably a computer screen. Text: Windows cannot repair this computer."
+    assert screen["thing"]["name"] == "a computer screen" and screen["photo_scores"]["dark"] == 0.9
+    unread = answer(DarkPhoto(), Look(), None, CAPTION, "low", True)
+    assert unread["photo_problems"] == [{"problem": "dark", "score": 0.9}] and unread["thing"] is None
+    assert unread["description"] == f"{NOTHING_SEEN} {DARK['hint']}"

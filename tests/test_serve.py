@@ -213,7 +213,7 @@ def test_caption_as_inference_describes_it_multipart_or_raw_body(probe):
         assert r.status_code == 200, r.text
         assert r.json() == probe.expected[photo]
         assert set(r.json()) == {"caption", "alt_text", "confidence", "confidence_level", "description", "text",
-                                 "photo_problems", "photo_scores", "retake_hint", "turned"}
+                                 "thing", "photo_problems", "photo_scores", "retake_hint", "turned"}
     assert best.json() == described(probe.captioner, photo, beam=4, n_best=3)
     assert len(best.json()["n_best"]) == 3 and best.json()["n_best"][0]["caption"] == best.json()["caption"]
     assert greedy.json() == described(probe.captioner, photo, beam=1)
