@@ -24,7 +24,7 @@ screen in a dark room is the usual case).
 from dataclasses import dataclass
 
 from confidence import ABSTAIN, alt_text, fit_alt_text
-from photo_check import measures
+from photo_check import NAMED, measures
 from things import thing_sentence
 
 MOSTLY_TEXT = 0.12  # share of the photo inside text boxes from which it is "mostly text": the text leads
@@ -67,11 +67,12 @@ def answer(checker, look, pooled, caption, level, unfamiliar, turned=0, thing=No
     scores = checker.scores_of(look.measures, pooled)
     read = look.text is not None and bool(look.text.lines)
     problems = [p for p in checker.problems(scores) if not (read and p["problem"] == "dark")]  # text was seen
+    if not read and scores.get("text", 0.0) > NAMED:  # the check sees text, and none could be read
+        problems.append({"problem": ILLEGIBLE, "score": scores["text"], "hint": ILLEGIBLE_HINT})
     told = [p for p in problems if not (turned and p["problem"] == "rotated")]  # turned upright: says so itself
     said = combine(caption, level, unfamiliar, look, told, turned, thing)
-    found = problems + ([{"problem": ILLEGIBLE, "score": 1.0}] if _illegible(look) else [])
     return {"alt_text": said["alt_text"], "description": said["description"], "text": said["text"], "thing": thing,
-            "photo_problems": [{"problem": p["problem"], "score": round(p["score"], 3)} for p in found],
+            "photo_problems": [{"problem": p["problem"], "score": round(p["score"], 3)} for p in problems],
             "photo_scores": {k: round(v, 3) for k, v in scores.items()}, "retake_hint": said["retake_hint"],
             "turned": turned}
 
@@ -80,8 +81,8 @@ def combine(caption, level, unfamiliar, look, problems, turned=0, thing=None):
     """The answer's description fields for one photo: description (what a person hears), alt_text (the same cut to
     fit an alt attribute), text (the lines read), retake_hint (the most serious problem's hint, or None).
     caption/level/unfamiliar: the caption and its confidence (confidence.alt_text); problems: the photo check's
-    [{"problem", "score", "hint"}], most serious first; turned: the clockwise turn made before captioning; thing:
-    the thing named, or None."""
+    [{"problem", "score", "hint"}], most serious first, and ILLEGIBLE's where it sees text none could read;
+    turned: the clockwise turn made before captioning; thing: the thing named, or None."""
     lines = list(look.text.lines) if look.text is not None else []
     said = alt_text(caption, level, unfamiliar)
     said = None if said == ABSTAIN else (f"Turned upright: {said[0].lower()}{said[1:]}" if turned else said)
@@ -91,15 +92,14 @@ def combine(caption, level, unfamiliar, look, problems, turned=0, thing=None):
     # sure of says it better ("A dog runs through the grass.", not "Probably a dog." too)
     named = None if sure else thing_sentence(thing)
     said = None if named else said
-    hints = [p["hint"] for p in problems if p.get("hint")]
-    if _illegible(look):  # text seen but unreadable is something made out: first where nothing else is
-        hints = [ILLEGIBLE_HINT, *hints] if said is None and named is None else [*hints, ILLEGIBLE_HINT]
-    hints = hints[:SPOKEN_HINTS]
+    seen = [p for p in problems if p["problem"] == ILLEGIBLE]  # text seen but unreadable is something made out:
+    rest = [p for p in problems if p["problem"] != ILLEGIBLE]  # said first where nothing else is, else last
+    hints = [p["hint"] for p in (seen + rest if said is None and named is None else rest + seen)][:SPOKEN_HINTS]
     mostly_text = text is not None and look.text.coverage >= MOSTLY_TEXT
     parts = [named, text if mostly_text else None, said if sure else None, None if mostly_text else text, *hints,
              None if sure else said]
     parts = [p for p in parts if p]
-    if said is None and text is None and named is None and hints and not _illegible(look):
+    if said is None and text is None and named is None and hints and not seen:
         parts.insert(0, NOTHING_SEEN)  # the hints say why: nothing could be made out
     retake = hints[0] if hints else None
     if not parts:  # nothing read or named, nothing wrong that the check can name, and no caption it could stand by
@@ -107,8 +107,3 @@ def combine(caption, level, unfamiliar, look, problems, turned=0, thing=None):
     description = " ".join(parts)
     return {"description": description, "alt_text": fit_alt_text(description), "text": lines,
             "retake_hint": retake}
-
-
-def _illegible(look):
-    """Whether the reader found text-like lines in the photo but could read none of them with assurance."""
-    return look.text is not None and look.text.illegible and not look.text.lines

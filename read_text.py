@@ -1,17 +1,18 @@
 """Read the text in a photo, offline: find text lines, read the confident ones aloud-ready (in reading order, in the
-photo's upright frame), and tell how the photo must be turned and whether text is there but unreadable.
+photo's upright frame), and tell how the photo must be turned to stand upright.
 
 It runs PaddleOCR's PP-OCRv6 text detector and recogniser and its direction classifier, the ONNX files that the
 `rapidocr` wheel carries, on ONNX Runtime (nothing is downloaded). The steps around the networks are this file's
 own, in plain array code, so that the web page can do exactly the same: the detector's probability map becomes
 boxes (`boxes_from_map`), each box is cut out and turned to read left to right, the recogniser's output is
 decoded (`ctc_decode`). Lines that are junk (too few letters, a low recogniser score, words no English reader
-would know) are dropped: a wrong word said with assurance is worse than none.
+would know) are dropped: a wrong word said with assurance is worse than none. (Whether text is there but too blurry
+to read is the photo check's to say: PP-OCRv6's detector sees blurred print as one blob, much as it sees a wall.)
 
     reader = TextReader(threads=2)
     look = reader.first_look(rgb)              # cheap: is there text worth reading?
     if look.passes:
-        result = reader.read(rgb, look)        # result.lines, result.angle, result.illegible ...
+        result = reader.read(rgb, look)        # result.lines, result.angle, result.coverage ...
 """
 
 import math
@@ -36,7 +37,6 @@ LOOK_THRESH = 0.4     # photos read let through, 20% of Flickr8k's without text;
 LOOK_ASPECT = 1.5     # print is lost, at 640 the look costs twice as much for no more photos read)
 DB_THRESH = 0.3       # detector probability above which a pixel is text (PaddleOCR's DB default)
 BOX_THRESH = 0.5      # mean probability a box needs
-WEAK_THRESH = 0.2     # where "half sure" starts: the evidence for text that is there but unreadable
 UNCLIP = 1.6          # how far a box grows back out from the detector's shrunk text kernel
 MAX_CANDIDATES = 300  # detector regions examined at most: bounds the time on a page of noise
 MAX_LINES = 32        # text boxes recognised at most: bounds the time on a page of tiny print
@@ -55,10 +55,6 @@ TRUST_SCORE = 0.97    # ... at or above which a line is kept whatever its words 
 MIN_ALNUM = 3         # letters and digits a line needs
 LONG_NAME = 14        # an unknown word longer than this does not count as a word (medicine names are shorter)
 MAX_WORD = 20         # no token longer than this many letters is ever output
-ILLEGIBLE_COVER = 0.01  # text-box share of the photo above which unread boxes mean "text is there"
-ILLEGIBLE_BOXES = 1
-ILLEGIBLE_SCORE = 0.5  # ... or a line of MIN_ALNUM letters or digits read with at least this score, but not kept
-LINE_HIGH = 0.25      # a box higher than this share of the photo's short side is a blob, not a line of text
 LINE_ASPECT = 1.2     # a line of text is at least this many times as long as it is high (a blob is not)
 # words of fewer than 3 letters that count (the list's others are mostly abbreviations such as "td", "rn")
 SHORT_WORDS = frozenset(re.findall(r"\w+", "a i of in is to it as he on by or be an at if up so do no we go us my "
@@ -77,7 +73,6 @@ class TextResult:
     lines: list = field(default_factory=list)  # confident lines, in reading order
     confidence: float = 0.0   # mean recogniser score of the kept lines (0 if none)
     coverage: float = 0.0     # share of the photo's area inside detected text boxes
-    illegible: bool = False   # text-like regions found, nothing read confidently
     angle: int | None = None  # 0/90/180/270: clockwise turn that makes the text upright (None: no text)
     seconds: float = 0.0
 
@@ -151,16 +146,13 @@ def _triples(word):
 
 @dataclass
 class Rules:
-    """When a read line is kept and when unread boxes mean illegible text (defaults chosen on dev photos)."""
+    """When a read line is kept (defaults chosen on dev photos)."""
     min_score: float = MIN_SCORE
     sure_score: float = SURE_SCORE
     min_word_share: float = MIN_WORD_SHARE
     trust_score: float = TRUST_SCORE
     long_name: int = LONG_NAME
     min_alnum: int = MIN_ALNUM
-    illegible_cover: float = ILLEGIBLE_COVER
-    illegible_boxes: int = ILLEGIBLE_BOXES
-    illegible_score: float = ILLEGIBLE_SCORE
 
 
 def tidy_line(text, score, words, languages, rules):
@@ -469,15 +461,9 @@ class TextReader:
         prob, found = self._boxes(frame, self.det_side)
         boxes = [b for b, _ in found if _line_like(b)]  # a blob (a ball, a window) is no line of text
         cover = min(1.0, sum(_area(b) for b in boxes) / (width * height))
-        # the evidence for "illegible": text-line-sized boxes (not a blob as high as a quarter of the photo) where
-        # the detector is only half sure, as it is of blurred text
-        scale = np.array([width / prob.shape[1], height / prob.shape[0]], np.float32)
-        weak = [b * scale for b, _ in boxes_from_map(prob, WEAK_THRESH, WEAK_THRESH)]
-        weak = [b for b in weak if _line_like(b) and min(_box_sides(b)) <= LINE_HIGH * min(width, height)]
         least = MIN_TEXT_PX * max(width, height) / READ_SIZE  # MIN_TEXT_PX is at READ_SIZE
         boxes = sorted((b for b in boxes if min(_box_sides(b)) >= least), key=lambda b: -min(_box_sides(b)))
-        signals = {"coverage": cover, "line_cover": sum(_area(b) for b in weak) / (width * height),
-                   "lines_seen": len(weak), "width": width, "height": height}
+        signals = {"coverage": cover, "width": width, "height": height}
         return {"frame": frame, "turn": turn, "boxes": boxes[:self.max_lines], "signals": signals}
 
     def _orient(self, img, boxes):
@@ -515,14 +501,9 @@ class TextReader:
                 kept.append((box, line))
                 scores.append(score)
         lines = reading_order(kept, raw["angle"], raw["width"], raw["height"])
-        # text is there but unreadable: lines the detector is only half sure of, as of blurred print, or lines
-        # the recogniser made something of without assurance
-        unsure = any(score >= rules.illegible_score and sum(c.isalnum() for c in text) >= rules.min_alnum
-                     for text, score in raw["read"])
-        seen = (raw["line_cover"] >= rules.illegible_cover and raw["lines_seen"] >= rules.illegible_boxes) or unsure
         return TextResult(lines=lines, confidence=float(np.mean(scores)) if scores else 0.0,
-                          coverage=float(raw["coverage"]), illegible=bool(seen and not lines),
-                          angle=(raw["turn"] + raw["angle"]) % 360 if lines else None, seconds=raw["seconds"])
+                          coverage=float(raw["coverage"]), angle=(raw["turn"] + raw["angle"]) % 360 if lines else None,
+                          seconds=raw["seconds"])
 
     def read(self, image, look=None):
         """The confident text of a PIL image (found at det_side px, read from crops of up to CROP_SIDE px).

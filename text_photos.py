@@ -12,7 +12,7 @@ other seeds) are scored once at the end.
     python text_photos.py --vizwiz ../shared/vizwiz_dev  # what the reader says of real photos
 
 Prints key-word recall (share of legible-text photos whose key words are all read, as separate words),
-precision of the words read, invention rate on photos without legible text, illegible flags, the longest word,
+precision of the words read, invention rate on photos without legible text, the longest word,
 orientation accuracy, and the time per photo of first_look and read beside the shipped captioner's.
 """
 
@@ -192,8 +192,7 @@ def perspective(im, rng, amount=0.08):
 
 def degrade(im, rng, text_px=0):
     """The spoils of a phone photo by someone who cannot see the screen; returns (photo, [what was done]).
-    text_px > 0: the height of the largest text, blurred past reading (for the illegible flag and the invention
-    rate)."""
+    text_px > 0: the height of the largest text, blurred past reading (for the invention rate)."""
     done = []
     if rng.random() < 0.4:
         im, done = perspective(im, rng), done + ["perspective"]
@@ -306,7 +305,6 @@ def score_rows(reader, rows, rules, use_look=True):
     legible = [r for r in rows if r["rec"]["kind"] not in NO_TEXT]
     empty = [r for r in rows if r["rec"]["kind"] in NO_TEXT]
     out_words, right, hits, invented, longest, turns, told, read_any, passed = 0, 0, 0, 0, 0, 0, 0, 0, 0
-    flags = {"none": [0, 0], "blurred": [0, 0]}
     for r in rows:
         whole = reader.judge(r["raw"], rules)
         res = whole if r["look"] or not use_look else read_text.TextResult()
@@ -322,22 +320,17 @@ def score_rows(reader, rows, rules, use_look=True):
                 told, turns = told + 1, turns + (res.angle == r["rec"]["turn"])
         else:
             invented += bool(res.lines)
-            flags[r["rec"]["kind"]][0] += res.illegible
-            flags[r["rec"]["kind"]][1] += 1
     return {"key_recall": hits / max(len(legible), 1), "precision": right / max(out_words, 1),
             "invented": invented / max(len(empty), 1), "longest_word": longest,
             "turn_right": turns / max(told, 1), "turn_told": told / max(len(legible), 1),
-            "illegible_blurred": flags["blurred"][0] / max(flags["blurred"][1], 1),
-            "illegible_none": flags["none"][0] / max(flags["none"][1], 1),
             "look_keeps": passed / max(read_any, 1),
-            "look_pass_none": sum(r["look"] for r in empty if r["rec"]["kind"] == "none") / max(flags["none"][1], 1)}
+            "look_pass_none": sum(r["look"] for r in empty) / max(len(empty), 1)}
 
 
 def print_scores(title, s):
     print(f"{title}: key words read {s['key_recall']:.3f} | words right {s['precision']:.3f} | invented "
           f"{s['invented']:.3f} | longest word {s['longest_word']} | turn right {s['turn_right']:.3f} "
-          f"(told on {s['turn_told']:.3f}) | illegible: blurred {s['illegible_blurred']:.3f}, no text "
-          f"{s['illegible_none']:.3f} | first look lets through {s['look_keeps']:.3f} of the photos read, "
+          f"(told on {s['turn_told']:.3f}) | first look lets through {s['look_keeps']:.3f} of the photos read, "
           f"{s['look_pass_none']:.3f} of those without text")
 
 
@@ -406,12 +399,12 @@ def vizwiz(reader, folder, args):
         raise SystemExit(f"{folder}/text_truth.json not found: the real photos' text, transcribed by eye")
     rows = vizwiz_rows(reader, folder)
     scores = score_rows(reader, rows, reader.rules)
-    print("| photo | first look | read (s) | angle | illegible | lines |\n|---|---|---|---|---|---|")
+    print("| photo | first look | read (s) | angle | lines |\n|---|---|---|---|---|")
     for r in rows:
         res = r["result"]
         gated = "" if r["look"] else " (skipped)"
         print(f"| {Path(r['rec']['file']).name} | {gated or 'read'} | {r['read_s']:.2f} | {res.angle} | "
-              f"{res.illegible} | {' / '.join(res.lines) or '-'} |")
+              f"{' / '.join(res.lines) or '-'} |")
     print_scores(f"real photos ({len(rows)}), shipped rules", scores)
     if args.sweep:
         sweep(reader, rows, args)

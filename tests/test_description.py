@@ -11,8 +11,8 @@ DARK = {"problem": "dark", "score": 0.9, "hint": "It is too dark to see: turn on
 BLUR = {"problem": "blur", "score": 0.8, "hint": "The photo is blurry: hold the phone still and try again."}
 
 
-def text(lines=(), coverage=0.0, illegible=False):
-    return SimpleNamespace(lines=list(lines), coverage=coverage, illegible=illegible, angle=0)
+def text(lines=(), coverage=0.0):
+    return SimpleNamespace(lines=list(lines), coverage=coverage, angle=0)
 
 
 def test_a_good_photo_is_its_caption_at_its_level():
@@ -51,24 +51,28 @@ def test_a_photo_nothing_can_be_said_of_says_why_and_how_to_retake_it():
     assert blurred["description"] == f"{NOTHING_SEEN} {BLUR['hint']}"  # never the caption of a photo it abstains on
 
 
-class CleanPhoto:
-    """A photo check that finds nothing wrong."""
+class TextPhoto:
+    """A photo check that finds nothing wrong, and sees text."""
     def scores_of(self, measures, pooled):
-        return {"blur": 0.1, "dark": 0.0}
+        return {"blur": 0.1, "dark": 0.0, "text": 0.8}
 
     def problems(self, scores):
         return []
 
 
+SEEN = {"problem": ILLEGIBLE, "score": 0.8, "hint": ILLEGIBLE_HINT}
+
+
 def test_text_seen_but_not_read_says_so():
-    look = Look(text=text(illegible=True, coverage=0.05))
-    said = combine(CAPTION, "low", True, look, [])
+    said = combine(CAPTION, "low", True, Look(), [SEEN])
     assert ILLEGIBLE_HINT in said["description"] and said["retake_hint"] == ILLEGIBLE_HINT and said["text"] == []
     assert said["description"].startswith(ILLEGIBLE_HINT)  # text was made out: not "Nothing recognisable"
-    blurred = combine(CAPTION, "low", True, look, [BLUR])
+    blurred = combine(CAPTION, "low", True, Look(), [BLUR, SEEN])
     assert blurred["description"] == f"{ILLEGIBLE_HINT} {BLUR['hint']}"
-    full = answer(CleanPhoto(), look, None, CAPTION, "low", True)
-    assert full["photo_problems"] == [{"problem": ILLEGIBLE, "score": 1.0}] and full["photo_scores"]["blur"] == 0.1
+    full = answer(TextPhoto(), Look(text=text(coverage=0.05)), None, CAPTION, "low", True)
+    assert full["photo_problems"] == [{"problem": ILLEGIBLE, "score": 0.8}] and full["photo_scores"]["blur"] == 0.1
+    read = answer(TextPhoto(), Look(text=text(["EXIT"], coverage=0.05)), None, CAPTION, "low", True)
+    assert read["photo_problems"] == [] and read["description"] == "Text: EXIT."  # read: nothing unreadable to say
 
 
 def test_a_turned_photo_says_so_and_the_alt_text_fits():

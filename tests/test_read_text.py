@@ -1,6 +1,6 @@
 """read_text.py: rendered text is read with its spaces, a photo without text stays silent and is not read, a photo on
-its side or upside down is told and read upright, blurred text is flagged illegible, hostile photos answer in
-bounded time, unsupported languages are refused; the steps around the networks (boxes from the detector's map, the
+its side or upside down is told and read upright, text blurred past reading is not guessed, hostile photos answer
+in bounded time, unsupported languages are refused; the steps around the networks (boxes from the detector's map, the
 CTC decode) do what they say."""
 
 import time
@@ -44,8 +44,8 @@ def test_reads_a_line_with_its_spaces(reader):
     assert look.passes
     res = reader.read(im, look)
     assert PHRASE.lower() in " ".join(res.lines).lower(), res.lines
-    assert res.angle == 0 and not res.illegible and 0 < res.coverage < 1 and 0.8 <= res.confidence <= 1
-    assert set(res.as_dict()) == {"lines", "confidence", "coverage", "illegible", "angle", "seconds"}
+    assert res.angle == 0 and 0 < res.coverage < 1 and 0.8 <= res.confidence <= 1
+    assert set(res.as_dict()) == {"lines", "confidence", "coverage", "angle", "seconds"}
 
 
 def test_lines_come_in_reading_order(reader):
@@ -87,7 +87,7 @@ def test_photo_without_text_stays_silent(reader):
     im = sky()
     assert not reader.first_look(im).passes  # not worth reading: the photo costs only the look
     res = reader.read(im)
-    assert res.lines == [] and res.angle is None and not res.illegible and res.confidence == 0
+    assert res.lines == [] and res.angle is None and res.confidence == 0
 
 
 def test_a_photo_without_text_is_not_read_past_the_first_look(reader):
@@ -110,12 +110,12 @@ def test_a_photo_without_text_is_not_read_past_the_first_look(reader):
     assert counting.reads == 1 and PHRASE.lower() in " ".join(label.text.lines).lower()
 
 
-def test_blurred_text_is_illegible_and_not_read(reader):
+def test_text_blurred_past_reading_is_not_guessed(reader):
     page = text_photo(["Dear Customer", "Your payment is due", "at the end of the month", "Thank you for your order",
                        "Please call us", "The office is open"], size=44, width=1000)
-    # blurred by 0.14 of the font size: at 0.125 some lines are still read, from 0.16 the detector sees nothing
-    res = reader.read(page.filter(ImageFilter.GaussianBlur(0.14 * 44)))
-    assert res.lines == [] and res.illegible, res
+    # blurred by 0.14 of the font size: at 0.1 every line is still read; from 0.125 the detector sees one blob
+    assert reader.read(page.filter(ImageFilter.GaussianBlur(0.14 * 44))).lines == []
+    assert len(reader.read(page.filter(ImageFilter.GaussianBlur(0.1 * 44))).lines) == 6
 
 
 @pytest.mark.slow
