@@ -24,14 +24,12 @@ screen in a dark room is the usual case).
 from dataclasses import dataclass
 
 from confidence import ABSTAIN, alt_text, fit_alt_text
-from photo_check import NAMED, measures
+from photo_check import measures
 from things import thing_sentence
 
 MOSTLY_TEXT = 0.12  # share of the photo inside text boxes from which it is "mostly text": the text leads
 SPOKEN_LINES = 6  # lines of text read aloud at most (the full list is in the answer's `text`)
 SPOKEN_HINTS = 2  # retake hints said at most: the most serious first
-ILLEGIBLE = "illegible_text"
-ILLEGIBLE_HINT = "Text is there but too blurry to read: move the phone a little closer and hold it still."
 NOTHING_SEEN = "Nothing recognisable."
 NOTHING = "No reliable description: nothing recognisable."
 NOTHING_HINT = "Hold the phone about a forearm's length from the thing, in good light, and try again."
@@ -67,8 +65,6 @@ def answer(checker, look, pooled, caption, level, unfamiliar, turned=0, thing=No
     scores = checker.scores_of(look.measures, pooled)
     read = look.text is not None and bool(look.text.lines)
     problems = [p for p in checker.problems(scores) if not (read and p["problem"] == "dark")]  # text was seen
-    if not read and scores.get("text", 0.0) > NAMED:  # the check sees text, and none could be read
-        problems.append({"problem": ILLEGIBLE, "score": scores["text"], "hint": ILLEGIBLE_HINT})
     told = [p for p in problems if not (turned and p["problem"] == "rotated")]  # turned upright: says so itself
     said = combine(caption, level, unfamiliar, look, told, turned, thing)
     return {"alt_text": said["alt_text"], "description": said["description"], "text": said["text"], "thing": thing,
@@ -81,8 +77,8 @@ def combine(caption, level, unfamiliar, look, problems, turned=0, thing=None):
     """The answer's description fields for one photo: description (what a person hears), alt_text (the same cut to
     fit an alt attribute), text (the lines read), retake_hint (the most serious problem's hint, or None).
     caption/level/unfamiliar: the caption and its confidence (confidence.alt_text); problems: the photo check's
-    [{"problem", "score", "hint"}], most serious first, and ILLEGIBLE's where it sees text none could read;
-    turned: the clockwise turn made before captioning; thing: the thing named, or None."""
+    [{"problem", "score", "hint"}], most serious first; turned: the clockwise turn made before captioning;
+    thing: the thing named, or None."""
     lines = list(look.text.lines) if look.text is not None else []
     said = alt_text(caption, level, unfamiliar)
     said = None if said == ABSTAIN else (f"Turned upright: {said[0].lower()}{said[1:]}" if turned else said)
@@ -92,14 +88,12 @@ def combine(caption, level, unfamiliar, look, problems, turned=0, thing=None):
     # sure of says it better ("A dog runs through the grass.", not "Probably a dog." too)
     named = None if sure else thing_sentence(thing)
     said = None if named else said
-    seen = [p for p in problems if p["problem"] == ILLEGIBLE]  # text seen but unreadable is something made out:
-    rest = [p for p in problems if p["problem"] != ILLEGIBLE]  # said first where nothing else is, else last
-    hints = [p["hint"] for p in (seen + rest if said is None and named is None else rest + seen)][:SPOKEN_HINTS]
+    hints = [p["hint"] for p in problems if p.get("hint")][:SPOKEN_HINTS]
     mostly_text = text is not None and look.text.coverage >= MOSTLY_TEXT
     parts = [named, text if mostly_text else None, said if sure else None, None if mostly_text else text, *hints,
              None if sure else said]
     parts = [p for p in parts if p]
-    if said is None and text is None and named is None and hints and not seen:
+    if said is None and text is None and named is None and hints:
         parts.insert(0, NOTHING_SEEN)  # the hints say why: nothing could be made out
     retake = hints[0] if hints else None
     if not parts:  # nothing read or named, nothing wrong that the check can name, and no caption it could stand by

@@ -3,7 +3,7 @@
 from types import SimpleNamespace
 
 from confidence import ABSTAIN, ALT_TEXT_MAX
-from description import ILLEGIBLE, ILLEGIBLE_HINT, NOTHING, NOTHING_HINT, NOTHING_SEEN, Look, answer, combine
+from description import NOTHING, NOTHING_HINT, NOTHING_SEEN, Look, answer, combine
 from photo_check import HINTS
 
 CAPTION = "a dog is running through the grass ."
@@ -49,30 +49,6 @@ def test_a_photo_nothing_can_be_said_of_says_why_and_how_to_retake_it():
     assert nothing["description"] != ABSTAIN
     blurred = combine(CAPTION, "low", True, Look(), [BLUR])
     assert blurred["description"] == f"{NOTHING_SEEN} {BLUR['hint']}"  # never the caption of a photo it abstains on
-
-
-class TextPhoto:
-    """A photo check that finds nothing wrong, and sees text."""
-    def scores_of(self, measures, pooled):
-        return {"blur": 0.1, "dark": 0.0, "text": 0.8}
-
-    def problems(self, scores):
-        return []
-
-
-SEEN = {"problem": ILLEGIBLE, "score": 0.8, "hint": ILLEGIBLE_HINT}
-
-
-def test_text_seen_but_not_read_says_so():
-    said = combine(CAPTION, "low", True, Look(), [SEEN])
-    assert ILLEGIBLE_HINT in said["description"] and said["retake_hint"] == ILLEGIBLE_HINT and said["text"] == []
-    assert said["description"].startswith(ILLEGIBLE_HINT)  # text was made out: not "Nothing recognisable"
-    blurred = combine(CAPTION, "low", True, Look(), [BLUR, SEEN])
-    assert blurred["description"] == f"{ILLEGIBLE_HINT} {BLUR['hint']}"
-    full = answer(TextPhoto(), Look(text=text(coverage=0.05)), None, CAPTION, "low", True)
-    assert full["photo_problems"] == [{"problem": ILLEGIBLE, "score": 0.8}] and full["photo_scores"]["blur"] == 0.1
-    read = answer(TextPhoto(), Look(text=text(["EXIT"], coverage=0.05)), None, CAPTION, "low", True)
-    assert read["photo_problems"] == [] and read["description"] == "Text: EXIT."  # read: nothing unreadable to say
 
 
 def test_a_turned_photo_says_so_and_the_alt_text_fits():
