@@ -7,39 +7,72 @@
 From Flickr8k photos (its official train split for fitting, dev for choosing thresholds, test scored once) it makes
 blur (gaussian, motion in a random direction, defocus), darkness (with the grain a phone adds when it boosts a dark
 scene), over-exposure, wash-out and glare spots, crops (too close), quarter turns and mixes of them, each saved
-again as a JPEG. It measures every degraded photo (photo_check.measures) and runs the checkpoint's CNN on it, as
-the captioner would (the pooled feature, confidence.pooled_features); these are cached under --cache. --fit fits
+again as a JPEG. Each split also gets photos of lit screens and pages (lit_scene: a monitor, TV or phone showing
+text or a photo, a page or a medicine label, mostly on a dark surround, drawn with text_photos' texts over the
+split's own photos), clean (not dark, however dark the room) and degraded the same ways. It measures every
+photo (photo_check.measures) and runs the checkpoint's CNN on it, as the captioner would (the pooled feature,
+confidence.pooled_features); these are cached under --cache. --fit fits
 the logistic heads and the upright head and writes them into the checkpoint under "photo_check" (every other key
 unchanged). It then prints, per problem, the ROC AUC on the degraded dev photos, the share of clean dev photos
-that get any problem named, the same on the real VizWiz photos (--vizwiz), and the check's time per photo against
-a caption's.
+that get any problem named, how often the lit scenes are called dark, bright or blurred, the same on the real
+VizWiz photos (--vizwiz), and the check's time per photo against a caption's.
 """
 
 import argparse
 import hashlib
+import inspect
 import io
 import json
 import math
+import random
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 import photo_check
+import text_photos
 from confidence import _logistic, pooled_features
 from image_loader import DataError, find_images_dir, list_images, load_image, split_images
 from utils import HelpFormatter, find_checkpoint, load_checkpoint, positive, save_checkpoint
 
 DEGRADABLE = ("blur", "dark", "bright", "cut_off")  # the problems the logistic heads learn (rotation: TURNS)
 IMAGE_PROBLEMS = ("blur", "dark", "bright")  # those the image measures alone can score
-VERSION = 1  # of the degradations: part of the cache's key
+VERSION = 2  # of the degradations and scenes: part of the cache's key
+# lit screens and pages (lit_scene): photos of them are common among blind people's and mostly text on a dark
+# surround, which Flickr8k lacks; a split gets this many of them per Flickr8k photo
+SCENE_SHARE = 0.4
+SCENES = ("monitor", "tv", "phone", "page", "label")
+SCENE_WIDTH = {"monitor": (0.45, 1.15), "tv": (0.3, 0.85), "phone": (0.2, 0.5), "page": (0.4, 1.05),
+               "label": (0.35, 0.9)}  # the lit thing's width, as a share of the frame's
+# the frames scenes are drawn in (phones' 4:3 and 16:9, and square), then brought to a short side of 224
+FRAMES = ((640, 480), (480, 640), (640, 360), (360, 640), (640, 640))
+DARK_DESKTOPS = ((0, 0, 0), (12, 18, 40), (0, 40, 90), (20, 20, 24), (0, 0, 110), (35, 10, 45), (0, 60, 60))
+LIGHT_DESKTOPS = ((240, 240, 240), (255, 255, 255), (220, 230, 240), (200, 220, 255))
+SKINS = ((224, 172, 140), (198, 134, 100), (141, 85, 60), (90, 56, 40))
+# what the scenes take from text_photos (part of the cache's key)
+SCENE_SOURCES = (text_photos.content, text_photos.panel, text_photos.font, text_photos.background,
+                 text_photos.perspective, text_photos.DRUGS, text_photos.DOSES, text_photos.FORMS,
+                 text_photos.SMALL_PRINT, text_photos.SCREENS, text_photos.TITLES, text_photos.BUTTONS,
+                 text_photos.HEADINGS, text_photos.SENTENCES, text_photos.SANS, text_photos.SERIF,
+                 text_photos.FONT_DIRS)
+# sizes (px, at Flickr8k's 224) of each blur: a gaussian's sigma, a shake's length, a defocus disc's radius
+BLUR = {"gaussian": (1.3, 4.0), "motion": (6.0, 20.0), "defocus": (2.5, 7.0)}
 CLEAN_GOAL = 0.08  # share of clean dev photos with any problem named that the thresholds aim at (the goal: 0.1)
+# "Too dark: turn on a light" said of a lit screen or a page sends a person looking for a light for nothing, and
+# the dark dev photos score far above all others (AUC 1.000). So dark's threshold names at most CLEAN_CAP's share
+# of the clean dev photos (Flickr8k's and lit scenes), and it goes further up, to the score that still names KEEP's
+# share of the dark dev photos: into the gap between the two, not at the edge of the clean photos' scores, where a
+# real photo a little unlike them (a screen in a dark room) would be named
+CLEAN_CAP = {"dark": 0.002}
+KEEP = {"dark": 0.995}
 # share of dev photos that may get a wrong turn, where the upright threshold is chosen: strict, as real photos
 # (close-ups of objects) are less familiar to the head than Flickr8k's
 WRONG_TURN_GOAL = 0.002
@@ -106,16 +139,16 @@ def _disc_kernel(radius):
 
 
 def blur(x, rng):
-    """Camera shake (motion), out of focus (disc) or soft (gaussian), clearly visible at 224 px."""
-    kind = rng.choice(["gaussian", "motion", "defocus"])
+    """Camera shake (motion), out of focus (disc) or soft (gaussian), each in BLUR's range of sizes."""
+    kind = str(rng.choice(list(BLUR)))
+    size = rng.uniform(*BLUR[kind])
     if kind == "gaussian":
-        sigma = rng.uniform(1.3, 4.0)
-        r = int(math.ceil(3 * sigma))
-        g = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+        r = int(math.ceil(3 * size))
+        g = np.exp(-0.5 * (np.arange(-r, r + 1) / size) ** 2)
         return _convolve(x, np.outer(g, g) / np.outer(g, g).sum()), kind
     if kind == "motion":
-        return _convolve(x, _motion_kernel(rng.uniform(6, 20), rng.uniform(0, math.pi))), kind
-    return _convolve(x, _disc_kernel(rng.uniform(2.5, 7))), kind
+        return _convolve(x, _motion_kernel(size, rng.uniform(0, math.pi))), kind
+    return _convolve(x, _disc_kernel(size)), kind
 
 
 def dark(x, rng):
@@ -182,12 +215,154 @@ def degrade(image, rng):
     return Image.open(buf).convert("RGB"), {p: int(p in chosen) for p in DEGRADABLE}, turn, done
 
 
+# ------------------------------------------------------------------------------------------- lit screens and pages
+
+def _dimmed(image, factor):
+    """A PIL image with its light scaled by `factor` in linear values (a room with the lights low), clipped."""
+    lut = (_gamma(_linear(np.arange(256) / 255) * factor) * 255 + 0.5).astype(np.uint8).tolist()
+    return image.point(lut * len(image.getbands()))
+
+
+def _surround(py, photos, size):
+    """What is around the screen or page: a Flickr8k photo scaled up (a room, a table) or a plain surface, mostly
+    dim (a TV watched with the lights off, a page on a dark table: 0.5-15% of the light), a quarter as lit as
+    usual. Returns (image, the light factor)."""
+    if photos and py.random() < 0.6:
+        room = Image.open(py.choice(photos)).convert("RGB").resize(size, Image.Resampling.BICUBIC)
+    else:
+        room = text_photos.background(py, [], size)
+    factor = 1.0 if py.random() < 0.25 else math.exp(py.uniform(math.log(0.005), math.log(0.15)))
+    return _dimmed(room, factor), factor
+
+
+def _desktop(py, size):
+    """A screen's display [size]: a dialog or error text from text_photos.content("screen") on a desktop, most
+    often light text on a dark desktop (a PC's repair screen, a TV's menu), else a light desktop."""
+    lines, colours, _, _ = text_photos.content("screen", py)
+    dark = py.random() < 0.7
+    desk = py.choice(DARK_DESKTOPS if dark else LIGHT_DESKTOPS)
+    if py.random() < 0.5:  # the text straight on the desktop, in its own light or dark colour
+        colours = ((py.randint(200, 255),) * 3 if dark else (py.randint(0, 40),) * 3, desk)
+        lines = lines + [(t, py.randint(20, 30), False) for t in py.sample(text_photos.SCREENS, py.randint(0, 4))]
+    display = Image.new("RGB", size, desk)
+    card = text_photos.panel(lines, colours, py)
+    scale = min(size[0] * py.uniform(0.35, 0.9) / card.width, size[1] * 0.9 / card.height)
+    card = card.resize((max(1, int(card.width * scale)), max(1, int(card.height * scale))), Image.Resampling.BICUBIC)
+    display.paste(card, (py.randint(0, max(0, size[0] - card.width)), py.randint(0, max(0, size[1] - card.height))))
+    return display
+
+
+def _tv_picture(py, photos, size):
+    """A TV's display [size]: a Flickr8k photo, sometimes with a subtitle line."""
+    if not photos or py.random() < 0.3:
+        return _desktop(py, size)
+    picture = Image.open(py.choice(photos)).convert("RGB").resize(size, Image.Resampling.BICUBIC)
+    if py.random() < 0.4:
+        draw = ImageDraw.Draw(picture)
+        words = py.choice(text_photos.SENTENCES)
+        draw.text((size[0] // 10, int(size[1] * 0.85)), words, font=text_photos.font(py, max(10, size[1] // 14)),
+                  fill=(255, 255, 255), stroke_width=2, stroke_fill=(0, 0, 0))
+    return picture
+
+
+def _lit_object(py, photos, kind, width):
+    """The lit thing of a scene, `width` px wide (RGB): a screen in its bezel (monitor, tv, phone) or a page or
+    medicine-label card."""
+    if kind in ("page", "label"):
+        lines, colours, _, _ = text_photos.content("page" if kind == "page" else "medicine", py)
+        card = text_photos.panel(lines, colours, py, pad=py.uniform(0.3, 0.8))
+        return card.resize((width, max(1, card.height * width // card.width)), Image.Resampling.BICUBIC)
+    aspect = {"monitor": py.choice([16 / 10, 16 / 9, 4 / 3]), "tv": 16 / 9, "phone": py.uniform(0.45, 0.56)}[kind]
+    height = max(8, int(width / aspect))
+    bezel = max(2, int(min(width, height) * (0.06 if kind == "phone" else py.uniform(0.015, 0.05))))
+    inner = (max(4, width - 2 * bezel), max(4, height - 2 * bezel))
+    display = _tv_picture(py, photos, inner) if kind == "tv" else _desktop(py, inner)
+    body = Image.new("RGB", (width, height), (py.randint(0, 45),) * 3)
+    body.paste(display, (bezel, bezel))
+    return body
+
+
+def _hand(canvas, box, skin, py, behind):
+    """A hand holding the phone pasted at box: its palm behind the phone's lower half (behind=True, drawn before
+    the phone) or its thumb and fingers over the phone's sides (behind=False, after)."""
+    draw = ImageDraw.Draw(canvas)
+    x0, y0, x1, y1 = box
+    w, h = x1 - x0, y1 - y0
+    if behind:
+        draw.ellipse((x0 - 0.25 * w, y0 + 0.45 * h, x1 + 0.25 * w, y1 + 0.8 * h), fill=skin)
+        return
+    side = x0 if py.random() < 0.5 else x1  # the thumb on one side, fingers on the other
+    draw.ellipse((side - 0.12 * w, y0 + 0.5 * h, side + 0.06 * w, y0 + 0.85 * h), fill=skin)
+    other = x1 if side == x0 else x0
+    for k in range(py.randint(2, 4)):
+        y = y0 + (0.45 + 0.12 * k) * h
+        draw.ellipse((other - 0.06 * w, y, other + 0.12 * w, y + 0.09 * h), fill=skin)
+
+
+def _spill(canvas, mask, at, py):
+    """The light a screen or a lit page spills on a dim surround near it: its mask (pasted at `at`), blurred."""
+    spill = Image.new("L", canvas.size, 0)
+    spill.paste(mask, at)
+    glow = np.asarray(spill.filter(ImageFilter.GaussianBlur(0.04 * canvas.width)), dtype=np.float32)[..., None]
+    lin = _linear(np.asarray(canvas, dtype=np.float32) / 255) + glow / 255 * py.uniform(0.02, 0.12)
+    return Image.fromarray((_gamma(lin) * 255 + 0.5).astype(np.uint8))
+
+
+def lit_scene(photos, rng):
+    """A photo of a lit screen or a page as a blind person's phone takes one -> (PIL photo, its kind in SCENES):
+    a monitor, TV or phone (dark or light screen, text on it; a hand holds the phone) or a page or medicine label,
+    filling part or most of the frame, mostly on a dim surround (a TV in a dark room, a white page on a dark
+    table). The lit thing is exposed as a phone exposes for it (55-130% of its light), so the photo is not too
+    dark however dark the room. Then a phone's grain, sometimes perspective, the frame's size brought to a short
+    side of 224 px (as Flickr8k's photos here: a blur of so many pixels means the same on both) and a JPEG."""
+    py = random.Random(int(rng.integers(2**62)))  # text_photos draws with Python's random
+    kind, size = py.choice(SCENES), py.choice(FRAMES)
+    canvas, light = _surround(py, photos, size)
+    lo, hi = SCENE_WIDTH[kind]
+    thing = _lit_object(py, photos, kind, int(size[0] * py.uniform(lo, hi)))
+    if thing.height > 1.1 * size[1]:  # a tall phone or page: most of it in the frame
+        thing = thing.resize((max(1, int(thing.width * 1.1 * size[1] / thing.height)), int(1.1 * size[1])))
+    thing, tilt = _dimmed(thing, py.uniform(0.55, 1.3)), py.uniform(-10, 10)
+    mask = Image.new("L", thing.size, 255).rotate(tilt, expand=True, resample=Image.Resampling.BICUBIC)
+    thing = thing.rotate(tilt, expand=True, resample=Image.Resampling.BICUBIC)
+    x = py.randint(min(0, size[0] - thing.width), max(0, size[0] - thing.width))  # a large one partly outside
+    y = py.randint(min(0, size[1] - thing.height), max(0, size[1] - thing.height))
+    box = (x, y, x + thing.width, y + thing.height)
+    canvas = _spill(canvas, mask, (x, y), py) if light < 1 else canvas
+    # the hand is lit by the room, or a little by the screen
+    skin = tuple(int(c * max(light ** (1 / 2.2), py.uniform(0.15, 0.5))) for c in py.choice(SKINS))
+    if kind == "phone":
+        _hand(canvas, box, skin, py, behind=True)
+    canvas.paste(thing, (x, y), mask)
+    if kind == "phone":
+        _hand(canvas, box, skin, py, behind=False)
+    grain = np.random.default_rng(py.randint(0, 2**31)).normal(0, py.uniform(0.5, 3), (size[1], size[0], 1))
+    canvas = Image.fromarray(np.clip(np.asarray(canvas, dtype=np.float32) + grain, 0, 255).astype(np.uint8))
+    if py.random() < 0.4:
+        canvas = text_photos.perspective(canvas, py, 0.1)
+    return _as_photo(canvas, py), kind
+
+
+def _as_photo(canvas, py):
+    """A rendered scene brought to a short side of 224 px and saved as a phone's JPEG (quality 70-95)."""
+    scale = 224 / min(canvas.size)
+    canvas = canvas.resize((round(canvas.width * scale), round(canvas.height * scale)), Image.Resampling.BILINEAR,
+                           reducing_gap=2.0)
+    buf = io.BytesIO()
+    canvas.save(buf, "JPEG", quality=py.randint(70, 95))
+    buf.seek(0)
+    return Image.open(buf).convert("RGB")
+
+
 # ------------------------------------------------------------------------------------------- measured sets
 
 def _cache_key(captioner, split, names, variants, seed):
     """What a cached set depends on: the CNN's weights, the photos, the degradations."""
-    h = hashlib.sha1(f"{VERSION} {split} {variants} {seed} {photo_check.SIZE} {photo_check.MEASURES}".encode())
+    h = hashlib.sha1(f"{VERSION} {split} {variants} {seed} {photo_check.SIZE} {photo_check.MEASURES} "
+                     f"{SCENE_SHARE}".encode())
     h.update(" ".join(names).encode())
+    for f in SCENE_SOURCES:  # the scenes' text, colours and surfaces come from text_photos
+        h.update((inspect.getsource(f) if callable(f) else repr(f)).encode())
     for t in list(captioner.model.encoderCNN.backbone.state_dict().values())[:3]:
         h.update(t.float().numpy().tobytes())
     return h.hexdigest()[:12]
@@ -200,31 +375,48 @@ def pooled_of(captioner, images):
     return pooled_features(captioner.model.encoderCNN.extract(x))
 
 
+def clean_photos(images_dir, names, split, seed, load):
+    """The split's clean photos: each Flickr8k photo as the captioner loads it (`load`: path -> PIL photo), then
+    SCENE_SHARE as many lit scenes (lit_scene; the photos in and behind them from the same split) -> an iterator
+    of (name, kind: "photo" or one of SCENES, PIL photo, the numpy generator for its degraded versions)."""
+    for i, name in enumerate(names):
+        yield name, "photo", load(images_dir / name), np.random.default_rng([seed, VERSION, i, hash_name(name)])
+    photos = [images_dir / n for n in names]
+    for i in range(round(SCENE_SHARE * len(names))):
+        rng = np.random.default_rng([seed, VERSION, i, hash_name(f"scene {split}")])
+        image, kind = lit_scene(photos, rng)
+        yield f"{split}_scene_{i:05d}", kind, image, rng
+
+
 def measure_set(captioner, images_dir, names, split, variants, seed, cache):
-    """Each photo clean (as on disk) and `variants` degraded versions of it -> {"measures" [N, M], "pooled" [N, F],
-    "labels" [N, len(DEGRADABLE)], "turn" [N] (index into TURNS), "clean" [N] bool, "names", "done"}, cached."""
+    """Each clean photo (clean_photos: Flickr8k's and lit scenes) and `variants` degraded versions of it ->
+    {"measures" [N, M], "pooled" [N, F], "labels" [N, len(DEGRADABLE)], "turn" [N] (index into TURNS), "clean" [N]
+    bool, "scene" [N] bool (a lit screen or page), "names", "kinds", "done"}, cached."""
     path = Path(cache) / f"{split}_{_cache_key(captioner, split, names, variants, seed)}.pt"
     if path.is_file():
         return torch.load(path, weights_only=True)
-    rows = {"measures": [], "pooled": [], "labels": [], "turn": [], "clean": [], "names": [], "done": []}
-    batch = []
-    for i, name in enumerate(tqdm(names, desc=f"degrading and measuring {split}", unit="photo")):
-        image = load_image(images_dir / name, captioner.preset["resize"])
-        rng = np.random.default_rng([seed, VERSION, i, hash_name(name)])
-        batch.append((image, [0] * len(DEGRADABLE), 0, True, name, "clean"))
+    keys = ("measures", "pooled", "labels", "turn", "clean", "names", "kinds", "done")
+    rows, batch = {k: [] for k in keys}, []
+    load = lambda p: load_image(p, captioner.preset["resize"])  # noqa: E731
+    total = len(names) + round(SCENE_SHARE * len(names))
+    items = clean_photos(images_dir, names, split, seed, load)
+    for i, (name, kind, image, rng) in enumerate(tqdm(items, total=total, desc=f"degrading and measuring {split}",
+                                                      unit="photo")):
+        batch.append((image, [0] * len(DEGRADABLE), 0, True, name, kind, "clean"))
         for _ in range(variants):
             out, labels, turn, done = degrade(image, rng)
-            batch.append((out, [labels[p] for p in DEGRADABLE], photo_check.TURNS.index(turn), False, name,
+            batch.append((out, [labels[p] for p in DEGRADABLE], photo_check.TURNS.index(turn), False, name, kind,
                           ", ".join(done) or "re-encoded"))
-        if len(batch) >= 32 or i == len(names) - 1:
+        if len(batch) >= 32 or i == total - 1:
             rows["pooled"].append(pooled_of(captioner, [b[0] for b in batch]).half())
             rows["measures"].append(torch.from_numpy(np.stack([photo_check.measures(b[0]) for b in batch])))
-            for key, k in (("labels", 1), ("turn", 2), ("clean", 3), ("names", 4), ("done", 5)):
+            for k, key in enumerate(keys[2:], start=1):
                 rows[key].extend(b[k] for b in batch)
             batch = []
     out = {"measures": torch.cat(rows["measures"]), "pooled": torch.cat(rows["pooled"]),
            "labels": torch.tensor(rows["labels"], dtype=torch.float32), "turn": torch.tensor(rows["turn"]),
-           "clean": torch.tensor(rows["clean"]), "names": rows["names"], "done": rows["done"]}
+           "clean": torch.tensor(rows["clean"]), "scene": torch.tensor([k != "photo" for k in rows["kinds"]]),
+           "names": rows["names"], "kinds": rows["kinds"], "done": rows["done"]}
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(out, path)
     return out
@@ -279,16 +471,32 @@ def head_inputs(data, pooled=True):
     return torch.cat([m, data["pooled"].float()], 1) if pooled else m
 
 
-def choose_thresholds(scores_clean, goal=CLEAN_GOAL, also=None):
-    """Scores of clean photos [N, P] -> (a, one threshold per problem): each problem's (1 - a) quantile with the
-    one tail share a that names any problem (or `also` [N] holds) on at most `goal` of the clean photos."""
+def choose_thresholds(scores_clean, problems, goal=CLEAN_GOAL, also=None, floors=None):
+    """Scores of clean photos [N, P] for `problems` -> (a, one threshold per problem): each problem's (1 - a)
+    quantile with the one tail share a that names any problem (or `also` [N] holds) on at most `goal` of the clean
+    photos; a problem in CLEAN_CAP names at most its share of them, whatever a; no threshold is below its `floors`
+    [P] (default none)."""
     also = torch.zeros(len(scores_clean), dtype=torch.bool) if also is None else also
+    cap = torch.tensor([CLEAN_CAP.get(p, 1.0) for p in problems])
+    floors = torch.zeros(len(problems)) if floors is None else torch.as_tensor(floors, dtype=torch.float32)
+
+    def thresholds(a):
+        share = torch.minimum(cap, torch.tensor(a)).tolist()
+        th = torch.stack([torch.quantile(scores_clean[:, j], 1 - q) for j, q in enumerate(share)])
+        return torch.maximum(th, floors).clamp(max=0.99)
+
     lo, hi = 0.0, goal
     for _ in range(30):  # bisection on a
         a = (lo + hi) / 2
-        th = torch.quantile(scores_clean, 1 - a, dim=0)
-        lo, hi = (a, hi) if ((scores_clean > th).any(1) | also).float().mean() <= goal else (lo, a)
-    return lo, torch.quantile(scores_clean, 1 - lo, dim=0).clamp(max=0.99).tolist()
+        lo, hi = (a, hi) if ((scores_clean > thresholds(a)).any(1) | also).float().mean() <= goal else (lo, a)
+    return lo, thresholds(lo).tolist()
+
+
+def keep_floors(scores, labels, problems):
+    """Scores [N, P] of dev photos, clean and degraded, for `problems` -> the lowest threshold of each problem in
+    KEEP (the score that still names KEEP's share of the photos that have it), 0 for the others [P]."""
+    return torch.stack([torch.quantile(scores[labels[:, DEGRADABLE.index(p)] > 0, j], 1 - KEEP[p])
+                        if p in KEEP else torch.tensor(0.0) for j, p in enumerate(problems)])
 
 
 def choose_turn_above(probs, turn, goal=WRONG_TURN_GOAL):
@@ -323,7 +531,8 @@ def fit(train, dev):
 def set_thresholds(state, dev):
     """Choose the state's thresholds on dev: the upright head's turn first (at most WRONG_TURN_GOAL of the photos
     turned wrongly), then those of the problems named, for at most CLEAN_GOAL of the clean photos named anything
-    (the turns of clean photos included). The heads' cut_off column gets the same tail share (it is not named)."""
+    (the turns of clean photos included; dark's share capped by CLEAN_CAP, its threshold raised to KEEP's). The
+    heads' cut_off column gets the same tail share (it is not named)."""
     state = {**state, "upright": {k: v for k, v in state["upright"].items() if k in ("weights", "bias")}}
     check = photo_check.PhotoCheck({**state, "upright": {**state["upright"], "turn_above": 1.0}})
     probs = turn_probabilities(check, dev)  # [N, 4]
@@ -331,12 +540,16 @@ def set_thresholds(state, dev):
     clean = dev["clean"]
     turned = probs[clean, 1:].max(1).values > state["upright"]["turn_above"]  # [clean N]
     named = [DEGRADABLE.index(p) for p in photo_check.PROBLEMS if p in DEGRADABLE]
-    pooled_scores = check.pooled_head(head_inputs(dev))[clean]  # [clean N, P]
-    a, th = choose_thresholds(pooled_scores[:, named], also=turned)
-    state["pooled_head"]["thresholds"] = torch.quantile(pooled_scores, 1 - a, dim=0).clamp(max=0.99).tolist()
+    scores = check.pooled_head(head_inputs(dev))  # [N, P]
+    problems = [DEGRADABLE[j] for j in named]
+    a, th = choose_thresholds(scores[clean][:, named], problems, also=turned,
+                              floors=keep_floors(scores[:, named], dev["labels"], problems))
+    state["pooled_head"]["thresholds"] = torch.quantile(scores[clean], 1 - a, dim=0).clamp(max=0.99).tolist()
     for j, t in zip(named, th):
         state["pooled_head"]["thresholds"][j] = t
-    state["image_head"]["thresholds"] = choose_thresholds(check.image_head(head_inputs(dev, False))[clean])[1]
+    alone = check.image_head(head_inputs(dev, False))  # [N, len(IMAGE_PROBLEMS)]
+    state["image_head"]["thresholds"] = choose_thresholds(
+        alone[clean], IMAGE_PROBLEMS, floors=keep_floors(alone, dev["labels"], IMAGE_PROBLEMS))[1]
     return state
 
 
@@ -385,26 +598,47 @@ def report_set(check, data, split):
     alone = check.image_head(head_inputs(data, False))  # [N, 3]
     probs = turn_probabilities(check, data)
     rotated = data["turn"] != 0
-    rows = [(p, roc_auc(full[:, j], labels[:, j]), full[clean, j] > check.pooled_head.thresholds[p])
+    rows = [(p, roc_auc(full[:, j], labels[:, j]), full[:, j] > check.pooled_head.thresholds[p])
             for j, p in enumerate(DEGRADABLE)]
     turn_p = probs[:, 1:].max(1).values  # the "rotated" score
-    rows.append(("rotated", roc_auc(turn_p, rotated), turn_p[clean] > check.upright[2]))
-    print(f"\n{split}: {int(clean.sum())} clean photos, {int((~clean).sum())} degraded versions of them")
-    print("| problem | positives | AUC (measures + CNN) | AUC (measures only) | clean photos named |")
-    print("|---|---|---|---|---|")
+    rows.append(("rotated", roc_auc(turn_p, rotated), turn_p > check.upright[2]))
+    print(f"\n{split}: {int(clean.sum())} clean photos ({int((clean & data['scene']).sum())} of them lit scenes), "
+          f"{int((~clean).sum())} degraded versions of them")
+    print("| problem | positives | AUC (measures + CNN) | AUC (measures only) | positives named | clean photos named |")
+    print("|---|---|---|---|---|---|")
     for p, auc, named in rows:
-        j = DEGRADABLE.index(p) if p in DEGRADABLE else None
-        positives = int(labels[:, j].sum()) if j is not None else int(rotated.sum())
-        only = roc_auc(alone[:, IMAGE_PROBLEMS.index(p)], labels[:, j]) if p in IMAGE_PROBLEMS else float("nan")
+        has = labels[:, DEGRADABLE.index(p)] > 0 if p in DEGRADABLE else rotated
+        only = roc_auc(alone[:, IMAGE_PROBLEMS.index(p)], has) if p in IMAGE_PROBLEMS else float("nan")
         note = "" if p in photo_check.PROBLEMS else " (not named)"
-        print(f"| {p}{note} | {positives} | {auc:.3f} | {only:.3f} | {named.float().mean():.1%} |")
+        print(f"| {p}{note} | {int(has.sum())} | {auc:.3f} | {only:.3f} | {named[has].float().mean():.1%} | "
+              f"{named[clean].float().mean():.1%} |")
     lap = roc_auc(-data["measures"][:, photo_check.MEASURES.index("log_lap_var")], labels[:, 0])
     print(f"blur by the variance of the Laplacian alone (at {photo_check.SIZE} px): AUC {lap:.3f}")
-    any_full = torch.stack([n for p, _, n in rows if p in photo_check.PROBLEMS], 1).any(1).float().mean()
+    any_full = torch.stack([n[clean] for p, _, n in rows if p in photo_check.PROBLEMS], 1).any(1).float().mean()
     any_alone = (alone[clean] > torch.tensor([check.image_head.thresholds[p] for p in IMAGE_PROBLEMS])).any(1)
     print(f"clean {split} photos with any problem named: {any_full:.1%} (measures + CNN), "
           f"{any_alone.float().mean():.1%} (measures only, blur/dark/bright)")
     report_turns(check, probs, data["turn"], split)
+    report_scenes(check, data, full, alone, split)
+
+
+def report_scenes(check, data, full, alone, split):
+    """The lit scenes of a split (screens and pages, mostly on a dark surround): how often each problem is named
+    on the clean ones and on degraded ones without it, and how often on those with it, both heads."""
+    scene, clean, labels = data["scene"], data["clean"], data["labels"]
+    print(f"lit scenes of {split} ({int((scene & clean).sum())} clean, {int((scene & ~clean).sum())} degraded), "
+          "share named: clean | degraded without the problem | with it")
+    for p in IMAGE_PROBLEMS:
+        j = DEGRADABLE.index(p)
+        cells = []
+        for probs, th in ((full[:, j], check.pooled_head.thresholds[p]),
+                          (alone[:, IMAGE_PROBLEMS.index(p)], check.image_head.thresholds[p])):
+            named = probs > th
+            has = labels[:, j] > 0
+            cells.append(" | ".join(f"{named[m].float().mean():.1%}" if m.any() else "-"
+                                    for m in (scene & clean, scene & ~clean & ~has, scene & has)))
+        print(f"  {p}: {cells[0]} (measures + CNN); {cells[1]} (measures only); AUC on scenes "
+              f"{roc_auc(full[scene, j], labels[scene, j]):.3f}")
 
 
 def report_turns(check, probs, turn, split):
@@ -511,11 +745,24 @@ def write_examples(images_dir, names, folder, seed, n=12):
     print(f"wrote {min(n, len(names))} degraded photos into {folder}")
 
 
-def main(args):
-    from inference import Captioner  # the captioner's own loading and CNN: what the check sees in use
+def load_captioner(path, fitting):
+    """The captioner whose loading and CNN the check is measured with (what it sees in use; no text reader). A
+    checkpoint whose photo check was fitted on other image measures than photo_check's cannot be loaded (the
+    check refuses it); when fitting, which replaces that check, a copy of it without the check is loaded."""
+    from inference import Captioner
 
+    state = load_checkpoint(path).get("photo_check")
+    if not fitting or not state or list(state["measures"]) == list(photo_check.MEASURES):
+        return Captioner(path, read_text=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / Path(path).name
+        save_checkpoint({k: v for k, v in load_checkpoint(path).items() if k != "photo_check"}, copy)
+        return Captioner(copy, read_text=False)
+
+
+def main(args):
     path = find_checkpoint(args.checkpoint)
-    captioner = Captioner(path, read_text=False)  # only its CNN and loading are used: no text reader
+    captioner = load_captioner(path, args.fit)
     images_dir = find_images_dir(args.data)
     splits = split_images(args.data, [p.name for p in list_images(images_dir)])
     pick = {s: v[:args.max_images] for s, v in splits.items()}

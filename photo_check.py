@@ -8,12 +8,15 @@ or upside-down photo upright, only when it is confident.
 The scores come from two kinds of evidence:
 - image measures (`measures`): exposure, clipped pixels and sharpness, on a small grey copy of the whole photo at
   one fixed size (SIZE x SIZE, squashed as the CNN sees it), so blur is measured relative to the frame whatever
-  the photo's resolution: a 12-megapixel phone photo and a 224-pixel one are measured alike;
+  the photo's resolution: a 12-megapixel phone photo and a 224-pixel one are measured alike; and the level of its
+  brightest colour channel, as a saturated surface is lit however low its luma;
 - where the caller has it, the CNN's pooled feature (confidence.pooled_features), which the captioner computes for
   every photo anyway: linear heads on it cost next to nothing.
-All parameters are fitted by degrade.py on Flickr8k photos degraded the ways blind people's photos are, and stored
-in the checkpoint under "photo_check". Without that key (or without a pooled feature) the image measures alone
-score blur, dark and bright with IMAGE_HEAD, fitted the same way; rotation needs the CNN's feature.
+All parameters are fitted by degrade.py on Flickr8k photos degraded the ways blind people's photos are, and on
+rendered photos of lit screens and pages (mostly on a dark surround: a lit screen is not too dark, however dark the
+room), clean and degraded alike, and stored in the checkpoint under "photo_check". Without that key (or without
+a pooled feature) the image measures alone score blur, dark and bright with IMAGE_HEAD, fitted the same way;
+rotation needs the CNN's feature.
 
 Framing ("too close, cut off") is not named: a head on the CNN's feature finds crops of Flickr8k photos (dev AUC
 0.92) but ranks the real photos that raters flagged for framing no better than chance, so it would mislead.
@@ -23,7 +26,7 @@ import math
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageChops
 
 # in the order a spoken description should name them: what spoils the whole photo first, the tool's own fix last
 PROBLEMS = ("dark", "bright", "blur", "rotated")
@@ -48,52 +51,71 @@ MEASURES = (
     "log_noise",                                      # median |Laplacian|: the grain a phone adds in the dark
     "log_edge_density",                               # share of pixels with a strong gradient
     "log_edge_steep",                                 # the steepest edges against the contrast: blur softens them
+    "v98",                                            # p98 of the brightest channel: a red wall is not dark
 )
 _EPS = 1e-6
+# a photo none of whose pixels (but the brightest 2%) reaches this share of full brightness is too dark to see: the
+# degraded photos the heads learnt from always keep some light and a phone's grain, and an all-black frame (a
+# finger on the lens, a room with no light) scored 0.26 on the fitted check
+DARK_FLOOR = 0.06
 
 # The image-measures-only head for checkpoints without "photo_check" (or callers without a pooled feature):
-# fitted by `python degrade.py --fit` on Flickr8k's train split (its "image_head", printed with --print-image-head);
-# thresholds chosen on dev. Plain numbers so that any checkpoint can use it.
+# fitted by `python degrade.py --fit` on Flickr8k's train split and the lit scenes made from it (its "image_head",
+# printed with --print-image-head); thresholds chosen on dev. Plain numbers so that any checkpoint can use it.
 IMAGE_HEAD = {
     "problems": ["blur", "dark", "bright"],
     "mean": [
-        0.43955, 0.18925, 0.11241, 0.43922, 0.78003, 0.05337, 0.04131, -4.6781,
-        -1.0741, 1.0728, 0.40306, -0.26144, -3.5643, -2.164, -0.57996,
+        0.40001, 0.19154, 0.10083, 0.39164, 0.74865, 0.087365, 0.046373, -4.9497,
+        -1.2935, 1.0248, 0.21828, -0.583, -4.2129, -2.4669, -0.57057, 0.7918,
     ],
     "std": [
-        0.20947, 0.08256, 0.16331, 0.23968, 0.25623, 0.10083, 0.11881, 1.8568,
-        2.0331, 0.65017, 1.6797, 1.7671, 1.1915, 1.4667, 0.60216,
+        0.22318, 0.096614, 0.15934, 0.26188, 0.28149, 0.14639, 0.12468, 1.8602,
+        2.0352, 0.63362, 1.6665, 1.8143, 1.8477, 1.4976, 0.60303, 0.28039,
     ],
     "bias": [
-        -3.4987, -10.791, -6.0479,
+        -2.8438, -7.3209, -3.4563,
     ],
     "thresholds": [
-        0.0392, 0.00757, 0.32931,
+        0.085654, 0.51411, 0.29161,
     ],
     "weights": [
         [
-            0.03933, -0.6044, -0.26045, -0.03406, -0.84123, -0.08961, 0.36545, -1.08,
-            -0.42437, 2.764, -1.239, -1.725, 0.58094, 0.77998, -1.9299,
+            -0.015129, 0.080181, 0.10971, 0.15542, -0.38499, 0.1272, 0.067789, -0.78245,
+            -0.60408, 1.872, -1.5164, -0.28207, 0.2272, 0.76923, -1.4274, -0.59598,
         ],
         [
-            -1.1575, -1.575, -0.983, -0.68743, -3.0438, -0.41486, -0.0045, -0.69189,
-            0.84098, 1.8667, 0.63805, 0.47357, 0.61014, -0.63914, -0.6588,
+            -0.44304, -0.54617, -0.29258, -0.28578, -1.1628, 0.14162, -0.0097114, -0.11942,
+            0.3737, 1.2069, 0.40036, 1.2067, 0.87402, -0.18247, -0.631, -1.525,
         ],
         [
-            1.2383, 0.89144, 2.1032, -0.63126, 3.6558, 0.54138, 1.8598, -0.58472,
-            1.7679, 0.18446, -0.48998, -0.73346, 0.20871, -0.01385, -0.27264,
+            0.53797, 0.30647, 0.97726, 0.3379, 0.91952, 0.77053, 1.0396, -0.31936,
+            0.080377, 0.68749, -0.094089, -0.24105, -0.15264, -0.32034, 0.020073, 0.29651,
         ],
     ],
 }
 
 
-def grey_copy(image):
-    """PIL image -> float32 [SIZE, SIZE] luma in [0, 1]: the whole frame squashed to SIZE x SIZE. A large image
-    is first shrunk by an integer factor (reducing_gap), so a 12-megapixel photo costs little more."""
+def small_copy(image):
+    """PIL image -> PIL RGB (or L) image of SIZE x SIZE: the whole frame squashed. A large image is first shrunk
+    by an integer factor (reducing_gap), so a 12-megapixel photo costs little more."""
     if image.mode not in ("RGB", "L"):
         image = image.convert("RGB")
-    small = image.resize((SIZE, SIZE), Image.Resampling.BILINEAR, reducing_gap=2.0).convert("L")
-    return np.asarray(small, dtype=np.float32) / 255.0
+    return image.resize((SIZE, SIZE), Image.Resampling.BILINEAR, reducing_gap=2.0)
+
+
+def grey_copy(image):
+    """PIL image -> float32 [SIZE, SIZE] luma in [0, 1] of small_copy."""
+    return np.asarray(small_copy(image).convert("L"), dtype=np.float32) / 255.0
+
+
+def _value_p98(small):
+    """The 98th percentile, in [0, 1], of the brightest of R, G and B of each pixel of small_copy: a saturated
+    surface (a red wall, a blue screen) has a low luma but is lit. By PIL (numpy's max over channels costs 8x)."""
+    if small.mode == "RGB":
+        r, g, b = small.split()
+        small = ImageChops.lighter(ImageChops.lighter(r, g), b)
+    cdf = np.cumsum(small.histogram()) / (small.width * small.height)
+    return np.searchsorted(cdf, 0.98) / 255.0
 
 
 def _laplacian(g):
@@ -115,7 +137,8 @@ def _quantile(x, q):
 
 def measures(image):
     """PIL image -> the MEASURES, float32 [M]."""
-    g = grey_copy(image)  # [S, S]
+    small = small_copy(image)
+    g = np.asarray(small.convert("L"), dtype=np.float32) / 255.0  # [S, S]
     u8 = np.clip(g * 255 + 0.5, 0, 255).astype(np.uint8)
     cdf = np.cumsum(np.bincount(u8.ravel(), minlength=256)) / u8.size
     p02, p50, p98 = (np.searchsorted(cdf, q) / 255.0 for q in (0.02, 0.5, 0.98))
@@ -137,6 +160,7 @@ def measures(image):
         math.log(lap_var + _EPS), math.log((lap_var + _EPS) / (var + 1e-4)), math.log(ratio),
         rel.max(), np.sort(rel)[11], math.log(_quantile(np.abs(lap), 0.5) + 1e-4),
         math.log((grad > 0.1).mean() + 1e-3), math.log(_quantile(grad, 0.995) / (p98 - p02 + 0.02) + 1e-3),
+        _value_p98(small),
     ], dtype=np.float32)
 
 
@@ -202,6 +226,8 @@ class PhotoCheck:
             out.update(zip(self.image_head.problems, self.image_head(m)[0].tolist()))
         if pooled is not None and self.upright is not None:
             out["rotated"] = max(self.turn_probabilities(pooled)[1:])  # that one turn makes it upright
+        if max(image_measures[MEASURES.index("p98")], image_measures[MEASURES.index("v98")]) < DARK_FLOOR:
+            out["dark"] = 1.0  # nothing in the frame is lit: dark whatever the heads, which never saw a frame so black
         th = self.thresholds(pooled_available=pooled is not None)
         return {p: round(_past(float(out[p]), th[p]), 4) for p in PROBLEMS if p in out}
 

@@ -20,6 +20,7 @@ from confidence import (
     captions_with_signals,
     decoder_signals,
     pooled_features,
+    pooled_mean,
     sentence,
 )
 from ensemble import Ensemble
@@ -103,7 +104,8 @@ def test_signals_come_with_the_captions_that_generate_gives(attention):
         assert ids == net.generate(x, max_len=6, beam=3) and [len(b) for b in best] == [2, 2, 2]
         assert decoder.shape == (3, len(SIGNALS) - 1) and torch.isfinite(decoder).all()
         assert (decoder[:, 0] <= 0).all() and (decoder[:, 1] <= decoder[:, 0] + 1e-6).all()  # log-probabilities
-        assert torch.allclose(pooled.norm(dim=1), torch.ones(3))
+        # the CNN's pooled feature as it gives it (the mean of its map): things.py reads it so, the fits at unit length
+        torch.testing.assert_close(pooled, pooled_mean(model.encoderCNN.extract(x)))
         assert ((decoder[:, 4] > 0) == attention).all()  # the attention's spread, where there is attention
 
 
@@ -145,7 +147,9 @@ def test_shipped_model_says_photos_of_nothing_are_low_and_never_reads_their_capt
     for name, r in zip(odd, shipped.describe(list(odd.values()))):
         assert r["confidence_level"] == "low" and r["confidence"] == 0, (name, r)
         assert r["caption"].rstrip(" .") not in r["description"].lower() and r["description"] != ABSTAIN, (name, r)
-        assert r["description"].startswith(("Nothing recognisable.", "No reliable description: ")), (name, r)
+        # a page of text is read (legible print is no photo of nothing to the reader); the rest say nothing is there
+        said = ("Text: Quarterly report",) if name == "text" else ("Nothing recognisable.", "No reliable description: ")
+        assert r["description"].startswith(said), (name, r)
     assert [p["problem"] for p in shipped.describe([odd["black"]])[0]["photo_problems"]][0] == "dark"
     real = shipped.describe([shipped.load(PHOTO)])[0]
     assert real["caption"] == shipped.caption(PHOTO) and real["confidence"] > 0

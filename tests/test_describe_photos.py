@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
+import things
 from inference import Captioner
 from tests.conftest import SAMPLE, run_script
 from utils import SHIPPED_CHECKPOINT
@@ -51,7 +52,10 @@ def test_a_text_photo_on_its_side_is_read_and_captioned_upright(shipped, tmp_pat
     assert upright["turned"] == 0 and sideways["turned"] == 90
     assert " ".join(sideways["text"]).lower() == "take one tablet twice a day" == " ".join(upright["text"]).lower()
     assert sideways["caption"] == upright["caption"]  # the caption of the photo as it stands upright
-    assert sideways["description"].startswith("Text: Take one tablet. twice a day.")  # mostly text: it leads
+    assert sideways["thing"] == upright["thing"]  # named from the photo as it stands upright
+    # mostly text: the text leads, after what the thing is where it is named ("A letter or page.")
+    named = things.thing_sentence(sideways["thing"])
+    assert sideways["description"].startswith(f"{named + ' ' if named else ''}Text: Take one tablet. twice a day.")
 
 
 def test_a_good_photo_is_left_as_it_is_and_upside_down_it_is_turned_back_only_when_sure(shipped, tmp_path):

@@ -2,6 +2,7 @@
 an upside-down photo is turned back and none is turned wrongly; a checkpoint without a fitted check still scores;
 hostile images are answered fast."""
 
+import random
 import time
 
 import numpy as np
@@ -12,6 +13,7 @@ from PIL import Image
 
 import degrade
 import photo_check
+import text_photos
 from confidence import pooled_features
 from image_loader import EvalTransform, load_image
 from utils import SHIPPED_CHECKPOINT, load_checkpoint, model_from_checkpoint
@@ -80,6 +82,36 @@ def test_each_problem_is_named_with_its_hint(shipped, photos, problem):
         hits = [problem in n for n in named]
         assert sum(hits) >= len(spoilt) - 1, (problem, named)
         assert all(n[problem] == photo_check.HINTS[problem] for n, h in zip(named, hits) if h)
+
+
+def _lit_screen(photo, i):
+    """A lit screen with light text on a dark desktop, 60% of the frame wide, in a room with the lights off (2% of
+    its light), photographed as degrade.lit_scene makes them: the kind of photo once called too dark."""
+    py = random.Random(i)
+    room = degrade._dimmed(photo.resize((640, 480)), 0.02)
+    desk = degrade.DARK_DESKTOPS[i % len(degrade.DARK_DESKTOPS)]
+    lines = [("Windows cannot repair this computer automatically", 30, False),
+             ("Press any key to continue", 26, False), ("Restart   Cancel", 26, False)]
+    card = text_photos.panel(lines, ((235, 235, 235), desk), py)
+    screen = Image.new("RGB", (384, 240), (25, 25, 25))  # the monitor's bezel
+    screen.paste(Image.new("RGB", (368, 224), desk), (8, 8))
+    screen.paste(card.resize((300, max(1, card.height * 300 // card.width))), (40, 40))
+    room.paste(screen, (128 + 8 * i, 120))
+    return degrade._as_photo(room, py)
+
+
+def test_a_lit_screen_in_the_dark_is_not_dark_but_an_underexposed_photo_is(shipped, photos):
+    """Light text on a dark screen in a dim room is legible: not too dark, with the CNN's feature or without; the
+    same scene and the photos themselves under-exposed (degrade.dark) still are."""
+    check, pooled = shipped
+    screens = [_lit_screen(im, i) for i, im in enumerate(photos)]
+    dark = [_image(degrade.dark(_array(im), np.random.default_rng(i))[0]) for i, im in enumerate(screens + photos)]
+    for images, is_dark in ((screens, False), (dark, True)):
+        with_cnn = [_named(check, im, f) for im, f in zip(images, pooled(images))]
+        alone = [_named(photo_check.PhotoCheck(), im) for im in images]
+        for named in (with_cnn, alone):
+            hits = sum("dark" in n for n in named)
+            assert hits >= len(images) - 1 if is_dark else hits == 0, (is_dark, named)
 
 
 def test_clean_photos_get_no_problem(shipped, photos):

@@ -13,7 +13,7 @@ import image_intial_model as M
 import image_training
 import search
 from backbones import preprocessing
-from confidence import SIGNALS, captions_with_signals, decoder_signals
+from confidence import SIGNALS, captions_with_signals, decoder_signals, pooled_mean
 from ensemble import Ensemble
 from image_intial_model import CNN_RNN, ModelArgs
 from image_loader import SPECIALS, Batch, CaptionTable, Vocab
@@ -222,7 +222,7 @@ def test_confidence_signals_of_a_topdown_model_and_its_ensemble(topdown):
         assert ids == net.generate(x, max_len=6, beam=3) and [len(b) for b in best] == [2, 2, 2]
         assert decoder.shape == (3, len(SIGNALS) - 1) and torch.isfinite(decoder).all()
         assert (decoder[:, 0] <= 0).all() and (decoder[:, 4] > 0).all()  # log-probabilities; the attention's spread
-        torch.testing.assert_close(pooled.norm(dim=1), torch.ones(3))
+        torch.testing.assert_close(pooled, pooled_mean(topdown.encoderCNN.extract(x)))  # the CNN's, as it gives it
     feats = topdown.encoderCNN.extract(x[:2])
     ids = [[5, 6, 7, 8, 9], [5]]  # the second is padded in the batch
     both = decoder_signals(topdown, feats, True, ids)
