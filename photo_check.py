@@ -103,11 +103,6 @@ def small_copy(image):
     return image.resize((SIZE, SIZE), Image.Resampling.BILINEAR, reducing_gap=2.0)
 
 
-def grey_copy(image):
-    """PIL image -> float32 [SIZE, SIZE] luma in [0, 1] of small_copy."""
-    return np.asarray(small_copy(image).convert("L"), dtype=np.float32) / 255.0
-
-
 def _value_p98(small):
     """The 98th percentile, in [0, 1], of the brightest of R, G and B of each pixel of small_copy: a saturated
     surface (a red wall, a blue screen) has a low luma but is lit. By PIL (numpy's max over channels costs 8x)."""

@@ -3,11 +3,11 @@ photo's upright frame), and tell how the photo must be turned to stand upright.
 
 It runs PaddleOCR's PP-OCRv6 text detector and recogniser and its direction classifier, the ONNX files that the
 `rapidocr` wheel carries, on ONNX Runtime (nothing is downloaded). The steps around the networks are this file's
-own, in plain array code, so that the web page can do exactly the same: the detector's probability map becomes
-boxes (`boxes_from_map`), each box is cut out and turned to read left to right, the recogniser's output is
-decoded (`ctc_decode`). Lines that are junk (too few letters, a low recogniser score, words no English reader
-would know) are dropped: a wrong word said with assurance is worse than none. (Whether text is there but too blurry
-to read is the photo check's to say: PP-OCRv6's detector sees blurred print as one blob, much as it sees a wall.)
+own, not the library's, so that another runtime can repeat them: the detector's probability map becomes boxes
+(`boxes_from_map`), each box is cut out and turned to read left to right, the recogniser's output is decoded
+(`ctc_decode`). Lines that are junk (too few letters, a low recogniser score, words no English reader would know)
+are dropped: a wrong word said with assurance is worse than none. Whether text is there but too blurry to read is
+not told: PP-OCRv6's detector sees blurred print as one blob, much as it sees a wall (RESULTS.md).
 
     reader = TextReader(threads=2)
     look = reader.first_look(rgb)              # cheap: is there text worth reading?
@@ -104,8 +104,7 @@ def parse_languages(languages):
 
 
 class Words:
-    """English word list (wordninja's, ranked by frequency): tells words from junk, and restores the spaces a
-    recogniser drops."""
+    """English word list (wordninja's): tells words from junk."""
 
     def __init__(self):
         import wordninja
@@ -507,7 +506,7 @@ class TextReader:
 
     def read(self, image, look=None):
         """The confident text of a PIL image (found at det_side px, read from crops of up to CROP_SIDE px).
-        look: this photo's first_look(), whose array and turn are reused."""
+        look: this photo's first_look(), whose array is reused."""
         start = time.perf_counter()
         result = self.judge(self.read_raw(image, look))
         result.seconds = time.perf_counter() - start

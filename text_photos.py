@@ -299,15 +299,15 @@ def run_reader(reader, captioner, out_dir, records):
     return rows
 
 
-def score_rows(reader, rows, rules, use_look=True):
-    """The reader's figures over the rows under junk rules `rules` (use_look: a photo the first look turns away
-    is not read; False: every photo is read, to see what the first look loses)."""
+def score_rows(reader, rows, rules):
+    """The reader's figures over the rows under junk rules `rules`: a photo the first look turns away is not read,
+    and the first look's figure says how many of the photos a full read reads something on it lets through."""
     legible = [r for r in rows if r["rec"]["kind"] not in NO_TEXT]
     empty = [r for r in rows if r["rec"]["kind"] in NO_TEXT]
     out_words, right, hits, invented, longest, turns, told, read_any, passed = 0, 0, 0, 0, 0, 0, 0, 0, 0
     for r in rows:
         whole = reader.judge(r["raw"], rules)
-        res = whole if r["look"] or not use_look else read_text.TextResult()
+        res = whole if r["look"] else read_text.TextResult()
         r["result"] = res
         read_any, passed = read_any + bool(whole.lines), passed + bool(whole.lines and r["look"])
         said = words_of(" ".join(res.lines))

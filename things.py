@@ -238,12 +238,6 @@ class Things:
                 for d in decide(score, cand, self.state["thresholds"])]
 
 
-def pooled_raw(features):
-    """The captioner's CNN features, pooled [N, F] or regions [N, R, F] -> the pooled raw feature [N, F] (float,
-    not normalised: the classifier was trained on the mean of the feature map as it is)."""
-    return features.float().mean(1) if features.dim() == 3 else features.float()
-
-
 def thing_sentence(thing):
     """A name as said: "Probably a computer screen." at medium, "A computer screen." at high; None for None."""
     if thing is None:

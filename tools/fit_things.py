@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 import things
 from backbones import efficientnet_lite, efficientnet_lite_imagenet_state, preprocessing
+from confidence import pooled_mean
 from image_loader import EvalTransform, Flickr8k, load_image
 from utils import SHIPPED_CHECKPOINT, load_checkpoint, models_from_checkpoints, save_checkpoint
 
@@ -315,7 +316,7 @@ def print_curve(sets, grid=(0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.9
 
 
 def print_vizwiz_table(scored, names, vizwiz_dir, thresholds):
-    """photo | note | named | score | right by hand | top ImageNet classes: for the lead to check by eye."""
+    """photo | note | named | score | right by hand | top ImageNet classes: a table to check by eye."""
     from timm.data import ImageNetInfo
 
     info = ImageNetInfo()
@@ -386,7 +387,7 @@ def timing(checkpoint, photo, cache_dir, repeat):
 def pooled_raw_of(model, x):
     """The captioner's CNN features of x, pooled raw [1, F], as the captioner computes them."""
     with torch.inference_mode():
-        return things.pooled_raw(model.encoderCNN.extract(x))
+        return pooled_mean(model.encoderCNN.extract(x))
 
 
 def make_probe_state():
