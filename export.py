@@ -240,9 +240,9 @@ def release(checkpoints, out, scores=None, trained_with=(), half=False):
         parts.append({"model_args": asdict(m.args), "model": weights, "encoder_weights": cnn})
     state = checkpoint_state(members[0], vocab, preset, test_scores=_test_scores(scores) if scores else None,
                              trained_with=list(trained_with))
-    if len(paths) == 1:  # the fits made for this model travel with it: its confidence, its photo check
+    if len(paths) == 1:  # the fits made for this model travel with it: its confidence, its photo check, its names
         ckpt = load_checkpoint(paths[0])
-        state.update((k, ckpt[k]) for k in ("calibration", "photo_check") if k in ckpt)
+        state.update((k, ckpt[k]) for k in ("calibration", "photo_check", "things") if k in ckpt)
     if len(members) == 1:
         state.update(parts[0])
     else:

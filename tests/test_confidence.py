@@ -220,9 +220,11 @@ def test_calibrate_writes_a_fit_into_the_checkpoint_and_refuses_test(demo_run, t
     assert pooled_features(torch.randn(2, 5, 7)).shape == (2, 7)
 
 
-def test_a_release_keeps_the_confidence_calibration(shipped, tmp_path):
+def test_a_release_keeps_the_confidence_calibration_the_photo_check_and_the_things_fit(shipped, tmp_path):
     from export import release
 
     path = release(SHIPPED_CHECKPOINT, tmp_path / "release", half=True)
     assert load_checkpoint(path)["calibration"]["weights"] == shipped.calibration.state["weights"]
     assert load_checkpoint(path)["photo_check"].keys() == load_checkpoint(SHIPPED_CHECKPOINT)["photo_check"].keys()
+    # the shipped CNN is stored in fp16 already: the half release's is the same, and so its things fit still holds
+    assert Captioner(path, read_text=False).things.state["thresholds"] == shipped.things.state["thresholds"]
