@@ -10,7 +10,6 @@ dev photos the fit was made on is `unfamiliar`: its caption gets no confidence a
 """
 
 import math
-import re
 
 import torch
 
@@ -29,8 +28,6 @@ NEAREST = 5
 GOOD_CIDER = 0.5  # TARGET, as a number
 TARGET = f"the caption's CIDEr-D against the photo's own reference captions is at least {GOOD_CIDER}"
 LEVELS = ("low", "medium", "high")
-ALT_TEXT_MAX = 125  # characters: what screen readers and CMSs expect of an alt attribute
-ABSTAIN = "No reliable description."
 
 
 @torch.inference_mode()
@@ -172,36 +169,3 @@ def calibration_error(confidence, good, bins=10):
         if inside.any():
             total += inside.sum().item() * abs(confidence[inside].mean().item() - good[inside].double().mean().item())
     return total / len(confidence)
-
-
-# ------------------------------------------------------------------------------------------- alt text
-
-_ATTACHED = re.compile(r" ([.,!?;:]|'s|'re|'ve|'ll|'d|'m|n't)(?=\s|$)")
-_PROGRESSIVE = re.compile(r"^(.*?) (?:is|are) (\w+ing)\b")  # "a dog is running ..." -> "a dog running ..."
-
-
-def sentence(caption):
-    """A tokenised caption as written prose: "a dog runs through the grass ." -> "A dog runs through the grass.\""""
-    text = " ".join(w for w in caption.split() if w != '"')
-    text = _ATTACHED.sub(r"\1", text).replace(" - ", "-").rstrip(" .,;:")
-    return (text[:1].upper() + text[1:] + ".") if text else ""
-
-
-def alt_text(caption, level=None, unfamiliar=False):
-    """One sentence for an HTML alt attribute (at most ALT_TEXT_MAX characters), worded by confidence level:
-    plain when high (or when the model has no calibration), "Probably …" when medium, "Hard to tell; perhaps …"
-    when low, and ABSTAIN for a photo unlike any real photo the fit saw."""
-    if unfamiliar or not caption.strip():
-        return ABSTAIN
-    plain = sentence(caption)
-    if level in (None, "high"):
-        return fit_alt_text(plain)
-    phrase = _PROGRESSIVE.sub(r"\1 \2", plain[0].lower() + plain[1:])
-    return fit_alt_text(("Probably " if level == "medium" else "Hard to tell; perhaps ") + phrase)
-
-
-def fit_alt_text(text):
-    """text, cut at a word to ALT_TEXT_MAX characters (ending in an ellipsis) where it is longer."""
-    if len(text) <= ALT_TEXT_MAX:
-        return text
-    return text[:ALT_TEXT_MAX - 1].rsplit(" ", 1)[0].rstrip(",;:") + "…"

@@ -554,8 +554,8 @@ def set_thresholds(state, dev):
 
 
 def turn_probabilities(check, data):
-    weights, bias = check.upright[:2]
-    return torch.softmax(data["pooled"].float() @ weights.T + bias, 1)  # [N, 4]
+    weights, bias = (torch.as_tensor(np.asarray(a), dtype=torch.float32) for a in check.upright[:2])  # [4, F], [4]
+    return torch.softmax(data["pooled"].float() @ weights.T + bias, 1)  # [N, F] -> [N, 4]
 
 
 def write_state(path, state):

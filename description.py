@@ -16,16 +16,18 @@ description:
     nothing recognisable at all     "No reliable description: nothing recognisable. Hold the phone ..."
 
 Every part is honest: text is read aloud only where the reader was sure of it, a thing named and a caption said
-only at the level their fits allow (things.py, confidence.alt_text), and a photo the captioner cannot place gets
+only at the level their fits allow (things.py, alt_text), and a photo the captioner cannot place gets
 no caption at all. A photo whose text was read is not called too dark to see: the text says otherwise (a lit
 screen in a dark room is the usual case).
+
+The wording lives here alone: export_rules gives it (as photo_check.export_rules and things.export_rules give their
+fits) to the export's captioner.json, which the runner without PyTorch and the web page (web/describe.js) follow.
 """
 
+import re
 from dataclasses import dataclass
 
-from confidence import ABSTAIN, alt_text, fit_alt_text
 from photo_check import measures
-from things import thing_sentence
 
 MOSTLY_TEXT = 0.12  # share of the photo inside text boxes from which it is "mostly text": the text leads
 SPOKEN_LINES = 6  # lines of text read aloud at most (the full list is in the answer's `text`)
@@ -33,6 +35,14 @@ SPOKEN_HINTS = 2  # retake hints said at most: the most serious first
 NOTHING_SEEN = "Nothing recognisable."
 NOTHING = "No reliable description: nothing recognisable."
 NOTHING_HINT = "Hold the phone about a forearm's length from the thing, in good light, and try again."
+TURNED = "Turned upright: "  # before the caption of a photo turned upright before it was captioned
+TEXT = "Text: "  # before the lines read
+ALT_TEXT_MAX = 125  # characters: what screen readers and CMSs expect of an alt attribute
+ABSTAIN = "No reliable description."
+# how a caption (confidence.py's levels) and a thing named (things.py's) are hedged at each level below "high"
+HEDGES = {"medium": "Probably ", "low": "Hard to tell; perhaps "}
+_ATTACHED = re.compile(r" ([.,!?;:]|'s|'re|'ve|'ll|'d|'m|n't)(?=\s|$)")
+_PROGRESSIVE = re.compile(r"^(.*?) (?:is|are) (\w+ing)\b")  # "a dog is running ..." -> "a dog running ..."
 
 
 @dataclass
@@ -45,15 +55,13 @@ class Look:
     turn: int = 0
 
 
-def look_at(image, reader=None, reread=None):
-    """Look at a photo (upright by EXIF, as loaded): its image measures, and its text where the reader's first look
-    finds some; `reread()` gives the photo again at the reader's READ_SIZE, which the reader looks at (`image`
-    itself when None)."""
+def look_at(image, reader=None):
+    """Look at a photo (upright by EXIF, decoded in full): its image measures, and its text where the reader's
+    first look finds some (read_text.TextReader; None: no text is read)."""
     text = None
     if reader is not None:
-        large = reread() if reread is not None else image
-        first = reader.first_look(large)
-        text = reader.read(large, first) if first.passes else None
+        first = reader.first_look(image)
+        text = reader.read(image, first) if first.passes else None
     turn = text.angle if text is not None and text.lines and text.angle else 0
     return Look(measures(image), text, turn)
 
@@ -76,13 +84,13 @@ def answer(checker, look, pooled, caption, level, unfamiliar, turned=0, thing=No
 def combine(caption, level, unfamiliar, look, problems, turned=0, thing=None):
     """The answer's description fields for one photo: description (what a person hears), alt_text (the same cut to
     fit an alt attribute), text (the lines read), retake_hint (the most serious problem's hint, or None).
-    caption/level/unfamiliar: the caption and its confidence (confidence.alt_text); problems: the photo check's
+    caption/level/unfamiliar: the caption and its confidence (alt_text); problems: the photo check's
     [{"problem", "score", "hint"}], most serious first; turned: the clockwise turn made before captioning;
     thing: the thing named, or None."""
     lines = list(look.text.lines) if look.text is not None else []
     said = alt_text(caption, level, unfamiliar)
-    said = None if said == ABSTAIN else (f"Turned upright: {said[0].lower()}{said[1:]}" if turned else said)
-    text = f"Text: {'. '.join(line.rstrip('. ') for line in lines[:SPOKEN_LINES])}." if lines else None
+    said = None if said == ABSTAIN else (f"{TURNED}{said[0].lower()}{said[1:]}" if turned else said)
+    text = f"{TEXT}{'. '.join(line.rstrip('. ') for line in lines[:SPOKEN_LINES])}." if lines else None
     sure = said is not None and level in (None, "high", "medium")
     # the thing, named where its fit is sure, says more than a caption hedged as a guess; a caption the model is
     # sure of says it better ("A dog runs through the grass.", not "Probably a dog." too)
@@ -101,3 +109,52 @@ def combine(caption, level, unfamiliar, look, problems, turned=0, thing=None):
     description = " ".join(parts)
     return {"description": description, "alt_text": fit_alt_text(description), "text": lines,
             "retake_hint": retake}
+
+
+# ------------------------------------------------------------------------------------------- the wording
+
+def sentence(caption):
+    """A tokenised caption as written prose: "a dog runs through the grass ." -> "A dog runs through the grass.\""""
+    text = " ".join(w for w in caption.split() if w != '"')
+    text = _ATTACHED.sub(r"\1", text).replace(" - ", "-").rstrip(" .,;:")
+    return (text[:1].upper() + text[1:] + ".") if text else ""
+
+
+def alt_text(caption, level=None, unfamiliar=False):
+    """One sentence for an HTML alt attribute (at most ALT_TEXT_MAX characters), worded by confidence level
+    (confidence.py): plain when high (or when the model has no calibration), "Probably …" when medium, "Hard to
+    tell; perhaps …" when low (HEDGES), and ABSTAIN for a photo unlike any real photo the fit saw."""
+    if unfamiliar or not caption.strip():
+        return ABSTAIN
+    plain = sentence(caption)
+    if level not in HEDGES:
+        return fit_alt_text(plain)
+    return fit_alt_text(HEDGES[level] + _PROGRESSIVE.sub(r"\1 \2", plain[0].lower() + plain[1:]))
+
+
+def fit_alt_text(text):
+    """text, cut at a word to ALT_TEXT_MAX characters (ending in an ellipsis) where it is longer."""
+    if len(text) <= ALT_TEXT_MAX:
+        return text
+    return text[:ALT_TEXT_MAX - 1].rsplit(" ", 1)[0].rstrip(",;:") + "…"
+
+
+def thing_sentence(thing):
+    """A thing named (things.Things.assess) as said: "Probably a computer screen." at medium, "A computer screen."
+    at high; None for None."""
+    if thing is None:
+        return None
+    name = thing["name"]
+    if thing["level"] == "high":
+        return f"{name[0].upper()}{name[1:]}."
+    return f"{HEDGES['medium']}{name}."
+
+
+def export_rules():
+    """Every wording and number of combine, answer, alt_text and thing_sentence as plain JSON types, for the
+    runners that cannot import this file (export.py's, without PyTorch; web/describe.js): written into
+    captioner.json at export, so that the words live here alone."""
+    return {"mostly_text": MOSTLY_TEXT, "spoken_lines": SPOKEN_LINES, "spoken_hints": SPOKEN_HINTS,
+            "nothing_seen": NOTHING_SEEN, "nothing": NOTHING, "nothing_hint": NOTHING_HINT, "turned": TURNED,
+            "text": TEXT, "abstain": ABSTAIN, "max_chars": ALT_TEXT_MAX, "hedges": dict(HEDGES),
+            "attached": _ATTACHED.pattern, "progressive": _PROGRESSIVE.pattern}

@@ -25,7 +25,6 @@ Framing ("too close, cut off") is not named: a head on the CNN's feature finds c
 import math
 
 import numpy as np
-import torch
 from PIL import Image, ImageChops
 
 # in the order a spoken description should name them: what spoils the whole photo first, the tool's own fix last
@@ -147,7 +146,9 @@ def measures(image):
     b = (SIZE - 2) // 4
     blocks_lap = lap[:4 * b, :4 * b].reshape(4, b, 4, b).var((1, 3))  # [4, 4] per-block Laplacian variance
     blocks_var = g[1:1 + 4 * b, 1:1 + 4 * b].reshape(4, b, 4, b).var((1, 3))
-    rel = np.log((blocks_lap + _EPS) / (blocks_var + 1e-3)).ravel()  # flat blocks count as unsharp, not sharp
+    # flat blocks count as unsharp, not sharp. The log in float64, rounded back: NumPy's float32 log differs from
+    # machine to machine (and from JavaScript's) in the last bit; float64's is the same everywhere
+    rel = np.log(((blocks_lap + _EPS) / (blocks_var + 1e-3)).astype(np.float64)).astype(np.float32).ravel()
     grad = np.abs(np.diff(g, axis=1))[:-1] + np.abs(np.diff(g, axis=0))[:, :-1]  # [S-1, S-1]
     return np.array([
         g.mean(), math.sqrt(var), p02, p50, p98,
@@ -166,8 +167,15 @@ def _past(score, threshold):
     return 1.0 / (1.0 + math.exp(-(math.log(score / (1 - score)) - math.log(threshold / (1 - threshold)))))
 
 
-def _tensor(x):
-    return torch.as_tensor(x, dtype=torch.float32)
+def _array(x):
+    """Numbers (a list, a NumPy array, a PyTorch tensor on the CPU, as a checkpoint holds them) -> float64 array:
+    the heads compute in float64, as web/describe.js does in JavaScript's numbers, so both say the same."""
+    return np.asarray(x, dtype=np.float64)
+
+
+def _sigmoid(z):
+    with np.errstate(over="ignore"):  # exp(-z) of a very negative z is inf, and the probability 0, as it should
+        return 1.0 / (1.0 + np.exp(-z))
 
 
 class _Head:
@@ -176,28 +184,41 @@ class _Head:
 
     def __init__(self, state):
         self.problems = tuple(state["problems"])
-        self.mean, self.std = _tensor(state["mean"]), _tensor(state["std"])
-        self.weights, self.bias = _tensor(state["weights"]), _tensor(state["bias"])
+        self.mean, self.std = _array(state["mean"]), _array(state["std"])
+        self.weights, self.bias = _array(state["weights"]), _array(state["bias"])
         self.thresholds = dict(zip(self.problems, map(float, state["thresholds"])))
 
     def __call__(self, x):
-        """Inputs [N, D] -> probabilities [N, P]."""
-        return torch.sigmoid(((x - self.mean) / self.std) @ self.weights.T + self.bias)
+        """Inputs [N, D] -> probabilities [N, P]: a NumPy array, or, for a PyTorch tensor in (degrade.py fits with
+        them), a tensor of its dtype."""
+        p = _sigmoid(((_array(x) - self.mean) / self.std) @ self.weights.T + self.bias)
+        if isinstance(x, np.ndarray):
+            return p
+        import torch  # only a caller that has PyTorch gets here
+
+        return torch.from_numpy(p).to(x.dtype)
+
+    def state(self):
+        """The head as plain lists: what it was made from."""
+        return {"problems": list(self.problems), "mean": self.mean.tolist(), "std": self.std.tolist(),
+                "weights": self.weights.tolist(), "bias": self.bias.tolist(),
+                "thresholds": [self.thresholds[p] for p in self.problems]}
 
 
 class PhotoCheck:
     """Scores a photo's fixable problems; see the module's docstring."""
 
     def __init__(self, state=None):
-        """state: the checkpoint's "photo_check" (degrade.py --fit), or None for the image measures only."""
+        """state: the checkpoint's "photo_check" (degrade.py --fit), or export_rules' dict (the same, as plain lists),
+        or None for the image measures only."""
         if state and list(state["measures"]) != list(MEASURES):
             raise ValueError("the checkpoint's photo check was fitted on other image measures than this code's: "
                              "fit it again with python degrade.py --fit")
         self.image_head = _Head(state["image_head"] if state else IMAGE_HEAD)  # always one: IMAGE_HEAD ships
-        self.pooled_head = _Head(state["pooled_head"]) if state and "pooled_head" in state else None
+        self.pooled_head = _Head(state["pooled_head"]) if state and state.get("pooled_head") else None
         up = state.get("upright") if state else None
         # (weights [4, F], bias [4], the probability of a turn above which to turn, and to name "rotated")
-        self.upright = (_tensor(up["weights"]), _tensor(up["bias"]), float(up["turn_above"])) if up else None
+        self.upright = (_array(up["weights"]), _array(up["bias"]), float(up["turn_above"])) if up else None
 
     @classmethod
     def from_checkpoint(cls, ckpt):
@@ -212,10 +233,10 @@ class PhotoCheck:
 
     def scores_of(self, image_measures, pooled=None):
         """scores() of a photo whose measures() were taken already (where it was loaded, before captioning)."""
-        m = _tensor(image_measures).unsqueeze(0)  # [1, M]
+        m = _array(image_measures).reshape(1, -1)  # [M] -> [1, M]
         out = {}
         if pooled is not None and self.pooled_head is not None:
-            x = torch.cat([m, _tensor(pooled).reshape(1, -1)], 1)  # [1, M + F]
+            x = np.concatenate([m, _array(pooled).reshape(1, -1)], 1)  # [1, M + F]
             out.update(zip(self.pooled_head.problems, self.pooled_head(x)[0].tolist()))
         else:
             out.update(zip(self.image_head.problems, self.image_head(m)[0].tolist()))
@@ -243,7 +264,9 @@ class PhotoCheck:
     def turn_probabilities(self, pooled):
         """The pooled feature [F] -> the probability [4] that each of TURNS (clockwise) makes the photo upright."""
         weights, bias = self.upright[:2]
-        return torch.softmax(_tensor(pooled).reshape(1, -1) @ weights.T + bias, 1)[0].tolist()
+        z = _array(pooled).reshape(-1) @ weights.T + bias  # [F] @ [F, 4] -> [4]
+        e = np.exp(z - z.max())
+        return (e / e.sum()).tolist()
 
     def upright_turn(self, pooled):
         """The clockwise turn (0, 90, 180 or 270) that makes a photo without text upright, from its pooled
@@ -254,3 +277,15 @@ class PhotoCheck:
         probs = self.turn_probabilities(pooled)
         best = max(range(4), key=probs.__getitem__)
         return TURNS[best] if best and probs[best] > self.upright[2] else 0
+
+
+def export_rules(checker):
+    """A PhotoCheck as plain JSON types, for the runners that cannot import this file (web/describe.js) and to
+    rebuild it without PyTorch (PhotoCheck(rules), export.py's runner): its heads ("image_head", "pooled_head" or
+    None, "upright" or None: {"weights", "bias", "turn_above"}) and every constant the check uses."""
+    up = checker.upright
+    return {"measures": list(MEASURES), "image_head": checker.image_head.state(),
+            "pooled_head": checker.pooled_head.state() if checker.pooled_head else None,
+            "upright": {"weights": up[0].tolist(), "bias": up[1].tolist(), "turn_above": up[2]} if up else None,
+            "problems": list(PROBLEMS), "hints": dict(HINTS), "named": NAMED, "turns": list(TURNS), "size": SIZE,
+            "dark_floor": DARK_FLOOR, "eps": _EPS}

@@ -20,7 +20,10 @@ import hashlib
 import json
 import math
 
-import torch
+import numpy as np
+
+# how a name is said ("Probably a computer screen.": description.thing_sentence) lives with the rest of what a
+# person hears
 
 GROUPS_VERSION = 2
 
@@ -131,20 +134,24 @@ def names():
     return [*GROUPS, *BROADER]
 
 
+def classes():
+    """The ImageNet classes each name (names()) sums, as sorted lists; a broader kind sums its groups' classes."""
+    fine = [sorted(c) for _, c in GROUPS.values()]
+    broad = [sorted({i for g in groups for i in GROUPS[g][1]}) for _, groups in BROADER.values()]
+    return fine + broad
+
+
 def membership():
-    """[C, 1000] 0/1: which ImageNet classes each name (names()) sums; a broader kind sums its groups' classes."""
-    m = torch.zeros(len(GROUPS) + len(BROADER), 1000)
-    for i, (_, classes) in enumerate(GROUPS.values()):
-        m[i, list(classes)] = 1.0
-    fine = list(GROUPS)
-    for j, (_, groups) in enumerate(BROADER.values()):
-        m[len(GROUPS) + j] = m[[fine.index(g) for g in groups]].sum(0)
+    """[C, 1000] 0/1 float64: which ImageNet classes each name (names()) sums."""
+    m = np.zeros((len(GROUPS) + len(BROADER), 1000))
+    for i, summed in enumerate(classes()):
+        m[i, summed] = 1.0
     return m
 
 
 def _logit(p):
-    p = p.clamp(CLIP, 1 - CLIP)
-    return torch.log(p) - torch.log1p(-p)
+    p = np.clip(p, CLIP, 1 - CLIP)
+    return np.log(p) - np.log1p(-p)
 
 
 def disjoint_groups(member):
@@ -153,17 +160,18 @@ def disjoint_groups(member):
 
 
 def signals(probs, member=None, disjoint=None):
-    """ImageNet probabilities [N, 1000] -> (each name's probability [N, C], its signals [N, C, len(SIGNALS)]):
-    the logit of its probability; that minus the logit of its likeliest rival, the likeliest group it does not
-    sum (a name far ahead of the next is surer than one just ahead); and whether it is a broader kind.
-    member, disjoint: membership() and disjoint_groups(), made once by a caller that calls often."""
+    """ImageNet probabilities [N, 1000] (NumPy or PyTorch) -> (each name's probability [N, C], its signals
+    [N, C, len(SIGNALS)]), float64 NumPy: the logit of its probability; that minus the logit of its likeliest rival,
+    the likeliest group it does not sum (a name far ahead of the next is surer than one just ahead); and whether it
+    is a broader kind. member, disjoint: membership() and disjoint_groups(), made once by a caller that calls
+    often."""
     member = membership() if member is None else member  # [C, 1000]
     disjoint = disjoint_groups(member) if disjoint is None else disjoint  # [C, G]
-    p = probs.float() @ member.T  # [N, 1000] -> [N, C]
-    rival = (p[:, :len(GROUPS)].unsqueeze(1) * disjoint).amax(2)  # [N, 1, G] * [C, G] -> [N, C, G] -> [N, C]
-    broader = torch.zeros_like(p)
+    p = np.asarray(probs, dtype=np.float64) @ member.T  # [N, 1000] -> [N, C]
+    rival = (p[:, None, :len(GROUPS)] * disjoint).max(2)  # [N, 1, G] * [C, G] -> [N, C, G] -> [N, C]
+    broader = np.zeros_like(p)
     broader[:, len(GROUPS):] = 1.0
-    return p, torch.stack([_logit(p), _logit(p) - _logit(rival), broader], 2)  # [N, C, 3]
+    return p, np.stack([_logit(p), _logit(p) - _logit(rival), broader], 2)  # [N, C, 3]
 
 
 def candidates(p):
@@ -171,13 +179,16 @@ def candidates(p):
     kind -> indices into names() [N, 2]. The fit scores these two; the group is said where it is sure enough,
     else the broader kind where that is."""
     g = len(GROUPS)
-    return torch.stack([p[:, :g].argmax(1), g + p[:, g:].argmax(1)], 1)  # [N, 2]
+    return np.stack([p[:, :g].argmax(1), g + p[:, g:].argmax(1)], 1)  # [N, 2]
 
 
 def calibrate(sig, calibration):
-    """Signals [..., S] -> score [...]: the fitted logistic regression on the standardised signals."""
-    c = {k: torch.tensor(calibration[k], dtype=torch.double) for k in ("mean", "std", "weights")}
-    return torch.sigmoid(((sig.double() - c["mean"]) / c["std"]) @ c["weights"] + calibration["bias"])
+    """Signals [..., S] (NumPy or PyTorch) -> score [...], float64 NumPy: the fitted logistic regression on the
+    standardised signals."""
+    mean, std, weights = (np.asarray(calibration[k], dtype=np.float64) for k in ("mean", "std", "weights"))
+    z = ((np.asarray(sig, dtype=np.float64) - mean) / std) @ weights + calibration["bias"]
+    with np.errstate(over="ignore"):  # a score of 0 where exp overflows, as it should
+        return 1.0 / (1.0 + np.exp(-z))
 
 
 def decide(score, cand, thresholds):
@@ -209,6 +220,7 @@ class Things:
     backbone: the captioner's CNN, to refuse a fit made on another CNN's features (None: not checked)."""
 
     def __init__(self, state, backbone=None):
+        """state: a checkpoint's "things" (make_state), or from_rules' state rebuilt from export_rules."""
         refit = "refit it with python tools/fit_things.py --write CHECKPOINT"
         if state.get("table") != table_hash():
             raise ThingsError(f"the things fit was made for another group table ({state.get('table')}, this code's "
@@ -218,34 +230,35 @@ class Things:
         self.state = state
         self.member = membership()  # [C, 1000]
         self.disjoint = disjoint_groups(self.member)  # [C, G]
-        self.weight = state["classifier_weight"].float()  # [1000, F]; stored in fp16
-        self.bias = state["classifier_bias"].float()  # [1000]
+        # float64, as web/describe.js computes in JavaScript's numbers: both say the same
+        self.weight = np.asarray(state["classifier_weight"], dtype=np.float64)  # [1000, F]; stored in fp16
+        self.bias = np.asarray(state["classifier_bias"], dtype=np.float64)  # [1000]
+
+    @classmethod
+    def from_rules(cls, rules, weight):
+        """The head export_rules wrote: its rules (captioner.json's "things") and its classifier weight [1000, F]
+        (things.f16), without PyTorch."""
+        state = {"table": rules["table"], "classifier_weight": weight, "classifier_bias": rules["bias"],
+                 **rules["calibration"], "thresholds": rules["thresholds"]}
+        return cls(state)
 
     def probs(self, pooled_raw):
-        """Pooled raw features [N, F] (the un-normalised mean of the CNN's last feature map) -> ImageNet class
-        probabilities [N, 1000]."""
-        return torch.softmax(pooled_raw.float() @ self.weight.T + self.bias, 1)  # [N, F] -> [N, 1000]
+        """Pooled raw features [N, F] (the un-normalised mean of the CNN's last feature map; NumPy or PyTorch) ->
+        ImageNet class probabilities [N, 1000], float64 NumPy."""
+        z = np.asarray(pooled_raw, dtype=np.float64) @ self.weight.T + self.bias  # [N, F] -> [N, 1000]
+        e = np.exp(z - z.max(1, keepdims=True))  # a softmax, safe from overflow
+        return e / e.sum(1, keepdims=True)
 
-    @torch.no_grad()
     def assess(self, pooled_raw):
-        """Pooled raw features [N, F] (of the CNN in eval mode) -> per photo None (not sure of any name) or
-        {"name": "a computer screen", "score": estimated chance that the name is right, "level": "medium"|"high"}."""
+        """Pooled raw features [N, F] (of the CNN in eval mode; NumPy or PyTorch) -> per photo None (not sure of
+        any name) or {"name": "a computer screen", "score": estimated chance that the name is right, "level":
+        "medium"|"high"}."""
         p, sig = signals(self.probs(pooled_raw), self.member, self.disjoint)  # [N, C], [N, C, S]
         cand = candidates(p)  # [N, 2]
-        score = calibrate(sig.gather(1, cand.unsqueeze(2).expand(-1, -1, sig.shape[2])), self.state)  # [N, 2]
+        score = calibrate(np.take_along_axis(sig, cand[:, :, None], 1), self.state)  # [N, 2, S] -> [N, 2]
         every = names()
         return [None if d is None else {"name": every[d[0]], "score": round(d[1], 3), "level": d[2]}
                 for d in decide(score, cand, self.state["thresholds"])]
-
-
-def thing_sentence(thing):
-    """A name as said: "Probably a computer screen." at medium, "A computer screen." at high; None for None."""
-    if thing is None:
-        return None
-    name = thing["name"]
-    if thing["level"] == "high":
-        return f"{name[0].upper()}{name[1:]}."
-    return f"Probably {name}."
 
 
 def make_state(classifier_weight, classifier_bias, calibration, thresholds, cnn, **about):
@@ -260,3 +273,17 @@ def make_state(classifier_weight, classifier_bias, calibration, thresholds, cnn,
             "classifier_bias": classifier_bias.detach().float().cpu(),
             **{k: calibration[k] for k in ("mean", "std", "weights", "bias")}, "thresholds": dict(thresholds),
             **about}
+
+
+def export_rules(head):
+    """A Things head as (plain JSON types, its classifier weight [1000, F] as a float16 NumPy array), for the runners
+    that cannot import this file (web/describe.js) and to rebuild it without PyTorch (Things.from_rules). The export
+    writes the weight, little-endian, to the file the rules name."""
+    s = head.state
+    weight = np.asarray(s["classifier_weight"], dtype=np.float16)  # [1000, F]: fp16 already, so exactly as fitted
+    rules = {"table": table_hash(), "names": names(), "classes": classes(), "groups": len(GROUPS),
+             "signals": list(SIGNALS), "clip": CLIP,
+             "calibration": {k: s[k] for k in ("mean", "std", "weights", "bias")},
+             "thresholds": dict(s["thresholds"]), "bias": head.bias.tolist(),
+             "classifier": {"file": "things.f16", "shape": list(weight.shape)}}
+    return rules, weight

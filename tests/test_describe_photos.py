@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-import things
+from description import thing_sentence
 from inference import Captioner
 from tests.conftest import SAMPLE, run_script
 from utils import SHIPPED_CHECKPOINT
@@ -43,7 +43,7 @@ def label(lines=("Take one tablet", "twice a day"), size=44):
 def described(captioner, image, path):
     image.save(path)
     loaded = captioner.load(path)
-    return captioner.describe([loaded], looks=[captioner.look(loaded, path)])[0]
+    return captioner.describe([loaded], looks=[captioner.look(loaded)])[0]
 
 
 def test_a_text_photo_on_its_side_is_read_and_captioned_upright(shipped, tmp_path):
@@ -54,7 +54,7 @@ def test_a_text_photo_on_its_side_is_read_and_captioned_upright(shipped, tmp_pat
     assert sideways["caption"] == upright["caption"]  # the caption of the photo as it stands upright
     assert sideways["thing"] == upright["thing"]  # named from the photo as it stands upright
     # mostly text: the text leads, after what the thing is where it is named ("A letter or page.")
-    named = things.thing_sentence(sideways["thing"])
+    named = thing_sentence(sideways["thing"])
     assert sideways["description"].startswith(f"{named + ' ' if named else ''}Text: Take one tablet. twice a day.")
 
 

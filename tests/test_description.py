@@ -1,9 +1,14 @@
 """What a person hears: the text, the caption at its level and the photo's problems, combined (description.py)."""
 
+import json
+import subprocess
+import sys
 from types import SimpleNamespace
 
-from confidence import ABSTAIN, ALT_TEXT_MAX
-from description import NOTHING, NOTHING_HINT, NOTHING_SEEN, Look, answer, combine
+from conftest import ROOT
+
+import description
+from description import ABSTAIN, ALT_TEXT_MAX, NOTHING, NOTHING_HINT, NOTHING_SEEN, Look, answer, combine
 from photo_check import HINTS
 
 CAPTION = "a dog is running through the grass ."
@@ -108,3 +113,21 @@ def test_a_photo_whose_text_was_read_is_not_called_too_dark():
     unread = answer(DarkPhoto(), Look(), None, CAPTION, "low", True)
     assert unread["photo_problems"] == [{"problem": "dark", "score": 0.9}] and unread["thing"] is None
     assert unread["description"] == f"{NOTHING_SEEN} {DARK['hint']}"
+
+
+def test_the_wording_is_exported_as_plain_types_and_is_the_wording_used():
+    rules = json.loads(json.dumps(description.export_rules()))  # what captioner.json holds
+    assert rules["abstain"] == ABSTAIN and rules["max_chars"] == ALT_TEXT_MAX and rules["nothing"] == NOTHING
+    assert description.alt_text(CAPTION, "medium") == rules["hedges"]["medium"] + "a dog running through the grass."
+    assert description.alt_text(CAPTION, "low").startswith(rules["hedges"]["low"])
+    turned = combine(CAPTION, "high", False, Look(text=text(["STOP"])), [], turned=90)["description"]
+    assert turned.startswith(rules["turned"]) and rules["text"] + "STOP." in turned
+    assert description.thing_sentence(CAN) == rules["hedges"]["medium"] + "a can."
+
+
+def test_what_a_person_hears_needs_no_pytorch():
+    """The photo check, the things head and the wording import without PyTorch: export.py's runner, which has
+    none, says what inference.py says."""
+    code = "import sys, photo_check, things, description; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr

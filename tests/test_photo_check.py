@@ -2,6 +2,7 @@
 an upside-down photo is turned back and none is turned wrongly; a checkpoint without a fitted check still scores;
 hostile images are answered fast."""
 
+import json
 import random
 import time
 
@@ -155,6 +156,24 @@ def test_scores_lie_in_zero_one(shipped, photos):
         for scores in (check.scores(image, f), check.scores(image)):
             assert scores and all(0.0 <= s <= 1.0 for s in scores.values()), scores
     assert set(check.scores(images[0], pooled(images[:1])[0])) == set(photo_check.PROBLEMS)
+
+
+def test_the_exported_rules_rebuild_the_same_check(shipped, photos):
+    """export_rules' plain types (captioner.json's "photo_check") make the same check without PyTorch: the same
+    scores, problems and turns, with the CNN's feature or without."""
+    check, pooled = shipped
+    rules = json.loads(json.dumps(photo_check.export_rules(check)))
+    assert rules["problems"] == list(photo_check.PROBLEMS) and rules["hints"] == photo_check.HINTS
+    rebuilt = photo_check.PhotoCheck(rules)
+    images = photos[:3] + [_spoil(photos[0], "dark", 0), photos[1].rotate(180)]
+    for image, f in zip(images, pooled(images)):
+        m = photo_check.measures(image)
+        for p in (f, f.numpy(), None):
+            assert rebuilt.scores_of(m, p) == check.scores_of(m, p if p is None else f)
+        assert rebuilt.upright_turn(f.numpy()) == check.upright_turn(f)
+        assert rebuilt.turn_probabilities(f.numpy()) == check.turn_probabilities(f)
+    alone = photo_check.PhotoCheck()
+    assert photo_check.PhotoCheck(photo_check.export_rules(alone)).scores(images[3]) == alone.scores(images[3])
 
 
 def test_huge_or_noisy_images_answer_fast(shipped):

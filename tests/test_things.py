@@ -2,11 +2,15 @@
 groups gets the broader name; classes in no group are never named; a stale fit is refused in one line; the shipped
 model names a generated computer screen, whose text is read and which is not called too dark."""
 
+import json
+
+import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import things
+from description import thing_sentence
 
 DOG, MONITOR, TELEVISION, LAMPSHADE = 207, 664, 851, 619  # golden retriever; monitor; television; lampshade
 F = 1000  # the test's feature width: one feature per ImageNet class
@@ -32,9 +36,9 @@ def test_a_sure_class_is_named_by_its_group_at_its_level():
     head = things.Things(state())
     (dog,) = head.assess(photo(c207=12.0))  # e^12 against 999 others: about 0.99
     assert dog["name"] == "a dog" and dog["level"] == "high" and dog["score"] > 0.95
-    assert things.thing_sentence(dog) == "A dog."
+    assert thing_sentence(dog) == "A dog."
     (medium,) = head.assess(photo(c207=8.5))  # about 0.83: named, as a guess
-    assert medium["level"] == "medium" and things.thing_sentence(medium) == "Probably a dog."
+    assert medium["level"] == "medium" and thing_sentence(medium) == "Probably a dog."
 
 
 def test_a_photo_split_between_close_groups_gets_the_broader_name():
@@ -47,7 +51,22 @@ def test_unsure_or_ungrouped_photos_are_not_named():
     assert head.assess(photo()) == [None]  # all classes alike
     assert head.assess(photo(c207=5.0)) == [None]  # a dog at 0.13: not sure
     assert head.assess(photo(c619=14.0)) == [None]  # a lampshade: in no group
-    assert things.thing_sentence(None) is None
+    assert thing_sentence(None) is None
+
+
+def test_the_exported_rules_rebuild_the_same_head_without_pytorch():
+    """export_rules' plain types (captioner.json's "things") and fp16 weight (things.f16) make the same head: the
+    same names, scores and levels, for NumPy or PyTorch features alike."""
+    head = things.Things(state())
+    rules, weight = things.export_rules(head)
+    rules = json.loads(json.dumps(rules))
+    assert weight.dtype == np.float16 and rules["classifier"]["shape"] == [1000, F] == list(weight.shape)
+    assert rules["names"] == things.names() and len(rules["classes"]) == len(rules["names"])
+    assert rules["classes"][rules["names"].index("a dog")] == list(range(151, 269))
+    rebuilt = things.Things.from_rules(rules, weight)
+    photos = torch.cat([photo(c207=12.0), photo(c207=8.5), photo(c664=8.0, c851=8.0), photo(c619=14.0), photo()])
+    assert rebuilt.assess(photos.numpy()) == head.assess(photos) == head.assess(photos.numpy())
+    assert [d and d["name"] for d in head.assess(photos)] == ["a dog", "a dog", "a screen", None, None]
 
 
 def test_a_stale_fit_is_refused_in_one_line():
@@ -67,7 +86,7 @@ def test_the_shipped_model_names_a_screen_reads_it_and_does_not_call_it_dark(tmp
     path = tmp_path / "monitor.jpg"
     monitor_in_a_dark_room().save(path)
     image = captioner.load(path)
-    said = captioner.describe([image], looks=[captioner.look(image, path)])[0]
+    said = captioner.describe([image], looks=[captioner.look(image)])[0]
     assert said["thing"]["name"] in ("a screen", "a computer screen", "a web page"), said
     assert "windows cannot repair this computer" in " ".join(said["text"]).lower(), said
     assert "dark" not in [p["problem"] for p in said["photo_problems"]] and "too dark" not in said["description"]

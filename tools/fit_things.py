@@ -27,6 +27,7 @@ from tqdm import tqdm
 import things
 from backbones import efficientnet_lite, efficientnet_lite_imagenet_state, preprocessing
 from confidence import pooled_mean
+from description import thing_sentence
 from image_loader import EvalTransform, Flickr8k, load_image
 from utils import SHIPPED_CHECKPOINT, load_checkpoint, models_from_checkpoints, save_checkpoint
 
@@ -184,16 +185,16 @@ def lite1_classifier():
 def probs_of(method, feats, head):
     """One set's ImageNet probabilities [N, 1000] by one method; reuse goes through the classifier as the state
     stores it (fp16 weights), so what is measured is what runs."""
-    if method == "reuse":
+    if method == "reuse":  # in float64, as Things.probs computes it
         weight, bias = head
-        return torch.softmax(feats["reuse"] @ weight.half().float().T + bias.float(), 1)  # [N, F] -> [N, 1000]
+        return torch.softmax(feats["reuse"].double() @ weight.half().double().T + bias.double(), 1)  # [N, 1000]
     return torch.softmax(feats[method], 1)
 
 
 def candidate_rows(probs):
     """-> (each photo's two candidates [N, 2] (indices into names()), their signals [N, 2, S])."""
-    p, sig = things.signals(probs)  # [N, C], [N, C, S]
-    cand = things.candidates(p)  # [N, 2]
+    p, sig = things.signals(probs)  # [N, C], [N, C, S]: NumPy, as things.py computes without PyTorch
+    cand, sig = torch.from_numpy(things.candidates(p)), torch.from_numpy(sig)  # [N, 2]
     return cand, sig.gather(1, cand.unsqueeze(2).expand(-1, -1, sig.shape[2]))
 
 
@@ -222,7 +223,7 @@ class Scored:
     def __init__(self, probs, right, calibration):
         self.right = right  # [N, C] bool
         self.cand, sig = candidate_rows(probs)  # [N, 2], [N, 2, S]
-        self.score = things.calibrate(sig, calibration)  # [N, 2]
+        self.score = torch.from_numpy(things.calibrate(sig, calibration))  # [N, 2]
         self.probs = probs
 
     def said(self, thresholds):
@@ -326,7 +327,7 @@ def print_vizwiz_table(scored, names, vizwiz_dir, thresholds):
     for i, (n, d) in enumerate(zip(names, scored.said(thresholds))):
         v, k = scored.probs[i].topk(3)
         top = ", ".join(f"{info.index_to_description(int(j)).split(',')[0]} {float(x):.2f}" for x, j in zip(v, k))
-        named = things.thing_sentence({"name": every[d[0]], "level": d[2]}) if d else "-"
+        named = thing_sentence({"name": every[d[0]], "level": d[2]}) if d else "-"
         best = every[int(scored.cand[i, 0])]  # what it would have said, had it been sure
         score = f"{d[1]:.2f}" if d else f"({best} {float(scored.score[i, 0]):.2f})"
         ok = "" if not d else "yes" if scored.right[i, d[0]] else "NO"
@@ -335,9 +336,9 @@ def print_vizwiz_table(scored, names, vizwiz_dir, thresholds):
 
 def agreement(a, b):
     """Fraction of photos whose top ImageNet class, and whose likeliest group, is the same under a and b."""
-    member = things.membership()[:len(things.GROUPS)]  # [G, 1000]
+    member = torch.from_numpy(things.membership()[:len(things.GROUPS)])  # [G, 1000], float64
     top = (a.argmax(1) == b.argmax(1)).double().mean()
-    group = ((a @ member.T).argmax(1) == (b @ member.T).argmax(1)).double().mean()
+    group = ((a.double() @ member.T).argmax(1) == (b.double() @ member.T).argmax(1)).double().mean()
     return float(top), float(group)
 
 

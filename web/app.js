@@ -1,5 +1,6 @@
 // The page of `export.py --format web`: a photo from the camera or the phone's files, described in this
-// browser by captioner.js, announced in the live region and read aloud on request. The photo is never sent.
+// browser by captioner.js (its text read, what is wrong with it, the thing in it, the caption), announced in the
+// live region and read aloud on request. The photo is never sent.
 import { loadCaptioner, UnreadableImage } from "./captioner.js";
 
 const input = document.getElementById("photo"), answer = document.getElementById("answer");
@@ -16,6 +17,12 @@ const ready = loadCaptioner("./").then((captioner) => {
   // how long the page took from opening to ready, for the benchmark
   document.documentElement.dataset.readyMs = performance.now().toFixed(0);
   state.textContent = "Ready. It works without a connection from now on.";
+  // the text reader's models load now, in the background: the page is usable at once, and a photo chosen
+  // before they are in waits for them
+  captioner.loadReader().then((reader) => {
+    document.documentElement.dataset.readerMs = performance.now().toFixed(0);
+    if (!reader && captioner.readerError) state.textContent = "Ready, but text in photos cannot be read here.";
+  });
   return captioner;
 });
 ready.catch((e) => {
@@ -49,17 +56,18 @@ input.addEventListener("change", async () => {
   }
   if (mine !== chosen) return;
   const stats = { caption: result.caption, level: result.confidence_level || "", ms: JSON.stringify(result.ms),
-                  confidence: result.confidence ?? "" };  // what the tests and the benchmark read
+                  confidence: result.confidence ?? "", result: JSON.stringify(result) };  // for the tests and the benchmark
   Object.assign(answer.dataset, stats);
   document.documentElement.dataset.captionMs = (performance.now() - start).toFixed(0);
-  show(file, result.alt_text || result.caption);
+  show(file, result.description || result.alt_text || result.caption);
 });
 
 function show(file, text) {
-  // the description announced, the photo shown with it as its alt text, and Read aloud ready to say it
+  // the description announced, the photo shown below it, and Read aloud ready to say it; the photo's alt text
+  // does not say the description again, which a screen reader has just read out
   said = text;
   URL.revokeObjectURL(shown.src);
-  Object.assign(shown, { src: URL.createObjectURL(file), alt: text, hidden: false });
+  Object.assign(shown, { src: URL.createObjectURL(file), alt: "The photo described above", hidden: false });
   say(text);
   speak.disabled = false;
 }

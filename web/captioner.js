@@ -1,25 +1,37 @@
-// The captioner in the browser: export.py's Runner in JavaScript. The same preprocessing (Pillow's bilinear
-// resize, to the integer), the same beam search, the same confidence signals, fit and alt text, run with
-// onnxruntime-web's WebAssembly backend on the graphs of `export.py --format web`. Nothing is sent anywhere:
-// the photo is read from the file the person chose, in this page.
+// The describer in the browser: runner.py in JavaScript. The same preprocessing (Pillow's bilinear resize, to the
+// integer), the same beam search, confidence signals and fit, and the rest of what inference.py says of a photo:
+// the photo check (describe.js), the text read (read_text.js, its models loaded in the background once the
+// captioner is ready), the upright turn, the thing named, and description.py's wording, every rule read from the
+// captioner.json that export.py wrote from the Python modules. It runs with onnxruntime-web's WebAssembly backend
+// on the graphs of `export.py --format web`. Nothing is sent anywhere: the photo is read from the file the person
+// chose, in this page.
 import * as ort from "./ort.wasm.min.mjs";
+import { Things, PhotoCheck, answer } from "./describe.js";
+import { resize } from "./pillow.js";
+import { TextReader } from "./read_text.js";
 
 const MAX_PIXELS = 89478485;  // Pillow's Image.MAX_IMAGE_PIXELS: a larger "photo" is refused, as Runner refuses it
 
+const SESSION = { executionProviders: ["wasm"], graphOptimizationLevel: "all" };
+
 export async function loadCaptioner(base = "./") {
+  // The captioner, ready to describe; its text reader loads apart (loadReader), so the page is ready sooner.
   const config = await (await fetch(base + "captioner.json")).json();
-  ort.env.wasm.numThreads = 1;  // threads need a cross-origin isolated page, which a static host seldom gives
-  const options = { executionProviders: ["wasm"], graphOptimizationLevel: "all" };
-  const [encoder, step, bank] = await Promise.all([
-    ort.InferenceSession.create(base + "encoder.onnx", options),
-    ort.InferenceSession.create(base + "decoder_step.onnx", options),
-    config.calibration ? loadBank(base, config.calibration.bank) : null,
+  // threads need a cross-origin isolated page: sw.js makes it so from the second visit on (the same results,
+  // measured; about 1.5x faster on 2 cores)
+  ort.env.wasm.numThreads = self.crossOriginIsolated ? Math.min(4, navigator.hardwareConcurrency || 1) : 1;
+  const things = config.describe?.things;
+  const [encoder, step, bank, thingsWeight] = await Promise.all([
+    ort.InferenceSession.create(base + "encoder.onnx", SESSION),
+    ort.InferenceSession.create(base + "decoder_step.onnx", SESSION),
+    config.calibration ? loadHalves(base, config.calibration.bank) : null,
+    things ? loadHalves(base, things.classifier) : null,
   ]);
-  return new Captioner(config, encoder, step, bank);
+  return new Captioner(config, encoder, step, bank, thingsWeight, base);
 }
 
-async function loadBank(base, { file, shape }) {
-  // fp16, little-endian [K, F] -> Float32Array, through a table of all 65536 halves
+async function loadHalves(base, { file, shape }) {
+  // fp16, little-endian [K, F] -> {rows, dim, data: Float32Array}, through a table of all 65536 halves
   const halves = new Uint16Array(await (await fetch(base + file)).arrayBuffer());
   if (halves.length !== shape[0] * shape[1]) throw new Error(`${file} is not ${shape[0]} x ${shape[1]}`);
   const table = new Float32Array(65536);
@@ -28,9 +40,9 @@ async function loadBank(base, { file, shape }) {
     table[h] = exp === 0 ? sign * frac * 2 ** -24 : exp === 31 ? (frac ? NaN : sign * Infinity)
       : sign * (1 + frac / 1024) * 2 ** (exp - 15);
   }
-  const bank = new Float32Array(halves.length);
-  for (let i = 0; i < halves.length; i++) bank[i] = table[halves[i]];
-  return { rows: shape[0], dim: shape[1], data: bank };
+  const data = new Float32Array(halves.length);
+  for (let i = 0; i < halves.length; i++) data[i] = table[halves[i]];
+  return { rows: shape[0], dim: shape[1], data };
 }
 
 // ------------------------------------------------------------------------------------------ preprocessing
@@ -61,56 +73,6 @@ export async function readPixels(file) {
   return { width, height, rgba: context.getImageData(0, 0, width, height).data };
 }
 
-const PRECISION_BITS = 22;  // Pillow's fixed point for 8-bit images (Resample.c: 32 - 8 - 2)
-
-function coefficients(inSize, outSize) {
-  // Pillow's precompute_coeffs + normalize_coeffs_8bpc for its bilinear filter (support 1): for each output
-  // pixel, the first input pixel, how many, and their weights in fixed point.
-  const scale = inSize / outSize, filterscale = Math.max(scale, 1), support = filterscale;
-  const ksize = Math.ceil(support) * 2 + 1, bounds = new Int32Array(outSize * 2), kk = new Int32Array(outSize * ksize);
-  const weights = new Float64Array(ksize);
-  for (let xx = 0; xx < outSize; xx++) {
-    const center = (xx + 0.5) * scale, ss = 1 / filterscale;
-    const xmin = Math.max(Math.trunc(center - support + 0.5), 0);
-    const xmax = Math.min(Math.trunc(center + support + 0.5), inSize) - xmin;
-    let ww = 0;
-    for (let x = 0; x < xmax; x++) {
-      const d = Math.abs((x + xmin - center + 0.5) * ss);
-      weights[x] = d < 1 ? 1 - d : 0;
-      ww += weights[x];
-    }
-    for (let x = 0; x < xmax; x++) {
-      const k = ww !== 0 ? weights[x] / ww : weights[x];
-      kk[xx * ksize + x] = Math.trunc(k < 0 ? -0.5 + k * 2 ** PRECISION_BITS : 0.5 + k * 2 ** PRECISION_BITS);
-    }
-    bounds[xx * 2] = xmin;
-    bounds[xx * 2 + 1] = xmax;
-  }
-  return { ksize, bounds, kk };
-}
-
-function resamplePass(src, width, height, outSize, horizontal) {
-  // One of Pillow's two passes over RGBA bytes: along rows (horizontal) or columns, to outSize pixels.
-  const c = coefficients(horizontal ? width : height, outSize);
-  const outW = horizontal ? outSize : width, outH = horizontal ? height : outSize;
-  const out = new Uint8ClampedArray(outW * outH * 4);
-  const half = 2 ** (PRECISION_BITS - 1), one = 2 ** PRECISION_BITS;
-  for (let y = 0; y < outH; y++) {
-    for (let x = 0; x < outW; x++) {
-      const i = horizontal ? x : y, xmin = c.bounds[i * 2], n = c.bounds[i * 2 + 1];
-      for (let ch = 0; ch < 3; ch++) {
-        let ss = half;
-        for (let t = 0; t < n; t++) {
-          const at = horizontal ? (y * width + xmin + t) * 4 : ((xmin + t) * width + x) * 4;
-          ss += src[at + ch] * c.kk[i * c.ksize + t];
-        }
-        out[(y * outW + x) * 4 + ch] = Math.min(255, Math.max(0, Math.floor(ss / one)));
-      }
-    }
-  }
-  return out;
-}
-
 function roundHalfEven(v) {
   const f = Math.floor(v);
   return v - f !== 0.5 ? Math.round(v) : f % 2 === 0 ? f : f + 1;
@@ -120,9 +82,7 @@ export function preprocess({ width, height, rgba }, preset) {
   // export.preprocess: resize to a square with Pillow's BILINEAR (horizontal pass, then vertical, each only
   // where the size changes), centre crop, scale to [0, 1], normalise, all in float32 -> [1, 3, S, S].
   const size = preset.resize, crop = preset.crop;
-  let pixels = rgba;
-  if (width !== size) pixels = resamplePass(pixels, width, height, size, true);
-  if (height !== size) pixels = resamplePass(pixels, size, height, size, false);
+  const pixels = resize({ width, height, rgba }, size, size).rgba;
   const top = roundHalfEven((size - crop) / 2), f = Math.fround, plane = crop * crop;
   const out = new Float32Array(3 * plane);
   for (let ch = 0; ch < 3; ch++) {
@@ -163,25 +123,46 @@ function take(tensor, rows, axis) {
 }
 
 export class Captioner {
-  constructor(config, encoder, step, bank) {
+  constructor(config, encoder, step, bank, thingsWeight, base = "./") {
     this.config = config;
     this.encoder = encoder;
     this.stepSession = step;
     this.bank = bank;
+    this.base = base;
     this.axes = config.state_batch_axes;
     const specials = config.specials || ["<PAD>", "<SOS>", "<EOS>", "<UNK>"];
     this.specials = specials.length;
     this.sos = specials.indexOf("<SOS>");
     this.eos = specials.indexOf("<EOS>");
     this.vocab = config.vocab;
+    this.rules = config.describe || {};
+    this.checker = new PhotoCheck(this.rules.photo_check);
+    this.things = thingsWeight ? new Things(this.rules.things, thingsWeight.data) : null;
+    this.reader = null;  // loadReader() sets it
+  }
+
+  loadReader() {
+    // The text reader's three networks and word list (about 16 MB), once: describe() waits for them. Where the
+    // export has none, or they cannot load, photos are described without their text (readerError says why).
+    if (!this.readerLoading) {
+      const rules = this.rules.reader;
+      this.readerLoading = !rules ? Promise.resolve(null) : fetch(this.base + rules.words)
+        .then((r) => r.text())
+        .then((words) => TextReader.load(ort, this.base, rules, words))
+        .then((reader) => { this.reader = reader; return reader; },
+              (e) => { this.readerError = e.message; return null; });
+    }
+    return this.readerLoading;
   }
 
   async start(image) {
-    // -> {state: [Tensor], pooled: Float32Array [F] or null}
+    // -> {state: [Tensor], unit: Float32Array [F] or null, raw: Float32Array [F] or null}: the decoder's first
+    // state, and the CNN's pooled feature at unit length (confidence, photo check) and as it is (things)
     const out = await this.encoder.run({ image });
-    const names = this.encoder.outputNames;
-    return { state: names.slice(0, this.axes.length).map((n) => out[n]),
-             pooled: this.config.encoder_pooled ? out[names[this.axes.length]].data : null };
+    const names = this.encoder.outputNames, n = this.axes.length;
+    return { state: names.slice(0, n).map((name) => out[name]),
+             unit: this.config.encoder_pooled ? out[names[n]].data : null,
+             raw: this.config.encoder_pooled_raw ? out[names[n + 1]].data : null };
   }
 
   async step(tokens, state) {
@@ -302,39 +283,63 @@ export class Captioner {
   }
 
   async describe(file, beam = 3, maxLen = 40) {
-    // Runner.describe of a photo file -> {caption, alt_text, confidence, confidence_level}
-    const ms = [performance.now()];  // the time each part took, for the benchmark
-    const image = preprocess(await readPixels(file), this.config.preprocessing);
-    ms.push(performance.now());
-    const { state, pooled } = await this.start(image);
-    ms.push(performance.now());
-    const ids = await this.search(state, beam, maxLen), caption = this.words(ids);
-    ms.push(performance.now());
-    let confidence = null, level = null, unfamiliar = false;
-    if (this.config.calibration) {
-      ({ confidence, unfamiliar } = this.assess(await this.signals(state, ids), pooled));
-      level = this.level(confidence);
-      confidence = Math.round(confidence * 1000) / 1000;
+    // runner.Runner.describe of a photo file -> {caption, confidence, confidence_level, and description.answer's
+    // alt_text, description, text, thing, photo_problems, photo_scores, retake_hint, turned; ms: each part's time}
+    const ms = { start: performance.now() };
+    const photo = await readPixels(file);
+    const reader = await this.loadReader();
+    ms.read = performance.now();
+    const measures = this.checker.measures(photo);
+    let text = null;
+    if (reader) {  // a cheap first look, and the full read only where it finds text (of the look's own array)
+      const look = await reader.firstLook(photo);
+      text = look.passes ? await reader.read(photo, look) : null;
     }
-    ms.push(performance.now());
-    const parts = ["read", "encoder", "search", "confidence"];
-    return { caption, alt_text: altText(caption, level, unfamiliar, this.config.alt_text), confidence,
-             confidence_level: level, ms: Object.fromEntries(parts.map((n, i) => [n, Math.round(ms[i + 1] - ms[i])])) };
+    let turn = text && text.lines.length && text.angle ? text.angle : 0;
+    ms.look = performance.now();
+    let found = await this.captionOf(photo, turn, beam, maxLen);
+    const headTurn = turn ? 0 : this.checker.uprightTurn(found.unit);
+    if (headTurn) {  // a photo on its side with no text to tell by: turned where the check is sure, captioned again
+      turn = headTurn;
+      found = await this.captionOf(photo, turn, beam, maxLen);
+    }
+    ms.caption = performance.now();
+    const thing = this.things && found.raw ? this.things.assess(found.raw) : null;
+    const said = answer(this.rules.description, this.checker, { measures, text, turn }, found.unit, found.caption,
+                        found.level, found.unfamiliar, turn, thing);
+    const parts = ["start", "read", "look", "caption"];
+    return { caption: found.caption, confidence: found.confidence, confidence_level: found.level, ...said,
+             ms: Object.fromEntries(parts.slice(1).map((p, i) => [p, Math.round(ms[p] - ms[parts[i]])])) };
+  }
+
+  async captionOf(photo, turn, beam, maxLen) {
+    // runner.Runner._caption: the caption of the photo turned `turn` degrees clockwise, its confidence and its
+    // pooled features
+    const image = preprocess(turned(photo, turn), this.config.preprocessing);
+    const { state, unit, raw } = await this.start(image);
+    const ids = await this.search(state, beam, maxLen);
+    const found = { caption: this.words(ids), confidence: null, level: null, unfamiliar: false, unit, raw };
+    if (this.config.calibration) {
+      const { confidence, unfamiliar } = this.assess(await this.signals(state, ids), unit);
+      Object.assign(found, { level: this.level(confidence), unfamiliar,
+                             confidence: Math.round(confidence * 1000) / 1000 });
+    }
+    return found;
   }
 }
 
-export function altText(caption, level, unfamiliar, rules) {
-  // export.alt_text: the caption as one sentence, hedged by level, cut to fit
-  if (unfamiliar || !caption.trim()) return rules.abstain;
-  let text = caption.split(/\s+/).filter((w) => w && w !== '"').join(" ");
-  text = text.replace(new RegExp(rules.attached, "g"), "$1").replaceAll(" - ", "-").replace(/[ .,;:]+$/, "");
-  text = text ? text[0].toUpperCase() + text.slice(1) + "." : "";
-  if (level in rules.hedges) {
-    text = rules.hedges[level] + (text[0].toLowerCase() + text.slice(1)).replace(new RegExp(rules.progressive), "$1 $2");
+export function turned({ width, height, rgba }, degrees) {
+  // The image turned clockwise by 0, 90, 180 or 270 degrees, as PIL's transpose: pixels moved, none changed
+  if (!degrees) return { width, height, rgba };
+  const w = degrees === 180 ? width : height, h = degrees === 180 ? height : width;
+  const out = new Uint8ClampedArray(rgba.length);
+  for (let y = 0; y < h; y++) {
+    for (let x = 0; x < w; x++) {
+      // where the output pixel (x, y) comes from in the input
+      const [sx, sy] = degrees === 90 ? [y, height - 1 - x] : degrees === 180 ? [width - 1 - x, height - 1 - y]
+        : [width - 1 - y, x];
+      out.set(rgba.subarray((sy * width + sx) * 4, (sy * width + sx) * 4 + 4), (y * w + x) * 4);
+    }
   }
-  if (text.length > rules.max_chars) {
-    const cut = text.slice(0, rules.max_chars - 1), space = cut.lastIndexOf(" ");
-    text = (space >= 0 ? cut.slice(0, space) : cut).replace(/[,;:]+$/, "") + "\u2026";
-  }
-  return text;
+  return { width: w, height: h, rgba: out };
 }
