@@ -3,11 +3,13 @@ photo's upright frame), and tell how the photo must be turned to stand upright.
 
 It runs PaddleOCR's PP-OCRv6 text detector and recogniser and its direction classifier, the ONNX files that the
 `rapidocr` wheel carries, on ONNX Runtime (nothing is downloaded). The steps around the networks are this file's
-own, not the library's, so that another runtime can repeat them: the detector's probability map becomes boxes
-(`boxes_from_map`), each box is cut out and turned to read left to right, the recogniser's output is decoded
-(`ctc_decode`). Lines that are junk (too few letters, a low recogniser score, words no English reader would know)
-are dropped: a wrong word said with assurance is worse than none. Whether text is there but too blurry to read is
-not told: PP-OCRv6's detector sees blurred print as one blob, much as it sees a wall (RESULTS.md).
+own, not the library's, so that another runtime can repeat them (web/read_text.js, the offline page): the
+detector's probability map becomes boxes (`boxes_from_map`), each box is cut out (`sample_box`) and turned to read
+left to right, the recogniser's output is decoded (`ctc_decode`); the resizes are Pillow's bilinear one (which
+web/pillow.js repeats to the bit) or this file's area average (`shrink`). Lines that are junk (too few letters, a
+low recogniser score, words no English reader would know) are dropped: a wrong word said with assurance is worse
+than none. Whether text is there but too blurry to read is not told: PP-OCRv6's detector sees blurred print as one
+blob, much as it sees a wall (RESULTS.md).
 
     reader = TextReader(threads=2)
     look = reader.first_look(rgb)              # cheap: is there text worth reading?
@@ -43,6 +45,7 @@ MAX_LINES = 32        # text boxes recognised at most: bounds the time on a page
 MIN_TEXT_PX = 8       # boxes whose text is less high than this (in the READ_SIZE image) cannot be read
 MAX_ASPECT = 40       # a crop wider than this many heights is squashed: bounds the recogniser's input
 REC_HEIGHT = 48       # the recogniser's input height (fixed by the model)
+REC_MIN_WIDTH = 320   # the recogniser's input is at least this wide (PaddleOCR's own)
 CLS_SHAPE = (48, 192)  # the direction classifier's input (height, width)
 RETRY_SCORE = 0.85    # below this mean score the other reading direction is tried too,
 RETRY_LINES = 4       # ... on this many of the largest lines first
@@ -65,6 +68,7 @@ FUNCTION_WORDS = frozenset(re.findall(r"\w+", "a an the and or but of in on at t
 
 _CJK = re.compile(r"[\u3000-\u303f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uff00-\uffef]")
 _NUMBER = re.compile(r"^[+-]?\d+([.,:/]\d+)*%?$")
+STRIP = ".,:;!?'\"()[]{}-*#®™°"  # the punctuation around a word that the word list lacks
 
 
 @dataclass
@@ -134,7 +138,7 @@ class Words:
 
 def _core(token):
     """A token without the punctuation around it or a possessive 's, lower-cased: what the word list holds."""
-    core = token.strip(".,:;!?'\"()[]{}-*#®™°").lower()
+    core = token.strip(STRIP).lower()
     return core[:-2] if core.endswith(("'s", "’s")) and len(core) > 3 else core
 
 
@@ -177,9 +181,15 @@ def tidy_line(text, score, words, languages, rules):
 
 # ------------------------------------------------------------------------------------------- geometry
 
+def _distance(p, q):
+    """The distance between two points, in float64 (written out: JavaScript computes the same bits)."""
+    dx, dy = float(p[0]) - float(q[0]), float(p[1]) - float(q[1])
+    return math.sqrt(dx * dx + dy * dy)
+
+
 def _box_sides(box):
     """(width along the text, height) of a quadrilateral tl, tr, br, bl."""
-    return float(np.linalg.norm(box[0] - box[1])), float(np.linalg.norm(box[0] - box[3]))
+    return _distance(box[0], box[1]), _distance(box[0], box[3])
 
 
 def _line_like(box, aspect=LINE_ASPECT):
@@ -189,8 +199,9 @@ def _line_like(box, aspect=LINE_ASPECT):
 
 
 def _area(box):
-    x, y = box[:, 0], box[:, 1]
-    return 0.5 * abs(float(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))))
+    """A quadrilateral's area (the shoelace formula, in float64, term by term)."""
+    x, y = [float(v) for v in box[:, 0]], [float(v) for v in box[:, 1]]
+    return 0.5 * abs(sum(x[i] * y[i - 1] - y[i] * x[i - 1] for i in range(4)))
 
 
 def rect_corners(cx, cy, w, h, angle):
@@ -249,26 +260,42 @@ def rect_mean(prob, cx, cy, w, h, angle):
     dx, dy = xx - cx, yy - cy
     along, across = dx * math.cos(a) + dy * math.sin(a), -dx * math.sin(a) + dy * math.cos(a)
     inside = (np.abs(along) <= w / 2 + 0.5) & (np.abs(across) <= h / 2 + 0.5)
-    return float(prob[y0:y1 + 1, x0:x1 + 1][inside].mean()) if inside.any() else 0.0
+    return float(prob[y0:y1 + 1, x0:x1 + 1][inside].mean(dtype=np.float64)) if inside.any() else 0.0
 
 
 def crop_box(img, box):
-    """The box cut out of img (H, W, 3) and warped flat: (h, w, 3), w along the box's top edge."""
-    import cv2
-
+    """The box cut out of img (H, W, 3) and laid flat: (h, w, 3), w along the box's top edge."""
     w, h = _box_sides(box)
     w, h = max(int(round(w)), 1), max(int(round(h)), 1)
-    target = np.array([[0, 0], [w, 0], [w, h], [0, h]], np.float32)
-    m = cv2.getPerspectiveTransform(box.astype(np.float32), target)
-    crop = cv2.warpPerspective(img, m, (w, h), borderMode=cv2.BORDER_REPLICATE, flags=cv2.INTER_CUBIC)
+    crop = sample_box(img, box, w, h)
     if w > MAX_ASPECT * h:  # a page-wide run of tiny print: squash it rather than feed a huge tensor
-        crop = cv2.resize(crop, (MAX_ASPECT * h, h), interpolation=cv2.INTER_AREA)
+        crop = resize(crop, MAX_ASPECT * h, h)
     return crop
+
+
+def sample_box(img, box, w, h):
+    """The (h, w, 3) crop whose pixel (x, y) is img at tl + x/w (tr - tl) + y/h (bl - tl) of box (tl, tr, br, bl:
+    a rectangle, so tl, tr and bl fix it). Each sample is bilinear between the four nearest pixels (the edge
+    pixels repeated beyond the image), in float64, rounded half up: web/read_text.js computes the same bytes."""
+    tl, tr, bl = ([float(v) for v in box[i]] for i in (0, 1, 3))
+    ux, uy = (tr[0] - tl[0]) / w, (tr[1] - tl[1]) / w  # one crop pixel along the text, in img pixels
+    vx, vy = (bl[0] - tl[0]) / h, (bl[1] - tl[1]) / h  # ... and across it
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
+    sx, sy = tl[0] + xs * ux + ys * vx, tl[1] + xs * uy + ys * vy  # (h, w) where each crop pixel samples
+    x0, y0 = np.floor(sx), np.floor(sy)
+    fx, fy = (sx - x0)[..., None], (sy - y0)[..., None]  # (h, w, 1): the weights of the right and lower pixels
+    last_y, last_x = img.shape[0] - 1, img.shape[1] - 1
+    xa, xb = np.clip(x0, 0, last_x).astype(np.intp), np.clip(x0 + 1, 0, last_x).astype(np.intp)
+    ya, yb = np.clip(y0, 0, last_y).astype(np.intp), np.clip(y0 + 1, 0, last_y).astype(np.intp)
+    top = img[ya, xa] * (1 - fx) + img[ya, xb] * fx  # (h, w, 3)
+    bottom = img[yb, xa] * (1 - fx) + img[yb, xb] * fx
+    value = top * (1 - fy) + bottom * fy
+    return np.clip(np.floor(value + 0.5), 0, 255).astype(np.uint8)
 
 
 def upright_centre(box, angle, width, height):
     """The box's centre and text height in the frame where the photo is turned `angle` degrees clockwise."""
-    x, y = box.mean(axis=0)
+    x, y = box.astype(np.float64).mean(axis=0)
     turned = {0: (x, y), 90: (height - y, x), 180: (width - x, height - y), 270: (y, width - x)}[angle]
     return turned[0], turned[1], min(_box_sides(box))
 
@@ -286,24 +313,73 @@ def reading_order(items, angle, width, height):
     return [" ".join(t for _, t in sorted(r["parts"])) for r in rows]
 
 
+def scaled_size(width, height, long_side):
+    """The size (w, h) a width x height image is scaled to so that its long side is at most long_side: the long
+    side becomes long_side, the other its share of it rounded half up, at least 1 (integers: JavaScript agrees)."""
+    longest = max(width, height)
+    if longest <= long_side:
+        return width, height
+    return tuple(max(1, (2 * n * long_side + longest) // (2 * longest)) for n in (width, height))
+
+
 def to_array(image, long_side=READ_SIZE):
-    """PIL image -> BGR uint8 array (H, W, 3) at most long_side px long (the models were trained on BGR)."""
+    """PIL image -> BGR uint8 array (H, W, 3) at most long_side px long (the models were trained on BGR), scaled
+    with Pillow's plain bilinear resize (web/pillow.js repeats it to the bit)."""
     image = image.convert("RGB")
-    if max(image.size) > long_side:
-        image = image.copy()
-        image.thumbnail((long_side, long_side), Image.BILINEAR)
+    size = scaled_size(*image.size, long_side)
+    if size != image.size:
+        image = image.resize(size, Image.BILINEAR)
     return np.ascontiguousarray(np.asarray(image)[:, :, ::-1])
+
+
+def resize(img, width, height):
+    """img (H, W, 3) uint8 -> (height, width, 3), the width first, then the height, each pass rounded to bytes: a
+    side that shrinks is averaged over the area each new pixel covers (as cv2's INTER_AREA; Pillow's bilinear
+    filter blurs more, and the detector then loses small print), one that grows is Pillow's bilinear resize.
+    web/read_text.js computes the same bytes."""
+    for axis, size in ((1, width), (0, height)):
+        if size < img.shape[axis]:
+            img = shrink(img, size, axis)
+        elif size > img.shape[axis]:
+            new = (size, img.shape[0]) if axis == 1 else (img.shape[1], size)  # Pillow's (w, h)
+            img = np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize(new, Image.BILINEAR))
+    return img
+
+
+def area_weights(n_in, n_out):
+    """Shrinking n_in pixels to n_out: for each new pixel, its first old pixel and the old ones' weights (the
+    share of the new pixel each covers), in float64."""
+    scale = n_in / n_out
+    starts, weights = [], []
+    for i in range(n_out):
+        lo, hi = i * scale, (i + 1) * scale
+        first, end = math.floor(lo), min(math.ceil(hi), n_in)
+        starts.append(first)
+        weights.append([(min(j + 1, hi) - max(j, lo)) / scale for j in range(first, end)])
+    return starts, weights
+
+
+def shrink(img, size, axis):
+    """img (H, W, 3) shrunk to `size` along axis (1: the width, 0: the height) by area averaging: each new pixel
+    the weighted sum of the old ones it covers, added first to last in float64, rounded half up."""
+    starts, weights = area_weights(img.shape[axis], size)
+    shape = [1, 1, 1]
+    shape[axis] = size
+    total = np.zeros(img.shape[:axis] + (size,) + img.shape[axis + 1:])
+    for t in range(max(len(w) for w in weights)):  # the t-th old pixel of every new one at once (weight 0: none)
+        weight = np.array([w[t] if t < len(w) else 0.0 for w in weights]).reshape(shape)
+        old = np.take(img, np.minimum(np.array(starts) + t, img.shape[axis] - 1), axis=axis)
+        total = total + old * weight
+    return np.clip(np.floor(total + 0.5), 0, 255).astype(np.uint8)
 
 
 def resize_side(img, side):
     """img (H, W, 3) scaled so that its long side is about `side`, each side a multiple of 32 (the detector's
     grid): (h', w', 3)."""
-    import cv2
-
     h, w = img.shape[:2]
     scale = side / max(h, w)
-    size = [max(32, int(round(n * scale / 32)) * 32) for n in (w, h)]  # (w', h')
-    return cv2.resize(img, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    new_w, new_h = (max(32, int(round(n * scale / 32)) * 32) for n in (w, h))  # round: half to even
+    return resize(img, new_w, new_h)
 
 
 def ctc_decode(probs, chars):
@@ -312,7 +388,7 @@ def ctc_decode(probs, chars):
     best, p = probs.argmax(1), probs.max(1)
     keep = (best != 0) & np.concatenate([[True], best[1:] != best[:-1]])
     text = "".join(chars[i - 1] for i in best[keep])
-    return text, float(p[keep].mean()) if keep.any() else 0.0
+    return text, float(p[keep].mean(dtype=np.float64)) if keep.any() else 0.0
 
 
 # ------------------------------------------------------------------------------------------- the networks
@@ -358,7 +434,7 @@ class Networks:
         folder = Path(folder) if folder else model_dir()
         self.det, self.cls, self.rec = (_session(folder / MODELS[k], threads) for k in ("det", "cls", "rec"))
         # the recogniser's classes: 0 is CTC's blank, then its character list, then a space
-        self.chars = self.rec.get_modelmeta().custom_metadata_map["character"].splitlines() + [" "]
+        self.chars = characters(self.rec)
 
     def detect(self, img, side):
         """img (H, W, 3) BGR -> the text probability map (h', w') of the photo at about `side` px long."""
@@ -381,7 +457,7 @@ class Networks:
         """Line crops (h, w, 3) read left to right -> [(text, mean character probability)] per crop."""
         out = [("", 0.0)] * len(crops)
         for idx in line_batches(crops, self.BATCH):
-            ratio = max([320 / REC_HEIGHT] + [crops[i].shape[1] / crops[i].shape[0] for i in idx])
+            ratio = max([REC_MIN_WIDTH / REC_HEIGHT] + [crops[i].shape[1] / crops[i].shape[0] for i in idx])
             width = int(REC_HEIGHT * ratio)
             x = np.zeros((len(idx), 3, REC_HEIGHT, width), np.float32)  # (B, 3, 48, W), zero (grey) padded
             for j, i in enumerate(idx):
@@ -393,12 +469,16 @@ class Networks:
         return out
 
 
+def characters(rec):
+    """The recogniser's classes after CTC's blank (class 0): its character list (in the model's metadata), then
+    a space."""
+    return rec.get_modelmeta().custom_metadata_map["character"].splitlines() + [" "]
+
+
 def fit_height(crop, height, max_width):
     """A crop scaled to `height` px high, its width in proportion (at most max_width): (height, w, 3)."""
-    import cv2
-
     w = min(max_width, math.ceil(height * crop.shape[1] / crop.shape[0]))
-    return cv2.resize(crop, (max(w, 1), height), interpolation=cv2.INTER_LINEAR)
+    return resize(crop, max(w, 1), height)
 
 
 # ------------------------------------------------------------------------------------------- the reader
@@ -408,12 +488,12 @@ class TextReader:
     thread at a time."""
 
     def __init__(self, languages=("en",), threads=None, det_side=DET_SIDE, max_lines=MAX_LINES, look_side=LOOK_SIDE,
-                 rules=None):
+                 rules=None, folder=None):
         """languages: codes from LANGUAGES ('en', 'zh'); threads: ONNX Runtime threads per network (None: its
         default, all cores); det_side, max_lines, look_side, rules: the speed/recall knobs text_photos.py
-        measures."""
+        measures; folder: where the MODELS files are (default: the rapidocr wheel's; the web export's copies)."""
         self.languages = parse_languages(languages)
-        self.nets = Networks(threads)
+        self.nets = Networks(threads, folder)
         self.det_side, self.max_lines, self.look_side = det_side, max_lines, look_side
         self.rules = rules or Rules()
         self.words = Words()
@@ -481,7 +561,7 @@ class TextReader:
             return [], [], 0
         base = 270 if sideways else 0
         flipped = self.nets.direction(crops)  # (N,) P(upside down)
-        flip = float(sum(c.shape[1] * (2 * p - 1) for c, p in zip(crops, flipped))) > 0
+        flip = sum(c.shape[1] * (2 * float(p) - 1) for c, p in zip(crops, flipped)) > 0
         read = self.nets.recognise([_flip(c) for c in crops] if flip else crops)
         if _mean_score(read) < RETRY_SCORE:  # compare on the largest print (crops come largest first)
             other = crops if flip else [_flip(c) for c in crops]
@@ -532,3 +612,36 @@ def _mean_score(read):
     """Length-weighted mean score of [(text, score)]."""
     lengths = [max(len(t), 1) for t, _ in read]
     return float(sum(s * n for (_, s), n in zip(read, lengths)) / max(sum(lengths), 1))
+
+
+# ------------------------------------------------------------------------------------------- for the web page
+
+# the module's settings web/read_text.js reads (by these names) from export_rules()
+EXPORTED = ("READ_SIZE", "CROP_SIDE", "DET_SIDE", "LOOK_SIDE", "LOOK_MIN_BOXES", "LOOK_THRESH", "LOOK_ASPECT",
+            "DB_THRESH", "BOX_THRESH", "UNCLIP", "MAX_CANDIDATES", "MAX_LINES", "MIN_TEXT_PX", "MAX_ASPECT",
+            "REC_HEIGHT", "REC_MIN_WIDTH", "CLS_SHAPE", "RETRY_SCORE", "RETRY_LINES", "MIN_SCORE", "LONG_NAME",
+            "MAX_WORD", "LINE_ASPECT")
+
+
+def export_rules(folder=None):
+    """Everything web/read_text.js needs to read as this file does, but the networks and the word list, as plain
+    JSON-able values: the settings (EXPORTED, by name), the junk rules' defaults, the short and function words,
+    the patterns (as JavaScript writes them, flag "u"), the languages, the model files and the recogniser's
+    characters (chars[i - 1] is class i's)."""
+    import onnxruntime as ort
+
+    folder = Path(folder) if folder else model_dir()
+    rec = ort.InferenceSession(str(folder / MODELS["rec"]), providers=["CPUExecutionProvider"])
+    settings = {name: globals()[name] for name in EXPORTED}
+    return {"settings": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()},
+            "rules": asdict(Rules()), "short_words": sorted(SHORT_WORDS), "function_words": sorted(FUNCTION_WORDS),
+            # Python's \d is any decimal digit; JavaScript's, even with flag "u", only 0-9
+            "patterns": {"cjk": _CJK.pattern, "number": _NUMBER.pattern.replace(r"\d", r"\p{Nd}"),
+                         "strip": STRIP},
+            "languages": dict(LANGUAGES), "models": dict(MODELS), "batch": Networks.BATCH, "chars": characters(rec)}
+
+
+def word_list():
+    """The English words the junk rules know (Words.cost's keys), in the list's order: the web export writes them
+    to words.txt, one a line."""
+    return list(Words().cost)

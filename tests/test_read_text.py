@@ -162,6 +162,41 @@ def test_boxes_from_the_map_and_the_ctc_decode():
     assert read_text.ctc_decode(probs, chars) == ("aab b", pytest.approx(0.9))
 
 
+def test_the_crop_sampler_lays_a_box_flat():
+    """sample_box on boxes whose corners are whole pixels copies the pixels: along a row, and up a column (text
+    running upwards), the crop's rows then being the image's columns."""
+    img = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    flat = np.array([[30, 10], [50, 10], [50, 20], [30, 20]], np.float32)  # tl, tr, br, bl: 20 x 10
+    assert np.array_equal(read_text.crop_box(img, flat), img[10:20, 30:50])
+    up = np.array([[30, 29], [30, 9], [40, 9], [40, 29]], np.float32)  # reading upwards from (30, 29)
+    crop = read_text.crop_box(img, up)
+    assert crop.shape == (10, 20, 3)
+    assert np.array_equal(crop, np.stack([img[29 - np.arange(20), 30 + y] for y in range(10)]))
+    half = read_text.sample_box(img, flat + np.float32(0.5), 20, 10)  # between pixels: the mean of four, rounded
+    mean4 = img[10:20, 30:50].astype(float) + img[11:21, 30:50] + img[10:20, 31:51] + img[11:21, 31:51]
+    assert np.array_equal(half, np.floor(mean4 / 4 + 0.5).astype(np.uint8))
+
+
+def test_a_photo_is_scaled_as_javascript_scales_it():
+    assert read_text.scaled_size(4000, 3000, 2048) == (2048, 1536)
+    assert read_text.scaled_size(3, 2000, 1024) == (2, 1024)  # 1.536 rounds up
+    assert read_text.scaled_size(800, 600, 1024) == (800, 600)  # never enlarged
+    im = Image.fromarray(np.random.default_rng(1).integers(0, 256, (300, 500, 3), dtype=np.uint8))
+    expected = np.asarray(im.resize((200, 120), Image.BILINEAR))[:, :, ::-1]  # Pillow's plain resize, as BGR
+    assert np.array_equal(read_text.to_array(im, 200), expected)
+
+
+def test_the_rules_the_web_page_reads():
+    import json
+
+    rules = json.loads(json.dumps(read_text.export_rules()))  # plain JSON
+    assert set(rules["settings"]) == set(read_text.EXPORTED) and rules["settings"]["CLS_SHAPE"] == [48, 192]
+    assert rules["rules"]["min_score"] == read_text.MIN_SCORE and rules["chars"][-1] == " "
+    assert set(rules["models"]) == {"det", "cls", "rec"} and "of" in rules["short_words"]
+    words = read_text.word_list()
+    assert "tablet" in words and "td" not in words and all(w.isalpha() for w in words)
+
+
 def test_languages_are_checked():
     assert read_text.parse_languages("en,zh") == ("en", "zh")
     assert read_text.parse_languages(["EN"]) == ("en",)
