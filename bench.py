@@ -774,18 +774,18 @@ def rapidocr_as_it_comes(threads):
 def describe_one(captioner, path):
     """A photo file described as inference.py describes it: the answer's dict."""
     image = captioner.load(path)
-    return captioner.describe([image], looks=[captioner.look(image, path)])[0]
+    return captioner.describe([image], looks=[captioner.look(image)])[0]
 
 
 def time_descriptions(captioner, library, paths):
     """Median seconds per photo of each step in describe_bench's list, and how many photos had text read."""
     from tqdm import tqdm
 
-    from read_text import READ_SIZE, to_array
+    from read_text import to_array
 
     steps = {"caption": lambda p: captioner.caption(p), "describe": lambda p: describe_one(captioner, p),
-             "rapidocr": lambda p: library(to_array(load_image(p, READ_SIZE))),
-             "read": lambda p: captioner.reader.read(load_image(p, READ_SIZE)),
+             "rapidocr": lambda p: library(to_array(load_image(p))),
+             "read": lambda p: captioner.reader.read(load_image(p)),
              "photo_check": lambda p: captioner.checker.scores(captioner.load(p))}
     times, read = {k: [] for k in steps}, 0
     for i, path in enumerate(tqdm(paths, desc="describe", unit="photo", leave=False, disable=None)):

@@ -39,7 +39,7 @@ from image_loader import (
     image_batches,
     load_image,
 )
-from inference import attention_map, read_fits, rereader
+from inference import attention_map, read_fits
 from read_text import TextReader
 from runtimes import RUNTIME_CHOICES, RUNTIME_HELP, run_frozen
 from utils import (
@@ -422,8 +422,8 @@ def describe_rows(rows, images_dir, fits, preset, pooled, unfamiliar, read_text=
     named, texts = Counter(), 0
     for i, r in enumerate(tqdm(rows, desc="photo check and text", unit="photo", leave=False, disable=None)):
         path = images_dir / r["image"]
-        image = load_image(path, preset["resize"])
-        look = look_at(image, reader, rereader(path, image))
+        image = load_image(path)  # in full, as inference.py decodes it
+        look = look_at(image, reader)
         said = answer(checker, look, None if unit is None else unit[i], r["caption"], r.get("confidence_level"),
                       bool(unfamiliar[i]), thing=named_things[i])
         r.update((k, said[k]) for k in ("description", "text", "thing", "photo_problems", "photo_scores",

@@ -15,7 +15,6 @@ the others are still captioned.
 """
 
 import argparse
-import io
 import json
 import math
 import os
@@ -34,7 +33,7 @@ from confidence import Calibration, captions_with_signals, pooled_features
 from description import answer, look_at
 from image_loader import DataError, EvalTransform, list_images, load_image, load_vocab_file
 from photo_check import PhotoCheck
-from read_text import LANGUAGES, READ_SIZE, TextReader, parse_languages
+from read_text import LANGUAGES, TextReader, parse_languages
 from runtimes import RUNTIME_CHOICES, RUNTIME_HELP, run_frozen
 from things import Things, ThingsError
 from utils import (
@@ -102,22 +101,6 @@ def text_languages(text):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def rereader(source, image, name=None):
-    """description.look_at's `reread` for a photo loaded from `source` (its file's path or bytes; None: no
-    reread, the small image is read): the photo decoded again at the text reader's READ_SIZE, or `image`, the
-    decode in hand, should that fail."""
-    if source is None:
-        return None
-
-    def reread():
-        try:
-            return load_image(io.BytesIO(source) if isinstance(source, bytes) else source, READ_SIZE, name)
-        except DataError:  # decoded once already; should a larger decode fail, read what was decoded
-            return image
-
-    return reread
-
-
 class Captioner:
     """A checkpoint ready to describe photos with the preprocessing it was trained with, and with its
     confidence calibration where it has one (evaluate.py --calibrate)."""
@@ -142,13 +125,14 @@ class Captioner:
         self.transform = EvalTransform(self.preset)
 
     def load(self, path, name=None):
-        """A photo (a path or a binary file object) as upright RGB, large JPEGs decoded at a reduced scale."""
-        return load_image(path, self.preset["resize"], name)
+        """A photo (a path or a binary file object) as upright RGB, decoded in full: the caption, the photo check
+        and the text reader all start from these pixels, as export.py's runner and the web page do (a JPEG
+        decoded at a reduced scale is faster but gave another caption for 1 photo in 10)."""
+        return load_image(path, name=name)
 
-    def look(self, image, source=None, name=None):
-        """description.Look of a loaded photo: the photo check's image measures, and its text where it has some.
-        source: its file's path or bytes, decoded again at the text reader's resolution if it holds text."""
-        return look_at(image, self.reader, rereader(source, image, name))
+    def look(self, image):
+        """description.Look of a loaded photo: the photo check's image measures, and its text where it has some."""
+        return look_at(image, self.reader)
 
     def _batch(self, images):
         return torch.stack([self.transform(im) for im in images]).to(self.device)
@@ -325,7 +309,7 @@ def describe_files(captioner, paths, args):
     for path in paths:
         try:
             image = captioner.load(path)
-            looks.append(captioner.look(image, path))
+            looks.append(captioner.look(image))
             loaded.append((path, image))
         except DataError as e:
             results[path] = {"image": str(path), "error": str(e)}

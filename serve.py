@@ -307,7 +307,7 @@ class Service:
         here in the model's thread: the text reader's ONNX Runtime sessions serve one caller at a time, and a
         look in the decode threads would keep photos from gathering into batches."""
         beam, n_best = key
-        looks = [self.captioner.look(loaded, data, name="upload") for _, loaded, data in photos]
+        looks = [self.captioner.look(loaded) for _, loaded, _ in photos]
         return self.captioner.describe([im for im, _, _ in photos], beam=beam, n_best=n_best, looks=looks)
 
     def decode(self, body, kind, content_type):

@@ -2,9 +2,6 @@
 
 import pytest
 
-from image_loader import load_image
-from inference import rereader
-from read_text import READ_SIZE
 from tests.conftest import SAMPLE, run_script
 from utils import SHIPPED_CHECKPOINT
 
@@ -32,17 +29,3 @@ def test_a_folder_without_images_says_so_in_one_line(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
         f"error: {tmp_path}: folder holds no images"]
-
-
-def test_the_text_reader_gets_the_photo_again_larger_or_else_the_one_in_hand(tmp_path):
-    """inference.rereader, which Captioner.look and evaluate.py both read text through."""
-    small = load_image(PHOTO, 64)
-    assert rereader(None, small) is None  # no source: look_at reads the small image itself
-    for source in (PHOTO, PHOTO.read_bytes()):
-        again = rereader(source, small)()
-        assert again.size == load_image(PHOTO, READ_SIZE).size and again.size[0] > small.size[0]
-    gone = tmp_path / "gone.jpg"
-    gone.write_bytes(PHOTO.read_bytes())
-    reread = rereader(gone, small)
-    gone.unlink()  # the larger decode fails: the decode in hand is read
-    assert reread() is small
