@@ -1,14 +1,18 @@
 """Benchmark the web export (export.py --format web) in headless Chromium, WebAssembly backend, beside the
-Python runner (export.py --check: ONNX Runtime) on the same photos in the same run; print what was measured.
+Python runner (export.py --check: runner.py, ONNX Runtime) on the same photos in the same run; print what was
+measured.
 
-    python bench_web.py [--photos 20] [--site site/] [--json]       # or: python bench.py --web
+    python bench_web.py [--photos 20] [--images DIR ...] [--site site/] [--json]   # or: python bench.py --web
 
 Measures: the folder's size (all of it, the model files, the runtime), the time from opening the page to
-ready (first visit, then from the service worker's cache: the later visits), the time per caption in the page
-(file chosen to description announced, and its parts) and in Python (Runner.describe: file to description,
-median of 3 after a warm-up), photo by photo, alternating; whether the page's captions, levels and alt texts
-are the runner's, and whether its preprocessing (the browser's decode and Pillow's resize in JavaScript)
-gives the runner's input tensor to the bit. Needs `npm ci`, and chromium + chromedriver (Debian's).
+ready (first visit, then from the service worker's cache: the later visits) and to its text reader loaded (in
+the background, after ready), the time per description in the page (file chosen to description announced, and
+its parts) and in Python (Runner.describe: file to description, the text read and all; median of 3 after a
+warm-up), photo by photo, alternating, on the sample photos and on the photos in --images (real photos with
+text: ../shared/vizwiz_dev/Images where it is there); whether the page's descriptions are the runner's (the
+words announced, and each part: caption, level, text lines, problems named, thing, turn), and whether its
+preprocessing (the browser's decode and Pillow's resize in JavaScript) gives the runner's input tensor to the
+bit. Needs `npm ci`, and chromium + chromedriver (Debian's).
 """
 
 import argparse
@@ -29,6 +33,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent
 SAMPLE_IMAGES = ROOT / "data" / "flickr8k_sample" / "Images"
+# photos taken by blind people, where present: those with reference captions, and those with quality labels only
+REAL_IMAGES = [ROOT.parent / "shared" / "vizwiz_dev" / d / "Images" for d in (".", "labels_only")]
+# what must be the same in the page as in the Python runner for a description to count as the same
+SAME = ("description", "caption", "confidence_level", "text", "photo_problems", "thing", "turned")
 # headless, and nothing reached but 127.0.0.1: no component updates, sync or other background traffic
 BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-quic",
                  "--disable-sync", "--disable-extensions", "--disable-default-apps", "--no-proxy-server",
@@ -43,7 +51,10 @@ def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="the model to export (default: as export.py: yours, else the shipped one)")
     p.add_argument("--site", help="an existing web export to measure (default: export one into a temporary folder)")
-    p.add_argument("--photos", type=positive(int), default=20, help="how many sample photos to caption in both")
+    p.add_argument("--photos", type=positive(int), default=20, help="how many sample photos to describe in both")
+    p.add_argument("--images", nargs="*", default=[str(d) for d in REAL_IMAGES if d.is_dir()],
+                   help="folders of photos to describe too, at most --photos of them in all (default: the real photos "
+                        "of ../shared/vizwiz_dev where present)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     return p
 
@@ -105,21 +116,29 @@ def ready_ms(driver, within=300):
 
 
 def page_describe(driver, photo, within=300):
-    """Choose `photo` in the page's file input; -> what the page said of it: {caption, alt_text (as announced in
-    the live region), confidence_level, confidence}, ms (chosen to announced) and parts (the page's own split
+    """Choose `photo` in the page's file input; -> what the page said of it: the answer's dict (runner.Runner's
+    keys), with "announced" (the live region's words), ms (chosen to announced) and parts (the page's own split
     of ms)."""
     from selenium.webdriver.support.ui import WebDriverWait
 
     answer = driver.find_element("id", "answer")
     # emptied first: choosing the file already chosen would change nothing, and say nothing
-    driver.execute_script("arguments[0].textContent = ''; document.getElementById('photo').value = ''", answer)
+    driver.execute_script("arguments[0].textContent = ''; arguments[0].dataset.result = '';"
+                          "document.getElementById('photo').value = ''", answer)
     driver.find_element("id", "photo").send_keys(str(photo))
     WebDriverWait(driver, within).until(lambda d: answer.text not in ("", WAITING))
-    level, conf = answer.get_attribute("data-level"), answer.get_attribute("data-confidence")
-    return {"caption": answer.get_attribute("data-caption"), "alt_text": answer.text,
-            "confidence_level": level or None, "confidence": float(conf) if conf else None,
+    result = json.loads(answer.get_attribute("data-result") or "{}")
+    return {**result, "announced": answer.text,
             "ms": int(driver.execute_script("return document.documentElement.dataset.captionMs")),
-            "parts": json.loads(answer.get_attribute("data-ms") or "{}")}
+            "parts": result.get("ms", {})}
+
+
+def same_description(page, said):
+    """Whether the page said of a photo what the runner said: every part of SAME, problems by name."""
+    def named(d):
+        return {**{k: d.get(k) for k in SAME}, "photo_problems": [p["problem"] for p in d.get("photo_problems") or []]}
+
+    return named(page) == named(said) and page["announced"] == said["description"]
 
 
 def page_tensor(driver, photo, preset):
@@ -140,17 +159,19 @@ def page_tensor(driver, photo, preset):
 def folder_sizes(site):
     sizes = {p.name: p.stat().st_size for p in Path(site).iterdir() if p.is_file()}
     mib = lambda names: round(sum(sizes[n] for n in names) / 2**20, 2)  # noqa: E731
-    return {"folder_mib": mib(sizes), "model_mib": mib(["encoder.onnx", "decoder_step.onnx"]),
-            "runtime_mib": mib([n for n in sizes if n.startswith("ort")]), "bank_mib": mib([n for n in sizes
-                                                                                           if n.endswith(".f16")])}
+    return {"folder_mib": mib(sizes), "model_mib": mib([n for n in sizes if n.endswith(".onnx")]),
+            "text_model_mib": mib([n for n in sizes if n.endswith(".onnx") and n not in ("encoder.onnx",
+                                                                                          "decoder_step.onnx")]),
+            "runtime_mib": mib([n for n in sizes if n.startswith("ort")]),
+            "data_mib": mib([n for n in sizes if n.endswith((".f16", ".txt"))])}
 
 
 def measure(site, photos, profile):
     """Every figure of the module's docstring, for the export in `site`."""
-    import export
+    import runner as python
 
-    runner = export.Runner(site)
-    preset = runner.config["preprocessing"]
+    described = python.Runner(site)
+    preset = described.config["preprocessing"]
     r = {**folder_sizes(site), "photos": len(photos), "cores": os.cpu_count(),
          "load_before": round(os.getloadavg()[0], 2)}
     with static_server(site) as server, chromium(profile) as driver:
@@ -162,25 +183,48 @@ def measure(site, photos, profile):
             driver.refresh()
             warm.append(ready_ms(driver))
         r["ready_warm_ms"] = statistics.median(warm)
+        r["reader_ready_ms"] = reader_ms(driver)
         page_describe(driver, photos[0])  # warm-up, as the runner's
         rows = []
         for photo in photos:  # alternating, photo by photo
-            said, python_s = export.timed_caption(lambda p: runner.describe(p), photo)
+            said, python_s = python.timed_caption(lambda p: described.describe(p), photo)
             page = page_describe(driver, photo)
-            same = all(page[k] == said[k] for k in ("caption", "alt_text", "confidence_level"))
-            rows.append({"photo": photo.name, "python_ms": python_s * 1000, "page_ms": page["ms"], "same": same,
+            rows.append({"photo": photo.name, "python_ms": python_s * 1000, "page_ms": page["ms"],
+                         "same": same_description(page, said), "text": bool(said["text"]),
+                         "python": said["description"], "page": page["announced"],
+                         "page_said": {k: page.get(k) for k in SAME},
                          **{f"page_{k}_ms": v for k, v in page["parts"].items()}})
-        diffs = [np.abs(page_tensor(driver, p, preset) - export.preprocess(p, preset).ravel()).max() for p in photos]
+        diffs = [np.abs(page_tensor(driver, p, preset) - python.preprocess(p, preset).ravel()).max() for p in photos]
         r["uploads"] = [q for q in server.requests if q[0] != "GET" or q[2]]
-    r["python_ms"] = statistics.median(x["python_ms"] for x in rows)
-    r["page_ms"] = statistics.median(x["page_ms"] for x in rows)
-    r["page_over_python"] = r["page_ms"] / r["python_ms"]
-    for part in page_parts(rows[0]):
-        r[part] = statistics.median(x[part] for x in rows)
-    r["same_descriptions"] = sum(x["same"] for x in rows)
+    r.update(summary(rows))
     r["preprocessing_max_abs_diff"] = float(max(diffs))
     r["rows"] = rows
     return r
+
+
+def reader_ms(driver, within=300):
+    """Milliseconds from opening the page to its text reader loaded (in the background, after ready)."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, within).until(lambda d: d.execute_script("return document.documentElement.dataset.readerMs"))
+    return int(driver.execute_script("return document.documentElement.dataset.readerMs"))
+
+
+def summary(rows):
+    """Medians of the times per description, over all photos and over those with text read and without; how
+    many descriptions were the same."""
+    out = {}
+    for group, sel in (("", rows), ("text_", [x for x in rows if x["text"]]),
+                       ("no_text_", [x for x in rows if not x["text"]])):
+        if sel:
+            out[f"{group}python_ms"] = statistics.median(x["python_ms"] for x in sel)
+            out[f"{group}page_ms"] = statistics.median(x["page_ms"] for x in sel)
+            out[f"{group}page_over_python"] = statistics.median(x["page_ms"] / x["python_ms"] for x in sel)
+            out[f"{group}photos"] = len(sel)
+    for part in page_parts(rows[0]):
+        out[part] = statistics.median(x[part] for x in rows)
+    out["same_descriptions"] = sum(x["same"] for x in rows)
+    return out
 
 
 def page_parts(r):
@@ -190,17 +234,26 @@ def page_parts(r):
 
 
 def report(r):
-    goals = [("model files", r["model_mib"], 22, "MiB"), ("whole folder", r["folder_mib"], 40, "MiB"),
+    goals = [("model files", r["model_mib"], 40, "MiB"), ("whole folder", r["folder_mib"], 60, "MiB"),
              ("ready from the cache", r["ready_warm_ms"] / 1000, 3, "s"),
-             ("caption, page / Python", r["page_over_python"], 2, "x")]
-    print(f"web export: {r['folder_mib']} MiB in all (model {r['model_mib']}, runtime {r['runtime_mib']}, "
-          f"training photos' features {r['bank_mib']}); {r['cores']} cores, load {r['load_before']} before")
-    print(f"ready: {r['ready_first_visit_ms']} ms on the first visit, {r['ready_warm_ms']:.0f} ms from the cache")
+             ("description, page / Python (median of the photos' ratios)", r["page_over_python"], 2, "x")]
+    print(f"web export: {r['folder_mib']} MiB in all (models {r['model_mib']}, of which text {r['text_model_mib']}; "
+          f"runtime {r['runtime_mib']}; fits and word list {r['data_mib']}); {r['cores']} cores, load "
+          f"{r['load_before']} before")
+    print(f"ready: {r['ready_first_visit_ms']} ms on the first visit, {r['ready_warm_ms']:.0f} ms from the cache; "
+          f"text reader loaded {r['reader_ready_ms']} ms after opening (in the background)")
     parts = ", ".join(f"{k[5:-3]} {r[k]:.0f}" for k in page_parts(r))
-    print(f"caption (median of {r['photos']} photos): page {r['page_ms']:.0f} ms ({parts}), Python runner "
-          f"{r['python_ms']:.0f} ms: {r['page_over_python']:.2f}x")
-    print(f"same caption, level and alt text as the Python runner: {r['same_descriptions']} of {r['photos']}; "
-          f"preprocessing: largest difference {r['preprocessing_max_abs_diff']:g}; uploads seen: {len(r['uploads'])}")
+    for group, name in (("", "all"), ("text_", "with text read"), ("no_text_", "without text")):
+        if f"{group}photos" in r:
+            print(f"description, {name} ({r[f'{group}photos']} photos, medians): page {r[f'{group}page_ms']:.0f} ms, "
+                  f"Python runner {r[f'{group}python_ms']:.0f} ms: {r[f'{group}page_over_python']:.2f}x")
+    print(f"  the page's parts (all photos): {parts}")
+    print(f"same description as the Python runner (words and every part): {r['same_descriptions']} of "
+          f"{r['photos']}; preprocessing: largest difference {r['preprocessing_max_abs_diff']:g}; uploads seen: "
+          f"{len(r['uploads'])}")
+    for x in r["rows"]:
+        if not x["same"]:
+            print(f"  {x['photo']}: page: {x['page']!r}\n  {' ' * len(x['photo'])}  Python: {x['python']!r}")
     for name, value, goal, unit in goals:
         print(f"  {name}: {value:.2f} {unit} (goal <= {goal} {unit}: {'met' if value <= goal else 'missed'})")
 
@@ -210,6 +263,10 @@ def main(args):
     from utils import find_checkpoint
 
     photos = sorted(SAMPLE_IMAGES.glob("*.jpg"))[:args.photos]
+    if args.images:
+        from runner import list_images
+
+        photos += [p for folder in args.images for p in list_images(folder)][:args.photos]
     with tempfile.TemporaryDirectory(prefix="bench_web_") as tmp:
         site = Path(args.site) if args.site else Path(tmp) / "site"
         if not args.site:

@@ -1,26 +1,30 @@
-"""Export a checkpoint for phones and small devices, and caption with the export alone.
+"""Export a checkpoint for phones and small devices, and describe photos with the export alone.
 
     python export.py --checkpoint checkpoints/best.pth.tar --format onnx --out export/
     python export.py --check export/ photo.jpg [more.jpg photos/ ...] [--beam 3] [--compare checkpoints/best.pth.tar]
-    python export.py --format web --out site/    # a page that captions on the phone itself (npm ci first)
+    python export.py --format web --out site/    # a page that describes photos on the phone itself (npm ci first)
     python export.py --checkpoint CKPT [--checkpoint CKPT ...] --format release --scores eval/results.json
         --trained-with "CMD" [--half] --out DIR       # a model to share: DIR/model.pth + DIR/vocabulary.pkl
 
-An export is two graphs and a JSON file:
+An export is two graphs, a JSON file and what the rest of the description needs:
   encoder.onnx (or .pt)      image [B, 3, S, S] -> the decoder's first state (the CNN, the projection and the
-                             decoder's look at the image, all in one graph), and the CNN's pooled feature
+                             decoder's look at the image, all in one graph), and the CNN's pooled feature (unit
+                             length, and as it is)
   decoder_step.onnx (.pt)    (word ids [B], state...) -> (next-word logits [B, V], state..., and an attention
                              decoder's weights over the regions)
   captioner.json             vocabulary, preprocessing, which axis of each state tensor is the batch, the
-                             alt text's wording, and the confidence fit (its training photos in bank.f16)
-The caption loop (greedy or beam search) and the confidence signals run in export.py's Runner, in NumPy: it
-says what inference.py says of a photo (caption, confidence level, alt text). `--check` with an ONNX export
-uses ONNX Runtime, Pillow and NumPy only (PyTorch is imported only to export, or to `--compare`), and reads
-image files and folders as inference.py does: a file it cannot read gets one line, the others are captioned.
+                             confidence fit (its training photos in bank.f16), and under "describe" the wording,
+                             the photo check, the thing namer (its ImageNet classifier in things.f16) and the text
+                             reader's rules, written from the Python modules that own them
+  PP-OCRv6_*.onnx, ch_*.onnx the text reader's three networks (weights in fp16), and words.txt, its word list
+runner.py describes a photo with an export as inference.py does (the text, the photo's problems, the thing, the
+caption worded by its confidence), in NumPy and ONNX Runtime: `--check` uses ONNX Runtime, Pillow and NumPy only
+(PyTorch is imported only to export, or to `--compare`), and reads image files and folders as inference.py does:
+a file it cannot read gets one line, the others are described.
 
 A web export (`--format web`, docs/web.md) is a static folder: the ONNX export with its weights in fp16, a page
 (web/) that runs it with onnxruntime-web's WebAssembly backend, and a service worker that keeps it all for use
-offline. The photo never leaves the browser; web/captioner.js is this Runner in JavaScript.
+offline. The photo never leaves the browser; web/captioner.js is runner.py in JavaScript.
 
 A release (`--format release`) is a checkpoint to share, for inference.py and evaluate.py: the trained weights,
 vocabulary and preprocessing, its test scores and the commands that trained it, without the optimizer's state
@@ -32,19 +36,14 @@ release file, or one export whose decoder step runs them all and whose state is 
 import argparse
 import hashlib
 import json
-import re
 import shutil
 import sys
-import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
-
-# image_loader.IMAGE_SUFFIXES, which cannot be imported here (image_loader brings PyTorch; tested equal)
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".heic", ".heif"}
+from PIL import Image
 
 # ------------------------------------------------------------------------------------------- export
 
@@ -75,13 +74,15 @@ def export(checkpoint, fmt, out):
             torch.jit.trace(encoder, (image,)).save(str(out / "encoder.pt"))
             torch.jit.trace(step, (tokens, *state)).save(str(out / "decoder_step.pt"))
     # decoder: "topdown", say, or an ensemble's "plain + attention"; attention: whether it has attention maps;
-    # encoder_pooled / step_attention: the graphs' extra outputs, for the confidence signals (older exports
-    # have neither); calibration: confidence.py's fit, its bank of training photos in bank.f16
+    # encoder_pooled(_raw) / step_attention: the graphs' extra outputs, for the confidence signals, the photo
+    # check and the thing named (older exports lack some); calibration: confidence.py's fit, its bank of
+    # training photos in bank.f16; describe: the rules and fits of all the rest that is said (_describing)
+    paths = checkpoint_paths(checkpoint)
     config = {"format": "onnx" if fmt == "web" else fmt, "vocab": vocab.itos, "preprocessing": preset,
               "state_batch_axes": encoder.state_axes, "never_say": list(NEVER_SAY), "specials": SPECIALS,
               "encoder": model.args.encoder, "attention": model.args.attention, "decoder": model.decoder_kind,
-              "encoder_pooled": encoder.pooled, "step_attention": step.attention,
-              **_calibration(checkpoint_paths(checkpoint), out, encoder.pooled)}
+              "encoder_pooled": encoder.pooled, "encoder_pooled_raw": encoder.pooled, "step_attention": step.attention,
+              **_calibration(paths, out, encoder.pooled), "describe": _describing(paths, model, out, encoder.pooled)}
     (out / "captioner.json").write_text(json.dumps(config))
     if fmt == "web":
         web_export(out, runtime)
@@ -102,7 +103,8 @@ def _onnx_export(encoder, step, image, tokens, state, out):
     batch = {0: "batch"}
     names = [f"state{i}" for i in range(len(state))]
     axes = {n: {a: "batch"} for n, a in zip(names, encoder.state_axes)}
-    pooled = ["pooled"] if encoder.pooled else []  # the CNN's pooled feature, unit length [B, F]
+    # the CNN's pooled feature [B, F], unit length (for the confidence and the photo check) and as it is (things)
+    pooled = ["pooled", "pooled_raw"] if encoder.pooled else []
     attention = ["attention"] if step.attention else []  # the weights [B, R] the step looked at the regions with
     torch.onnx.export(encoder, (image,), out / "encoder.onnx", input_names=["image"], output_names=names + pooled,
                       dynamic_axes={"image": batch, **axes, **{n: batch for n in pooled}},
@@ -117,33 +119,58 @@ def _onnx_export(encoder, step, image, tokens, state, out):
 def _calibration(paths, out, pooled):
     """captioner.json's "calibration": the checkpoint's confidence fit (confidence.Calibration) as plain numbers,
     with its bank of training photos' features written to out/bank.f16 (fp16, little-endian, [K, F]) (none for
-    an ensemble, a checkpoint never calibrated, or graphs without the pooled feature), and its "alt_text": the
-    wording of confidence.alt_text, which the runners follow."""
+    an ensemble, a checkpoint never calibrated, or graphs without the pooled feature)."""
     import confidence
     from inference import read_fits
 
-    wording = {"alt_text": alt_text_rules()}
     # the fit as inference.py reads it (a single checkpoint's), and its state: the plain dict it is kept as
     calibration = read_fits(paths)[0] if pooled else None
     if calibration is None:
-        return wording
+        return {}
     state = calibration.state
     bank = state["bank"].half().numpy()
     bank.astype("<f2").tofile(out / "bank.f16")
     fit = {k: state[k] for k in ("signals", "mean", "std", "weights", "bias", "thresholds", "familiar_above")}
     bank = {"file": "bank.f16", "shape": list(bank.shape)}
-    return {**wording, "calibration": {**fit, "bank": bank, "nearest": confidence.NEAREST}}
+    return {"calibration": {**fit, "bank": bank, "nearest": confidence.NEAREST}}
 
 
-def alt_text_rules():
-    """The wording of confidence.alt_text as data, for the runners that cannot import it (alt_text here, without
-    PyTorch; web/captioner.js)."""
-    import confidence
+def _describing(paths, model, out, pooled):
+    """captioner.json's "describe": what inference.py says besides the caption, as data that runner.py and
+    web/ read, written here from the Python modules that own it (one source for each rule): description.py's
+    wording, the photo check's fit and hints, the thing namer's groups and fit (its ImageNet classifier in
+    out/things.f16), and the text reader's rules (its word list in out/words.txt, its three ONNX files beside)."""
+    import description
+    import photo_check
+    import things
+    from inference import read_fits
 
-    hedges = {level: confidence.alt_text("a dog is running", level).removesuffix("a dog running.")
-              for level in ("medium", "low")}  # "Probably ", ...
-    return {"abstain": confidence.ABSTAIN, "max_chars": confidence.ALT_TEXT_MAX, "hedges": hedges,
-            "attached": confidence._ATTACHED.pattern, "progressive": confidence._PROGRESSIVE.pattern}
+    _, checker, namer = read_fits(paths, model)
+    rules = {"description": description.export_rules(), "photo_check": photo_check.export_rules(checker)}
+    if namer is not None and pooled:
+        rules["things"], weight = things.export_rules(namer)
+        weight.astype("<f2").tofile(out / rules["things"]["classifier"]["file"])
+    reader = _reader_files(out)
+    if reader:
+        rules["reader"] = reader
+    return rules
+
+
+def _reader_files(out):
+    """The text reader's rules, with its three ONNX files (weights in fp16: TEXT_FP32_FIRST) and its word list
+    copied into out; {} where the rapidocr wheel that carries the models is not installed (said on stderr)."""
+    import read_text
+
+    try:
+        models = read_text.model_dir()
+    except RuntimeError as e:
+        print(f"the export will not read text: {e}", file=sys.stderr)
+        return {}
+    for kind, name in read_text.MODELS.items():
+        shutil.copyfile(models / name, out / name)
+        half_weights(out / name, TEXT_FP32_FIRST[kind])
+    (out / "words.txt").write_text("\n".join(read_text.word_list()) + "\n")
+    return {**read_text.export_rules(), "words": "words.txt"}
 
 
 # ------------------------------------------------------------------------------------- the web page
@@ -154,6 +181,12 @@ WEB_RUNTIME = ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-
 # the CNN's first weights that stay fp32 (numbers): with 1.5M (of Lite1's 4.2M) the shipped model's 250 sample
 # captions at beam 3 were all PyTorch's (with none: 245), for 20.5 MiB of graphs (fp32: 34.8 MiB)
 FP32_FIRST = 1_500_000
+# the same for the text reader's networks (read_text.MODELS): all fp16 (15.7 MiB; fp32: 30.3 MiB, which the folder
+# has no room for). On 64 photos (real, generated and Flickr8k) the lines read changed on 3, each a line whose
+# score sits at the keep threshold (one gained, one lost, one garbled either way); key words, words right and
+# invented text on the real photos unchanged. The page and export.py --check read with these; inference.py reads
+# with the wheel's own
+TEXT_FP32_FIRST = {"det": 0, "cls": 0, "rec": 0}
 
 
 def web_runtime_files():
@@ -285,7 +318,7 @@ def _graphs(model):
     (the batch axis of each state tensor), pooled, attention."""
     from torch import nn
 
-    from confidence import pooled_features
+    from confidence import pooled_features, pooled_mean
 
     decoder = model.decoderRNN
     ensemble = hasattr(decoder, "members")
@@ -310,7 +343,7 @@ def _graphs(model):
             if not self.pooled:
                 return flat(decoder.start(model.features(image)))
             raw = model.encoderCNN.extract(image)  # [B, F] or regions [B, R, F]
-            return (*decoder.start(model.encoderCNN.project(raw)), pooled_features(raw))
+            return (*decoder.start(model.encoderCNN.project(raw)), pooled_features(raw), pooled_mean(raw))
 
     class Step(nn.Module):
         attention = not ensemble and getattr(decoder, "regions", False)  # the decoders with attention over regions
@@ -334,237 +367,20 @@ def _decoders(model):
     return list(getattr(model.decoderRNN, "members", [model.decoderRNN]))
 
 
-# ------------------------------------------------------------------------------- runner (no PyTorch)
-
-def preprocess(path, preset):
-    """The evaluation preset in NumPy: what image_loader.load_image + EvalTransform do, for one image. Raises
-    UnreadableImage, with one line, as load_image raises DataError."""
-    try:
-        return _preprocess(path, preset)
-    except FileNotFoundError:
-        raise UnreadableImage(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise UnreadableImage(f"{path}: is a folder") from None
-    except PermissionError:
-        raise UnreadableImage(f"{path}: not allowed to read it") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise UnreadableImage(f"{path}: refused: over {Image.MAX_IMAGE_PIXELS:,} pixels, too large to be a photo") \
-            from None
-    except UnidentifiedImageError:
-        raise UnreadableImage(f"{path}: not an image Pillow can read") from None
-    except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt files
-        raise UnreadableImage(f"{path}: unreadable image ({e})") from None
-
-
-def _preprocess(path, preset):
-    with warnings.catch_warnings():  # as image_loader.load_image, which this runner cannot import (it needs torch)
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        im = Image.open(path)
-    with im:
-        im = ImageOps.exif_transpose(im)
-        if im.mode.startswith("I"):  # 16-bit greyscale: scale, do not clip
-            im = Image.fromarray((np.asarray(im, dtype=np.float64) / 256).clip(0, 255).astype(np.uint8))
-        if im.mode in ("RGBA", "LA", "P", "PA"):
-            im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im.convert("RGBA"))
-        im = im.convert("RGB").resize((preset["resize"],) * 2, Image.Resampling.BILINEAR)
-    crop, size = preset["crop"], preset["resize"]
-    top = left = int(round((size - crop) / 2.0))
-    x = np.asarray(im, dtype=np.float32)[top:top + crop, left:left + crop] / 255.0
-    x = (x - np.array(preset["mean"], dtype=np.float32)) / np.array(preset["std"], dtype=np.float32)
-    return x.transpose(2, 0, 1)[None]  # [1, 3, S, S]
-
-
-class Runner:
-    """Captions images with an export: ONNX Runtime (or TorchScript, for a .pt export) plus NumPy. With the
-    confidence fit in its captioner.json, describe also says how sure it is, as inference.Captioner does."""
-
-    def __init__(self, folder):
-        folder = Path(folder)
-        self.config = json.loads((folder / "captioner.json").read_text())
-        self.axes = self.config["state_batch_axes"]
-        # the vocabulary's special words, as the export names them (exports before this key: the same four)
-        self.specials = self.config.get("specials", ["<PAD>", "<SOS>", "<EOS>", "<UNK>"])
-        self.sos, self.eos = self.specials.index("<SOS>"), self.specials.index("<EOS>")
-        self.calibration = self.config.get("calibration")
-        if self.calibration:  # the unit features [K, F] of the training photos that familiarity is measured against
-            bank = self.calibration["bank"]
-            self.bank = np.fromfile(folder / bank["file"], dtype="<f2").reshape(bank["shape"]).astype(np.float32)
-        if self.config["format"] == "onnx":
-            import onnxruntime as ort
-
-            options = ort.SessionOptions()
-            self.encoder = ort.InferenceSession(str(folder / "encoder.onnx"), options, ["CPUExecutionProvider"])
-            self.step_session = ort.InferenceSession(str(folder / "decoder_step.onnx"), options,
-                                                     ["CPUExecutionProvider"])
-        else:
-            import torch
-
-            self.encoder, self.step_session = (torch.jit.load(str(folder / n)) for n in ("encoder.pt",
-                                                                                          "decoder_step.pt"))
-
-    def start(self, image):
-        """image [1, 3, S, S] -> (the decoder's first state, the CNN's pooled feature [1, F] or None)."""
-        if self.config["format"] == "onnx":
-            out = self.encoder.run(None, {"image": image})
-        else:
-            import torch
-
-            with torch.no_grad():
-                out = [t.numpy() for t in self.encoder(torch.from_numpy(image))]
-        return out[:len(self.axes)], (out[len(self.axes)] if self.config.get("encoder_pooled") else None)
-
-    def step(self, tokens, state):
-        """-> (next-word logits [B, V], never-said words at -inf; the next state; the attention weights [B, R]
-        the step looked at the regions with, or None)."""
-        if self.config["format"] == "onnx":
-            feed = {"tokens": tokens, **{f"state{i}": s for i, s in enumerate(state)}}
-            logits, *state = self.step_session.run(None, feed)
-        else:
-            import torch
-
-            with torch.no_grad():
-                logits, *state = (t.numpy() for t in self.step_session(torch.from_numpy(tokens),
-                                                                       *map(torch.from_numpy, state)))
-        weights = state.pop() if self.config.get("step_attention") else None
-        logits = logits.astype(np.float32)
-        logits[:, self.config["never_say"]] = -np.inf
-        return logits, state, weights
-
-    def select(self, state, rows):
-        return [np.take(s, rows, axis=a) for s, a in zip(state, self.axes)]
-
-    def caption(self, path, beam=3, max_len=40, length_penalty=0.0):
-        state, _ = self.start(preprocess(path, self.config["preprocessing"]))
-        return self.words(self._search(state, beam, max_len, length_penalty))
-
-    def words(self, ids):
-        return " ".join(self.config["vocab"][i] for i in ids if i >= len(self.specials))
-
-    def _search(self, state, beam, max_len, length_penalty):
-        return self._greedy(state, max_len) if beam == 1 else self._beam(state, max_len, beam, length_penalty)
-
-    def describe(self, path, beam=3, max_len=40, length_penalty=0.0):
-        """What inference.Captioner.describe says of the caption: {"caption", "alt_text", "confidence" (None
-        without a calibration), "confidence_level" (None without)}."""
-        state, pooled = self.start(preprocess(path, self.config["preprocessing"]))
-        ids = self._search(state, beam, max_len, length_penalty)
-        caption, confidence, level, unfamiliar = self.words(ids), None, None, False
-        if self.calibration:
-            confidence, unfamiliar = self.assess(self.signals(state, ids), pooled[0])
-            level = self.level(confidence)
-            confidence = round(confidence, 3)
-        rules = self.config.get("alt_text")  # exports before it: no alt text
-        return {"caption": caption, "alt_text": alt_text(caption, level, unfamiliar, rules) if rules else None,
-                "confidence": confidence, "confidence_level": level}
-
-    def signals(self, state, ids):
-        """confidence.decoder_signals of one caption (word ids), from the image's first decoder state: the
-        caption read again word by word, as confidence.py's teacher_forced reads it. -> [5] float32."""
-        words, tokens = [*ids, self.eos], np.array([self.sos], dtype=np.int64)
-        chosen, margins, entropy = [], [], []
-        for t, word in enumerate(words):
-            logits, state, weights = self.step(tokens, state)
-            logp = logits[0] - logits[0].max()
-            logp = logp - np.log(np.exp(logp).sum())  # [V] float32
-            other = np.delete(logp, word).max()  # the likeliest word not chosen
-            chosen.append(logp[word])
-            margins.append(max(logp[word] - other, np.float32(-20)))
-            if weights is not None and t < len(ids):  # the EOS step's look is not a word's
-                w = np.maximum(weights[0].astype(np.float32), np.float32(1e-12))  # [R]
-                entropy.append(-(w * np.log(w)).sum() / np.float32(np.log(len(w))))
-            tokens = np.array([word], dtype=np.int64)
-        spread = np.mean(entropy, dtype=np.float32) if entropy else 0.0
-        return np.array([np.mean(chosen, dtype=np.float32), min(chosen), np.mean(margins, dtype=np.float32),
-                         len(ids), spread], dtype=np.float32)
-
-    def assess(self, signals, pooled):
-        """confidence.Calibration.assess for one photo: (confidence in [0, 1], unfamiliar)."""
-        fit = self.calibration
-        near = np.sort(self.bank @ pooled.astype(np.float32))[::-1][:fit["nearest"]]
-        familiarity = near.mean(dtype=np.float32)
-        x = np.append(signals, familiarity).astype(np.float64)
-        z = (x - np.array(fit["mean"])) / np.array(fit["std"])
-        confidence = float(1 / (1 + np.exp(-(z @ np.array(fit["weights"]) + fit["bias"]))))
-        unfamiliar = bool(familiarity < fit["familiar_above"])
-        return (0.0 if unfamiliar else confidence), unfamiliar
-
-    def level(self, confidence):
-        t = self.calibration.get("thresholds", {})
-        return "high" if confidence >= t.get("high", 1) else "medium" if confidence >= t.get("medium", 1) else "low"
-
-    def _greedy(self, state, max_len):
-        tokens, out = np.array([self.sos], dtype=np.int64), []
-        for _ in range(max_len):
-            logits, state, _ = self.step(tokens, state)
-            tokens = logits.argmax(-1)
-            if tokens[0] == self.eos:
-                break
-            out.append(int(tokens[0]))
-        return out
-
-    def _beam(self, state, max_len, k, length_penalty):
-        """search.beam_search, for one image, in NumPy."""
-        state = self.select(state, np.zeros(k, dtype=np.int64))
-        scores = np.full(k, -np.inf)
-        scores[0] = 0.0
-        tokens = np.full(k, self.sos, dtype=np.int64)
-        seqs, done, lengths = np.zeros((k, 0), dtype=np.int64), np.zeros(k, dtype=bool), np.zeros(k)
-        for _ in range(max_len):
-            logits, state, _ = self.step(tokens, state)
-            logp = logits - logits.max(-1, keepdims=True)
-            logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
-            logp[done] = -np.inf
-            logp[done, self.eos] = 0.0
-            flat = (scores[:, None] + logp).reshape(-1)
-            top = np.argsort(-flat, kind="stable")[:k]
-            beam, word = top // logp.shape[1], top % logp.shape[1]
-            scores = flat[top]
-            seqs = np.concatenate([seqs[beam], word[:, None]], 1)
-            lengths = lengths[beam] + (~done[beam])
-            done = done[beam] | (word == self.eos)
-            state, tokens = self.select(state, beam), word
-            if done.all():
-                break
-        best = seqs[int(np.argmax(scores / np.maximum(lengths, 1) ** length_penalty))].tolist()
-        return best[:best.index(self.eos)] if self.eos in best else best
-
-
-def alt_text(caption, level, unfamiliar, rules):
-    """confidence.alt_text without PyTorch, worded by `rules`, captioner.json's "alt_text" (written from
-    confidence.py at export; tested equal): the caption as one sentence, hedged by level, cut to fit."""
-    if unfamiliar or not caption.strip():
-        return rules["abstain"]
-    text = re.sub(rules["attached"], r"\1", " ".join(w for w in caption.split() if w != '"'))
-    text = text.replace(" - ", "-").rstrip(" .,;:")
-    text = (text[:1].upper() + text[1:] + ".") if text else ""
-    if level in rules["hedges"]:
-        text = rules["hedges"][level] + re.sub(rules["progressive"], r"\1 \2", text[:1].lower() + text[1:])
-    if len(text) > rules["max_chars"]:
-        text = text[:rules["max_chars"] - 1].rsplit(" ", 1)[0].rstrip(",;:") + "\u2026"
-    return text
-
-
-def timed_caption(caption, path, repeat=3):
-    """(caption, median seconds over `repeat` runs after a warm-up run) for one image file."""
-    text, times = caption(path), []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        caption(path)
-        times.append(time.perf_counter() - start)
-    return text, sorted(times)[len(times) // 2]
-
-
-def check(folder, images, beam, compare=None):
-    """Caption with the export each image path, and each image in a folder, of `images`, as inference.py does:
-    a row {"image", "caption", "alt_text", "confidence", "confidence_level", "export_s"} per image (see
-    Runner.describe), or {"image", "error"} for one that cannot be read (and for a folder with no images), the
-    others still captioned. export_s: the time to the caption alone (Runner.caption: file to text: reading,
-    preprocessing, encoder, caption loop; see timed_caption). With `compare`, also caption with the PyTorch
-    checkpoint, timed the same way (Captioner.caption): "pytorch_caption", "pytorch_s"."""
+def check(folder, images, beam, compare=None, read_text=True):
+    """Describe with the export each image path, and each image in a folder, of `images`, as inference.py does:
+    a row {"image", "caption", "confidence", "confidence_level", "description", "alt_text", "text", "thing",
+    "photo_problems", "photo_scores", "retake_hint", "turned", "export_s"} per image (runner.Runner.describe),
+    or {"image", "error"} for one that cannot be read (and for a folder with no images), the others still
+    described. export_s: the time to the caption alone (Runner.caption: file to text: reading, preprocessing,
+    encoder, caption loop; see timed_caption). With `compare`, also caption with the PyTorch checkpoint, timed
+    the same way (Captioner.caption): "pytorch_caption", "pytorch_s". read_text: read the text in photos."""
     from pillow_heif import register_heif_opener
 
+    from runner import Runner, UnreadableImage, list_images, timed_caption
+
     register_heif_opener()  # iPhone photos, as image_loader reads them
-    runner = Runner(folder)
+    runner = Runner(folder, read_text)
     rows = []
     for path in images:
         found = list_images(path)
@@ -588,14 +404,6 @@ def check(folder, images, beam, compare=None):
                 r["pytorch_caption"], r["pytorch_s"] = timed_caption(lambda p: captioner.caption(p, beam),
                                                                      r["image"])
     return rows
-
-
-def list_images(path):
-    """image_loader.list_images, without PyTorch: an image path, or every image file directly in a folder."""
-    path = Path(path)
-    if path.is_dir():
-        return sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    return [path]
 
 
 def _positive_int(text):
@@ -623,20 +431,19 @@ def get_args_parser():
     p.add_argument("--half", action="store_true", help="with --format release: store the weights in fp16 "
                                                         "(half the size; check its scores with evaluate.py)")
     p.add_argument("--check", nargs="+", metavar=("DIR", "IMAGE"),
-                   help="caption IMAGEs (files or folders of them) with the export in DIR")
+                   help="describe IMAGEs (files or folders of them) with the export in DIR, without PyTorch, as "
+                        "inference.py does: the text read, the photo's problems, the thing, the caption")
+    p.add_argument("--no-text", action="store_true", help="with --check: do not read the text in photos")
     p.add_argument("--beam", type=_positive_int, default=3, help="beam width for --check; 1 is greedy")
     p.add_argument("--compare", metavar="CHECKPOINT", help="with --check: caption with PyTorch too and time both")
-    p.add_argument("--json", action="store_true", help="with --check: print one JSON list of {image, caption, "
-                   "alt_text, confidence, confidence_level, export_s} or {image, error}")
+    p.add_argument("--json", action="store_true", help="with --check: print one JSON list of {image, description, "
+                   "caption, alt_text, confidence, confidence_level, text, thing, photo_problems, ..., export_s} or "
+                   "{image, error}")
     return p
 
 
 class ExportError(Exception):
     """A problem the user can fix, reported as one line."""
-
-
-class UnreadableImage(ExportError):
-    """An image --check cannot read: reported in one line, and the other images still captioned."""
 
 
 def run_export(args):
@@ -661,17 +468,16 @@ def run_check(args):
         raise ExportError("--check takes the export folder and at least one image")
     if not (Path(args.check[0]) / "captioner.json").is_file():
         raise ExportError(f"{args.check[0]} holds no export (no captioner.json)")
-    rows = check(args.check[0], args.check[1:], args.beam, args.compare)
+    rows = check(args.check[0], args.check[1:], args.beam, args.compare, not args.no_text)
     for r in rows:
         if "error" in r:
             print(f"error: {r['error']}", file=sys.stderr)
             continue
-        line = f"{r['image']}: {r['caption']}  [{r['export_s'] * 1000:.0f} ms]"
+        said = r.get("description") or r["alt_text"] or r["caption"]  # older exports: no description
+        line = f"{r['image']}: {said}  [caption: {r['caption']}, {r['export_s'] * 1000:.0f} ms]"
         if "pytorch_caption" in r:
             same = "same" if r["pytorch_caption"] == r["caption"] else f"PyTorch: {r['pytorch_caption']}"
             line += f"  (PyTorch {r['pytorch_s'] * 1000:.0f} ms, {same})"
-        if r["confidence_level"]:
-            line += f"  {r['confidence_level']}: {r['alt_text']}"
         if not args.json:
             print(line)
     if args.json:

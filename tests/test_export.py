@@ -1,5 +1,6 @@
 """Exports caption like the PyTorch model, and the ONNX runner needs no PyTorch."""
 
+import json
 import re
 import shutil
 
@@ -12,6 +13,8 @@ from backbones import preprocessing
 from image_intial_model import CNN_RNN, ModelArgs
 from image_loader import IMAGE_SUFFIXES, SPECIALS, Vocab
 from inference import Captioner
+from runner import IMAGE_SUFFIXES as RUNNER_SUFFIXES
+from runner import Runner
 from tests.conftest import SAMPLE, run_script
 from utils import checkpoint_state, save_checkpoint
 
@@ -35,11 +38,12 @@ def onnx_export(demo_run, tmp_path_factory):
 @pytest.mark.parametrize("beam", [1, 3])
 def test_onnx_runner_without_pytorch_captions_like_pytorch(onnx_export, beam):
     out, checkpoint = onnx_export
-    proc = run_script("-c", WITHOUT_TORCH, "--check", out, *PHOTOS, "--beam", beam)
+    proc = run_script("-c", WITHOUT_TORCH, "--check", out, *PHOTOS, "--beam", beam, "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    exported = [line.split(": ", 1)[1].rsplit("  [", 1)[0] for line in proc.stdout.splitlines()]
+    rows = json.loads(proc.stdout)
     captioner = Captioner(checkpoint)
-    assert exported == [captioner.caption(p, beam=beam) for p in PHOTOS]
+    assert [r["caption"] for r in rows] == [captioner.caption(p, beam=beam) for p in PHOTOS]
+    assert all(r["description"] for r in rows)  # the whole description, without PyTorch
 
 
 @pytest.mark.slow
@@ -47,7 +51,7 @@ def test_check_reports_latency_next_to_pytorch(onnx_export):
     out, checkpoint = onnx_export
     proc = run_script("export.py", "--check", out, PHOTOS[0], "--compare", checkpoint)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert re.search(r"\[\d+ ms\]  \(PyTorch \d+ ms, same\)", proc.stdout), proc.stdout
+    assert re.search(r"\[caption: [^\]]+, \d+ ms\]  \(PyTorch \d+ ms, same\)", proc.stdout), proc.stdout
 
 
 @pytest.mark.slow
@@ -61,7 +65,7 @@ def test_torchscript_export_and_an_attention_model(tmp_path):
     captioner = Captioner(checkpoint)
     for fmt in ("onnx", "torchscript"):
         export.export(checkpoint, fmt, tmp_path / fmt)
-        runner = export.Runner(tmp_path / fmt)
+        runner = Runner(tmp_path / fmt)
         for beam in (1, 3):
             assert [runner.caption(p, beam) for p in PHOTOS[:3]] == [captioner.caption(p, beam) for p in PHOTOS[:3]]
 
@@ -80,7 +84,7 @@ def test_an_ensemble_exports_and_captions_like_pytorch(tmp_path):
     captioner = Captioner(paths)
     for fmt in ("onnx", "torchscript"):
         export.export(paths, fmt, tmp_path / fmt)
-        runner = export.Runner(tmp_path / fmt)
+        runner = Runner(tmp_path / fmt)
         assert len(runner.axes) == 2 + 4  # (h, c) of the plain decoder, then the attention decoder's four
         for beam in (1, 3):
             assert [runner.caption(p, beam) for p in PHOTOS[:3]] == [captioner.caption(p, beam) for p in PHOTOS[:3]]
@@ -113,7 +117,7 @@ def test_check_reads_files_and_folders_as_inference_does(onnx_export, tmp_path):
 
 
 def test_the_image_suffixes_are_image_loaders():
-    assert export.IMAGE_SUFFIXES == IMAGE_SUFFIXES
+    assert RUNNER_SUFFIXES == IMAGE_SUFFIXES
 
 
 def test_checkpoint_takes_one_path_and_repeats_for_an_ensemble():

@@ -18,6 +18,7 @@ from ensemble import Ensemble
 from image_intial_model import CNN_RNN, ModelArgs
 from image_loader import SPECIALS, Batch, CaptionTable, Vocab
 from inference import Captioner
+from runner import Runner
 from tests.conftest import SAMPLE, train_args
 from utils import SHIPPED_CHECKPOINT, checkpoint_state, load_checkpoint, model_from_checkpoint, save_checkpoint
 
@@ -242,7 +243,7 @@ def test_onnx_and_torchscript_exports_caption_like_pytorch(tmp_path):
         export.export(checkpoint, fmt, tmp_path / fmt)
         config = json.loads((tmp_path / fmt / "captioner.json").read_text())
         assert config["decoder"] == "topdown" and config["attention"] and config["state_batch_axes"] == [0] * 7
-        runner = export.Runner(tmp_path / fmt)
+        runner = Runner(tmp_path / fmt)
         for beam in (1, 3):  # traced at a batch of 2; beam search runs 3 rows, greedy 1
             assert [runner.caption(p, beam) for p in PHOTOS] == expected[beam], (fmt, beam)
 

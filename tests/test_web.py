@@ -1,20 +1,25 @@
 """The web export (export.py --format web) in a real browser: headless Chromium (Debian's chromium and
 chromedriver, through Selenium, as test_browser.py) opens the exported folder from a local static server,
-captions photos through the file input exactly as export.py --check does, sends no photo anywhere, works again
-with the server gone (its service worker's cache), and passes an accessibility audit (axe-core, from npm), as
-serve.py's page does. Skips, saying why, without a browser, without `npm ci`, or without the shipped model."""
+describes photos through the file input exactly as export.py --check and inference.py do (the text read, the
+problems named, the thing, the turn, the caption, the words), sends no photo anywhere, works again with the
+server gone (its service worker's cache), and passes an accessibility audit (axe-core, from npm), as serve.py's
+page does. Skips, saying why, without a browser, without `npm ci`, or without the shipped model."""
 
 import json
 
 import pytest
+from PIL import Image
 from test_browser import active_id, chromium, serving_in_thread  # noqa: F401
 from test_serve import args_for, probe, torch_threads  # noqa: F401
 
-import confidence
+import description
 import export
+import runner
 import serve
-from bench_web import page_describe, page_tensor, ready_ms, static_server
+from bench_web import SAME, page_describe, page_tensor, ready_ms, same_description, static_server
 from tests.conftest import ROOT, SAMPLE, run_script
+from tests.test_read_text import text_photo
+from tests.test_things import monitor_in_a_dark_room
 from utils import SHIPPED_CHECKPOINT
 
 pytestmark = pytest.mark.slow  # the whole suite runs it; the quick tier leaves it out
@@ -41,10 +46,39 @@ def site(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def expected(site):
-    """export.py --check's (export.Runner's) description of each of PHOTOS, at beam 3, by name."""
-    proc = run_script("export.py", "--check", site, *PHOTOS, "--beam", 3, "--json")
+    """export.py --check's (runner.Runner's) description of each of PHOTOS, at beam 3, by name."""
+    return described_by("export.py", "--check", site, *PHOTOS, "--beam", 3)
+
+
+def described_by(*command):
+    """A command's --json answer (export.py --check's or inference.py's), each row by its image's path."""
+    proc = run_script(*command, "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]
     return {row["image"]: row for row in json.loads(proc.stdout)}
+
+
+def parts(said):
+    """What must be the same in two descriptions of a photo (bench_web.SAME), problems by name, the thing by its
+    name and level."""
+    thing = said.get("thing")
+    return {**{k: said.get(k) for k in SAME}, "photo_problems": [p["problem"] for p in said["photo_problems"]],
+            "thing": thing and (thing["name"], thing["level"])}
+
+
+@pytest.fixture(scope="session")
+def hard_photos(tmp_path_factory):
+    """Generated photos the description is about, beyond a caption: a lit screen with text in a dark room, a
+    label upside down, a label on its side, a photo far too dark, and a sample photo on its side."""
+    folder = tmp_path_factory.mktemp("hard")
+    label = text_photo(["BRISTOL Tablets", "Take one tablet daily"])
+    sample = Image.open(PHOTOS[3]).convert("RGB")
+    photos = {"screen.png": monitor_in_a_dark_room(), "upside_down.png": label.rotate(180),
+              "sideways.jpg": label.transpose(Image.Transpose.ROTATE_90),
+              "dark.jpg": Image.eval(sample, lambda v: v // 30),  # nothing lit: dark whatever the heads say
+              "turned.jpg": sample.transpose(Image.Transpose.ROTATE_270)}
+    for name, im in photos.items():
+        im.save(folder / name, quality=92)
+    return sorted(folder.iterdir())
 
 
 def audit(driver):
@@ -78,16 +112,14 @@ def test_web_page_describes_like_the_runner_sends_nothing_and_works_offline(chro
         ActionChains(chromium).send_keys(Keys.TAB).perform()
         assert active_id(chromium) == "speak"
         ActionChains(chromium).send_keys(Keys.ENTER).perform()
-        assert chromium.execute_script("return spoken") == [said[PHOTOS[-1]]["alt_text"]]
+        assert chromium.execute_script("return spoken") == [said[PHOTOS[-1]]["description"]]
         # the service worker has kept every file: from now on the page needs no server
         chromium.execute_async_script("const done = arguments[arguments.length - 1];"
                                       "navigator.serviceWorker.ready.then(() => done(true));")
         requests = list(server.requests)
     for photo in PHOTOS:
-        want = expected[str(photo)]
-        got = said[photo]
-        assert (got["caption"], got["confidence_level"], got["alt_text"]) == \
-            (want["caption"], want["confidence_level"], want["alt_text"]), photo.name
+        want, got = expected[str(photo)], said[photo]
+        assert parts(got) == parts(want) and got["announced"] == want["description"], photo.name
         assert got["confidence"] == pytest.approx(want["confidence"], abs=2e-3)
     # only GETs of the folder's own files, none with a body: no photo left the browser
     assert requests and all(m == "GET" and p.split("?")[0] in files and n == 0 for m, p, n in requests), requests
@@ -95,14 +127,14 @@ def test_web_page_describes_like_the_runner_sends_nothing_and_works_offline(chro
     chromium.refresh()  # the server is gone
     assert ready_ms(chromium, READY_S) > 0, chromium.find_element("id", "answer").text
     again = page_describe(chromium, PHOTOS[0], ANSWER_S)
-    assert again["alt_text"] == expected[str(PHOTOS[0])]["alt_text"]
+    assert again["announced"] == expected[str(PHOTOS[0])]["description"]
     blocked = [e["message"] for e in chromium.get_log("browser") if "Content Security Policy" in e["message"]]
     assert not blocked  # the page's scripts, styles and WebAssembly run under its policy
 
 
 def test_web_preprocessing_is_pillows_to_the_pixel(chromium, site):  # noqa: F811
     """The page's resize (Pillow's BILINEAR, in fixed point) of the photo the browser decodes gives the
-    tensor export.preprocess gives, exactly."""
+    tensor runner.preprocess gives, exactly."""
     import numpy as np
 
     with static_server(site) as server:
@@ -110,26 +142,48 @@ def test_web_preprocessing_is_pillows_to_the_pixel(chromium, site):  # noqa: F81
         ready_ms(chromium, READY_S)
         preset = json.loads((site / "captioner.json").read_text())["preprocessing"]
         for photo in PHOTOS[:5]:
-            want = export.preprocess(photo, preset).ravel()
+            want = runner.preprocess(photo, preset).ravel()
             assert np.array_equal(page_tensor(chromium, photo, preset), want), photo.name
 
 
-def test_web_alt_text_is_confidences(chromium, site):  # noqa: F811
-    """captioner.js's and export.py's alt text (for the runners without PyTorch) word captions as
-    confidence.alt_text does, at every level, for short, long and odd captions."""
+def test_the_page_inference_and_the_runner_say_the_same_of_hard_photos(chromium, site, hard_photos):  # noqa: F811
+    """A screen with text in a dark room, labels upside down and on their side, a dark photo, a photo on its side:
+    the page announces what export.py --check and inference.py say, text lines, problems, thing, turn and all."""
+    runner_said = described_by("export.py", "--check", site, *hard_photos)
+    python_said = described_by("inference.py", *hard_photos, "--checkpoint", SHIPPED_CHECKPOINT)
+    with static_server(site) as server:
+        chromium.get(server.url)
+        ready_ms(chromium, READY_S)
+        page_said = {p: page_describe(chromium, p, ANSWER_S) for p in hard_photos}
+    for photo in hard_photos:
+        want = parts(python_said[str(photo)])
+        assert parts(runner_said[str(photo)]) == want, photo.name
+        assert parts(page_said[photo]) == want and same_description(page_said[photo], runner_said[str(photo)]), \
+            photo.name
+    by_name = {p.name: python_said[str(p)] for p in hard_photos}
+    # and they say what these photos are about
+    assert "windows cannot repair" in " ".join(by_name["screen.png"]["text"]).lower()
+    assert "dark" not in parts(by_name["screen.png"])["photo_problems"]
+    for name in ("upside_down.png", "sideways.jpg"):
+        assert by_name[name]["text"][0].startswith("BRISTOL") and by_name[name]["turned"], name
+    assert "dark" in parts(by_name["dark.jpg"])["photo_problems"]
+
+
+def test_the_pages_wording_is_description_pys(chromium, site):  # noqa: F811
+    """describe.js words captions (alt text, at every level, for short, long and odd captions) and combines the
+    parts of a description as description.py does, every rule read from the export's captioner.json."""
     captions = ["a dog is running through the grass .", "a man 's bike is red , and it is fast .", "", "  ",
                 'a " quoted " word - and a dash', "people are standing in front of a building " * 6,
                 "a supercalifragilisticexpialidocious" * 5]
     cases = [(c, level, unfamiliar) for c in captions for level in (None, "low", "medium", "high")
              for unfamiliar in (False, True)]
-    rules = export.alt_text_rules()
-    want = [confidence.alt_text(c, level, unfamiliar) for c, level, unfamiliar in cases]
-    assert [export.alt_text(c, level, unfamiliar, rules) for c, level, unfamiliar in cases] == want
+    want = [description.alt_text(c, level, unfamiliar) for c, level, unfamiliar in cases]
+    rules = json.loads((site / "captioner.json").read_text())["describe"]["description"]
     with static_server(site) as server:
         chromium.get(server.url)
         got = chromium.execute_async_script(
             "const done = arguments[arguments.length - 1];"
-            "import('./captioner.js').then(m => done(arguments[0].map(([c, l, u]) => m.altText(c, l, u, "
+            "import('./describe.js').then(m => done(arguments[0].map(([c, l, u]) => m.altText(c, l, u, "
             "arguments[1]))), e => done(String(e)));", cases, rules)
     assert got == want
 
