@@ -40,7 +40,9 @@ input.addEventListener("change", async () => {
   const work = queue.then(async () => {
     if (mine !== chosen) return null;
     const captioner = await ready;
-    await new Promise((done) => setTimeout(done, 50));  // let the announcement out before the work starts
+    // let the announcement out before the work starts: the next frame is drawn (the live region's change goes to
+    // the screen reader with it), then the work; a hidden page draws no frames, so at most 100 ms
+    await new Promise((done) => { requestAnimationFrame(() => setTimeout(done, 0)); setTimeout(done, 100); });
     return captioner.describe(file);
   });
   queue = work.catch(() => {});
