@@ -57,8 +57,9 @@ input.addEventListener("change", async () => {
     return;
   }
   if (mine !== chosen) return;
+  // what the tests and the benchmark read
   const stats = { caption: result.caption, level: result.confidence_level || "", ms: JSON.stringify(result.ms),
-                  confidence: result.confidence ?? "", result: JSON.stringify(result) };  // for the tests and the benchmark
+                  confidence: result.confidence ?? "", result: JSON.stringify(result) };
   Object.assign(answer.dataset, stats);
   document.documentElement.dataset.captionMs = (performance.now() - start).toFixed(0);
   show(file, result.description || result.alt_text || result.caption);

@@ -79,8 +79,8 @@ function roundHalfEven(v) {
 }
 
 export function preprocess({ width, height, rgba }, preset) {
-  // export.preprocess: resize to a square with Pillow's BILINEAR (horizontal pass, then vertical, each only
-  // where the size changes), centre crop, scale to [0, 1], normalise, all in float32 -> [1, 3, S, S].
+  // runner.to_input: resize to a square with Pillow's BILINEAR (pillow.js, each pass only where the size
+  // changes), centre crop, scale to [0, 1], normalise, all in float32 -> [1, 3, S, S].
   const size = preset.resize, crop = preset.crop;
   const pixels = resize({ width, height, rgba }, size, size).rgba;
   const top = roundHalfEven((size - crop) / 2), f = Math.fround, plane = crop * crop;

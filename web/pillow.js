@@ -1,5 +1,5 @@
 // Pillow's resampling in JavaScript, to the bit: the same fixed-point arithmetic as its Resample.c and Reduce.c
-// (Pillow 13), so that the page sees the very pixels the Python tool sees (export.preprocess, the photo check, the
+// (Pillow 13), so that the page sees the very pixels the Python tool sees (runner.to_input, the photo check, the
 // text reader). Images are {width, height, rgba}: RGBA bytes, row by row, as a canvas gives them; as in Pillow's
 // RGB images, only R, G and B are resampled (alpha comes out 255).
 
