@@ -151,9 +151,9 @@ def thing_sentence(thing):
 
 
 def export_rules():
-    """Every wording and number of combine, answer, alt_text and thing_sentence as plain JSON types, for the
-    runners that cannot import this file (export.py's, without PyTorch; web/describe.js): written into
-    captioner.json at export, so that the words live here alone."""
+    """Every wording and number of combine, answer, alt_text and thing_sentence as plain JSON types, for the page,
+    which cannot import this file (web/describe.js): written into captioner.json at export, so that the words live
+    here alone."""
     return {"mostly_text": MOSTLY_TEXT, "spoken_lines": SPOKEN_LINES, "spoken_hints": SPOKEN_HINTS,
             "nothing_seen": NOTHING_SEEN, "nothing": NOTHING, "nothing_hint": NOTHING_HINT, "turned": TURNED,
             "text": TEXT, "abstain": ABSTAIN, "max_chars": ALT_TEXT_MAX, "hedges": dict(HEDGES),

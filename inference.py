@@ -126,8 +126,8 @@ class Captioner:
 
     def load(self, path, name=None):
         """A photo (a path or a binary file object) as upright RGB, decoded in full: the caption, the photo check
-        and the text reader all start from these pixels, as export.py's runner and the web page do (a JPEG
-        decoded at a reduced scale is faster but gave another caption for 1 photo in 10)."""
+        and the text reader all start from these pixels, as runner.py and the web page do (a JPEG decoded at a
+        reduced scale is faster, but a browser cannot decode so, and the page's captions then differed)."""
         return load_image(path, name=name)
 
     def look(self, image):

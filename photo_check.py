@@ -281,7 +281,7 @@ class PhotoCheck:
 
 def export_rules(checker):
     """A PhotoCheck as plain JSON types, for the runners that cannot import this file (web/describe.js) and to
-    rebuild it without PyTorch (PhotoCheck(rules), export.py's runner): its heads ("image_head", "pooled_head" or
+    rebuild it without PyTorch (PhotoCheck(rules), runner.py): its heads ("image_head", "pooled_head" or
     None, "upright" or None: {"weights", "bias", "turn_above"}) and every constant the check uses."""
     up = checker.upright
     return {"measures": list(MEASURES), "image_head": checker.image_head.state(),

@@ -123,7 +123,6 @@ class Runner:
     def _describing_parts(self, folder, rules, read_text):
         """The photo check (the image measures alone where the export has no fit), the thing namer and the text
         reader, from captioner.json's "describe" (exports without it: the check's image measures only)."""
-        self.rules = rules
         self.checker = PhotoCheck(rules.get("photo_check"))
         things = rules.get("things")
         self.things = Things.from_rules(things, _halves(folder, things["classifier"])) if things else None
@@ -183,8 +182,9 @@ class Runner:
         look = look_at(image, self.reader)
         turn = look.turn  # the text's upright turn, else (below) the photo check's where it is sure
         found = self._caption(turned(image, turn), beam, max_len, length_penalty)
-        if not turn and self.checker.upright_turn(found["unit"]):  # a photo on its side, no text to tell by
-            turn = self.checker.upright_turn(found["unit"])
+        head_turn = 0 if turn else self.checker.upright_turn(found["unit"])
+        if head_turn:  # a photo on its side with no text to tell by: turned where the check is sure, captioned again
+            turn = head_turn
             found = self._caption(turned(image, turn), beam, max_len, length_penalty)
         thing = self.things.assess(found["raw"][None])[0] if self.things and found["raw"] is not None else None
         said = answer(self.checker, look, found["unit"], found["caption"], found["confidence_level"],
@@ -208,6 +208,7 @@ class Runner:
 
     def _alt_text(self, found):
         return alt_text(found["caption"], found["confidence_level"], found["unfamiliar"])
+
     def signals(self, state, ids):
         """confidence.decoder_signals of one caption (word ids), from the image's first decoder state: the
         caption read again word by word, as confidence.py's teacher_forced reads it. -> [5] float32."""

@@ -126,8 +126,8 @@ def test_the_wording_is_exported_as_plain_types_and_is_the_wording_used():
 
 
 def test_what_a_person_hears_needs_no_pytorch():
-    """The photo check, the things head and the wording import without PyTorch: export.py's runner, which has
-    none, says what inference.py says."""
+    """The photo check, the things head and the wording import without PyTorch: runner.py, which has none, says
+    what inference.py says."""
     code = "import sys, photo_check, things, description; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", out.stderr
