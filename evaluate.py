@@ -25,10 +25,20 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from backbones import EncoderWeightsError, has_pypi_imagenet_cnn
-from confidence import GOOD_CIDER, LEVELS, TARGET, Calibration, captions_with_signals, pooled_features, reliability
-from description import answer, look_at
-from features import split_sources
+from captioner.backbones import EncoderWeightsError, has_pypi_imagenet_cnn
+from captioner.confidence import (
+    GOOD_CIDER,
+    LEVELS,
+    TARGET,
+    Calibration,
+    captions_with_signals,
+    pooled_features,
+    reliability,
+)
+from captioner.description import answer, look_at
+from captioner.features import split_sources
+from captioner.read_text import TextReader
+from captioner.runtimes import RUNTIME_CHOICES, RUNTIME_HELP, run_frozen
 from image_loader import (
     Batches,
     CaptionTable,
@@ -40,8 +50,6 @@ from image_loader import (
     load_image,
 )
 from inference import attention_map, read_fits
-from read_text import TextReader
-from runtimes import RUNTIME_CHOICES, RUNTIME_HELP, run_frozen
 from utils import (
     HelpFormatter,
     autocast,

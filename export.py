@@ -120,7 +120,7 @@ def _calibration(paths, out, pooled):
     """captioner.json's "calibration": the checkpoint's confidence fit (confidence.Calibration) as plain numbers,
     with its bank of training photos' features written to out/bank.f16 (fp16, little-endian, [K, F]) (none for
     an ensemble, a checkpoint never calibrated, or graphs without the pooled feature)."""
-    import confidence
+    from captioner import confidence
     from inference import read_fits
 
     # the fit as inference.py reads it (a single checkpoint's), and its state: the plain dict it is kept as
@@ -140,9 +140,7 @@ def _describing(paths, model, out, pooled):
     web/ read, written here from the Python modules that own it (one source for each rule): description.py's
     wording, the photo check's fit and hints, the thing namer's groups and fit (its ImageNet classifier in
     out/things.f16), and the text reader's rules (its word list in out/words.txt, its three ONNX files beside)."""
-    import description
-    import photo_check
-    import things
+    from captioner import description, photo_check, things
     from inference import read_fits
 
     _, checker, namer = read_fits(paths, model)
@@ -159,8 +157,7 @@ def _describing(paths, model, out, pooled):
 def _reader_files(out):
     """The text reader's rules, with its three ONNX files (weights in fp16: TEXT_FP32_FIRST) and its word list
     copied into out; {} where the rapidocr wheel that carries the models is not installed (said on stderr)."""
-    import read_text
-
+    from captioner import read_text
     try:
         models = read_text.model_dir()
     except RuntimeError as e:
@@ -259,7 +256,7 @@ def half_weights(path, fp32_first=0):
 def release(checkpoints, out, scores=None, trained_with=(), half=False):
     """Write out/model.pth (see the module's docstring) and out/vocabulary.pkl; returns the model file's path.
     Several checkpoints: their ensemble, in one file. half: the weights in fp16 (half the size)."""
-    from ensemble import Ensemble
+    from captioner.ensemble import Ensemble
     from utils import checkpoint_paths, checkpoint_state, load_checkpoint, models_from_checkpoints, save_checkpoint
 
     paths = checkpoint_paths(checkpoints)
@@ -292,7 +289,7 @@ def release(checkpoints, out, scores=None, trained_with=(), half=False):
 def _imagenet_cnn(model, imagenet, name):
     """Whether a release leaves out the model's CNN: its package's ImageNet weights, which the package installs;
     a CNN fine-tuned with --train-cnn stays in the file. imagenet: those weights per encoder, filled as needed."""
-    from backbones import has_pypi_imagenet_cnn
+    from captioner.backbones import has_pypi_imagenet_cnn
 
     found = has_pypi_imagenet_cnn(model, imagenet)
     if found is None:
@@ -318,7 +315,7 @@ def _graphs(model):
     (the batch axis of each state tensor), pooled, attention."""
     from torch import nn
 
-    from confidence import pooled_features, pooled_mean
+    from captioner.confidence import pooled_features, pooled_mean
 
     decoder = model.decoderRNN
     ensemble = hasattr(decoder, "members")
@@ -377,7 +374,7 @@ def check(folder, images, beam, compare=None, read_text=True):
     the same way (Captioner.caption): "pytorch_caption", "pytorch_s". read_text: read the text in photos."""
     from pillow_heif import register_heif_opener
 
-    from runner import Runner, UnreadableImage, list_images, timed_caption
+    from captioner.runner import Runner, UnreadableImage, list_images, timed_caption
 
     register_heif_opener()  # iPhone photos, as image_loader reads them
     runner = Runner(folder, read_text)
@@ -447,7 +444,7 @@ class ExportError(Exception):
 
 
 def run_export(args):
-    from backbones import EncoderWeightsError
+    from captioner.backbones import EncoderWeightsError
     from image_loader import DataError
     from utils import find_checkpoint
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from backbones import ENCODERS, build_backbone
-from lstm_kernels import lstm_kernel, lstm_step, output_where_read, shrinking_pass
+from captioner.backbones import ENCODERS, build_backbone
+from captioner.lstm_kernels import lstm_kernel, lstm_step, output_where_read, shrinking_pass
 
 # Every vocabulary starts with these words, in this order. PAD must be 0: padding and the loss's ignore_index
 # rely on it.
@@ -246,7 +246,7 @@ class Generation:
     @torch.inference_mode()  # lighter than no_grad: generation is many small ops
     def generate(self, x, max_len=40, beam=1, length_penalty=0.0, from_features=False):
         """Captions as lists of word ids (without SOS/EOS), one per image. beam=1 is greedy decoding."""
-        from search import beam_search  # search.py builds on this file
+        from captioner.search import beam_search  # search.py builds on this file
 
         feats = self.features(x, from_features)
         if beam == 1:

@@ -26,14 +26,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from backbones import ENCODERS, EncoderWeightsError, preprocessing
+from captioner.backbones import ENCODERS, EncoderWeightsError, preprocessing
+from captioner.recipes import RECIPES, describe
+from captioner.runtimes import RUNTIME_CHOICES, RUNTIME_HELP
+from captioner.search import caption_log_probs, sample_captions
+from captioner.training_run import Progress, RunOutput, StopFlag, check_finite, finish, make_batches, resume, settle
 from evaluate import CiderD, caption_loader, score_captions
 from image_intial_model import CNN_RNN, DECODERS, PAD_IDX, SOS_IDX, ModelArgs, trim_at_eos
 from image_loader import DataError, Flickr8k, default_workers
-from recipes import RECIPES, describe
-from runtimes import RUNTIME_CHOICES, RUNTIME_HELP
-from search import caption_log_probs, sample_captions
-from training_run import Progress, RunOutput, StopFlag, check_finite, finish, make_batches, resume, settle
 from utils import (
     PRECISIONS,
     SHIPPED_CHECKPOINT,

@@ -28,14 +28,14 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from backbones import EncoderWeightsError
-from confidence import Calibration, captions_with_signals, pooled_features
-from description import answer, look_at
+from captioner.backbones import EncoderWeightsError
+from captioner.confidence import Calibration, captions_with_signals, pooled_features
+from captioner.description import answer, look_at
+from captioner.photo_check import PhotoCheck
+from captioner.read_text import LANGUAGES, TextReader, parse_languages
+from captioner.runtimes import RUNTIME_CHOICES, RUNTIME_HELP, run_frozen
+from captioner.things import Things, ThingsError
 from image_loader import DataError, EvalTransform, list_images, load_image, load_vocab_file
-from photo_check import PhotoCheck
-from read_text import LANGUAGES, TextReader, parse_languages
-from runtimes import RUNTIME_CHOICES, RUNTIME_HELP, run_frozen
-from things import Things, ThingsError
 from utils import (
     USER_CHECKPOINTS,
     HelpFormatter,

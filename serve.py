@@ -45,11 +45,11 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from backbones import EncoderWeightsError
+from captioner.backbones import EncoderWeightsError
+from captioner.read_text import LANGUAGES
+from captioner.runtimes import RUNTIME_CHOICES, RUNTIME_HELP
 from image_loader import DataError
 from inference import text_languages
-from read_text import LANGUAGES
-from runtimes import RUNTIME_CHOICES, RUNTIME_HELP
 from utils import USER_CHECKPOINTS, HelpFormatter, cores, find_checkpoint, pick_device, positive
 
 log = logging.getLogger("serve")

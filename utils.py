@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ensemble import Ensemble
+from captioner.ensemble import Ensemble
 from image_intial_model import CNN_RNN, ModelArgs
 from image_loader import DataError, Vocab, load_vocab_file, save_atomic
 

@@ -17,7 +17,7 @@ from test_serve import (  # as pytest imports it: so that the probe fixture is s
 )
 
 import serve
-from bench_web import BROWSER_FLAGS, WAITING
+from tools.bench_web import BROWSER_FLAGS, WAITING
 
 pytestmark = pytest.mark.slow  # every test here runs a command line, a service or a browser
 

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import image_training
-from backbones import preprocessing
+from captioner.backbones import preprocessing
 from image_loader import Flickr8k
 from inference import COLUMNS, PANEL, TITLE, attention_png
 from tests.conftest import SAMPLE, run_script, train_args

@@ -9,7 +9,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import evaluate
-from confidence import (
+from captioner.confidence import (
     LEVELS,
     SIGNALS,
     Calibration,
@@ -19,8 +19,8 @@ from confidence import (
     pooled_features,
     pooled_mean,
 )
-from description import ABSTAIN, ALT_TEXT_MAX, alt_text, sentence
-from ensemble import Ensemble
+from captioner.description import ABSTAIN, ALT_TEXT_MAX, alt_text, sentence
+from captioner.ensemble import Ensemble
 from image_intial_model import CNN_RNN, ModelArgs
 from image_loader import load_image, resize_pil
 from inference import Captioner

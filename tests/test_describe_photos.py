@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from description import thing_sentence
+from captioner.description import thing_sentence
 from inference import Captioner
 from tests.conftest import SAMPLE, run_script
 from utils import SHIPPED_CHECKPOINT

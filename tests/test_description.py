@@ -7,9 +7,9 @@ from types import SimpleNamespace
 
 from conftest import ROOT
 
-import description
-from description import ABSTAIN, ALT_TEXT_MAX, NOTHING, NOTHING_HINT, NOTHING_SEEN, Look, answer, combine
-from photo_check import HINTS
+from captioner import description
+from captioner.description import ABSTAIN, ALT_TEXT_MAX, NOTHING, NOTHING_HINT, NOTHING_SEEN, Look, answer, combine
+from captioner.photo_check import HINTS
 
 CAPTION = "a dog is running through the grass ."
 DARK = {"problem": "dark", "score": 0.9, "hint": "It is too dark to see: turn on a light."}
@@ -128,6 +128,6 @@ def test_the_wording_is_exported_as_plain_types_and_is_the_wording_used():
 def test_what_a_person_hears_needs_no_pytorch():
     """The photo check, the things head and the wording import without PyTorch: runner.py, which has none, says
     what inference.py says."""
-    code = "import sys, photo_check, things, description; print('torch' in sys.modules)"
+    code = "import sys; from captioner import photo_check, things, description; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", out.stderr

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import evaluate
-import features
+from captioner import features
 from tests.conftest import SAMPLE, run_script
 from utils import load_checkpoint
 

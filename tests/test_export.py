@@ -9,12 +9,12 @@ import torch
 
 import evaluate
 import export
-from backbones import preprocessing
+from captioner.backbones import preprocessing
+from captioner.runner import IMAGE_SUFFIXES as RUNNER_SUFFIXES
+from captioner.runner import Runner
 from image_intial_model import CNN_RNN, ModelArgs
 from image_loader import IMAGE_SUFFIXES, SPECIALS, Vocab
 from inference import Captioner
-from runner import IMAGE_SUFFIXES as RUNNER_SUFFIXES
-from runner import Runner
 from tests.conftest import SAMPLE, run_script
 from utils import checkpoint_state, save_checkpoint
 

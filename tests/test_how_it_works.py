@@ -4,7 +4,7 @@ downloaded)."""
 import pytest
 import torch
 
-from backbones import preprocessing
+from captioner.backbones import preprocessing
 from image_intial_model import CNN_RNN, SOS_IDX, ModelArgs
 from tests.conftest import ROOT
 from utils import model_args_from

@@ -6,13 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-import backbones
 import image_intial_model as M
 import image_training
-import search
-from backbones import EncoderWeightsError, build_backbone, preprocessing
-from ensemble import Ensemble
-from features import FeatureSource
+from captioner import backbones, search
+from captioner.backbones import EncoderWeightsError, build_backbone, preprocessing
+from captioner.ensemble import Ensemble
+from captioner.features import FeatureSource
 from image_intial_model import CNN_RNN, ModelArgs
 from image_loader import SPECIALS, Batch, Batches, CaptionTable, EvalTransform, Vocab, load_image
 from tests.conftest import SAMPLE

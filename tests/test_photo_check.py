@@ -12,11 +12,10 @@ import torch
 from conftest import SAMPLE
 from PIL import Image
 
-import degrade
-import photo_check
-import text_photos
-from confidence import pooled_features
+from captioner import photo_check
+from captioner.confidence import pooled_features
 from image_loader import EvalTransform, load_image
+from tools import degrade, text_photos
 from utils import SHIPPED_CHECKPOINT, load_checkpoint, model_from_checkpoint
 
 pytestmark = pytest.mark.slow  # the whole suite runs it; the quick tier leaves it out

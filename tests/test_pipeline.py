@@ -14,13 +14,12 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-import backbones
 import image_intial_model as M
 import image_loader
 import image_training
-import training_run
 import utils
-from features import (
+from captioner import backbones, training_run
+from captioner.features import (
     FeatureFile,
     FeatureSource,
     ImageStore,
@@ -300,7 +299,7 @@ def test_loader_workers_follow_the_cores_this_process_may_use(monkeypatch):
 
 @pytest.mark.slow
 def test_bench_smoke_run_prints_every_figure(tmp_path):
-    proc = run_script("bench.py", "--smoke", "--json", "--batch-size", "8", "--device", "cpu", timeout=300)
+    proc = run_script("tools/bench.py", "--smoke", "--json", "--batch-size", "8", "--device", "cpu", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout)
     for key in ("encoder_forward_images_per_s", "loader_images_per_s", "feature_pass_images_per_s",

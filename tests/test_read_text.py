@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 pytest.importorskip("rapidocr")
 pytest.importorskip("wordninja")
 
-import read_text  # noqa: E402
+from captioner import read_text  # noqa: E402
 
 PHRASE = "Please close the door"
 BOUND_S = 20.0  # a hostile photo's answer on a loaded 2-core CI machine (about 1 s on an idle one)
@@ -91,7 +91,7 @@ def test_photo_without_text_stays_silent(reader):
 
 
 def test_a_photo_without_text_is_not_read_past_the_first_look(reader):
-    from description import look_at
+    from captioner.description import look_at
 
     class Counting:
         """The reader, counting its full reads."""

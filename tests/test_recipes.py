@@ -6,7 +6,7 @@ import shlex
 import pytest
 
 import image_training
-from recipes import RECIPES, SHIPPED_STAGES
+from captioner.recipes import RECIPES, SHIPPED_STAGES
 from utils import SHIPPED_CHECKPOINT, load_checkpoint
 
 

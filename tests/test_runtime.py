@@ -9,14 +9,14 @@ import logging
 import pytest
 import torch
 
-import runtimes
-from backbones import preprocessing
-from ensemble import Ensemble
+from captioner import runtimes
+from captioner.backbones import preprocessing
+from captioner.ensemble import Ensemble
+from captioner.runtimes import RUNTIMES, FrozenModel, PackedDecoder, run_frozen
+from captioner.search import word_log_probs
 from image_intial_model import CNN_RNN, DECODERS, ModelArgs
 from image_loader import DataError
 from inference import Captioner
-from runtimes import RUNTIMES, FrozenModel, PackedDecoder, run_frozen
-from search import word_log_probs
 from tests.conftest import ROOT, SAMPLE, run_script
 
 SHIPPED = ROOT / "checkpoints" / "pretrained" / "model.pth"

@@ -25,7 +25,7 @@ from PIL import Image
 
 import inference
 import serve
-from backbones import preprocessing
+from captioner.backbones import preprocessing
 from image_intial_model import CNN_RNN, EOS_IDX, SPECIALS, ModelArgs
 from image_loader import EvalTransform, Vocab, load_image
 from inference import Captioner
@@ -469,7 +469,7 @@ def test_shipped_model_by_default_answers_as_inference_json(tmp_path, monkeypatc
 
 
 def test_workers_share_the_port_each_with_its_model_and_stop_together(probe, tmp_path):
-    from bench import worker_pids
+    from tools.bench import worker_pids
 
     with running_server(tmp_path, "--checkpoint", probe.path, "--workers", "2") as server:
         for _ in range(600):  # uvicorn starts the second once the first is ready
@@ -485,8 +485,7 @@ def test_workers_share_the_port_each_with_its_model_and_stop_together(probe, tmp
 
 
 def test_bench_serve_smoke_prints_every_figure(probe, capsys):
-    import bench
-
+    from tools import bench
     with torch_threads(1):
         assert bench.cli(["--serve", "--smoke", "--checkpoint", str(probe.path), "--clients", "1", "3",
                           "--threads", "1"]) == 0

@@ -8,8 +8,8 @@ import shlex
 import pytest
 import torch
 
-from backbones import has_pypi_imagenet_cnn, preprocessing
-from ensemble import Ensemble
+from captioner.backbones import has_pypi_imagenet_cnn, preprocessing
+from captioner.ensemble import Ensemble
 from export import release
 from image_intial_model import CNN_RNN, ModelArgs
 from image_loader import Vocab, load_vocab_file

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-import things
-from description import thing_sentence
+from captioner import things
+from captioner.description import thing_sentence
 
 DOG, MONITOR, TELEVISION, LAMPSHADE = 207, 664, 851, 619  # golden retriever; monitor; television; lampshade
 F = 1000  # the test's feature width: one feature per ImageNet class

@@ -11,14 +11,14 @@ from torch import nn
 import export
 import image_intial_model as M
 import image_training
-import search
-from backbones import preprocessing
-from confidence import SIGNALS, captions_with_signals, decoder_signals, pooled_mean
-from ensemble import Ensemble
+from captioner import search
+from captioner.backbones import preprocessing
+from captioner.confidence import SIGNALS, captions_with_signals, decoder_signals, pooled_mean
+from captioner.ensemble import Ensemble
+from captioner.runner import Runner
 from image_intial_model import CNN_RNN, ModelArgs
 from image_loader import SPECIALS, Batch, CaptionTable, Vocab
 from inference import Captioner
-from runner import Runner
 from tests.conftest import SAMPLE, train_args
 from utils import SHIPPED_CHECKPOINT, checkpoint_state, load_checkpoint, model_from_checkpoint, save_checkpoint
 

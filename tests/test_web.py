@@ -12,14 +12,13 @@ from PIL import Image
 from test_browser import active_id, chromium, serving_in_thread  # noqa: F401
 from test_serve import args_for, probe, torch_threads  # noqa: F401
 
-import description
 import export
-import runner
 import serve
-from bench_web import SAME, page_describe, page_tensor, ready_ms, same_description, static_server
+from captioner import description, runner
 from tests.conftest import ROOT, SAMPLE, run_script
 from tests.test_read_text import text_photo
 from tests.test_things import monitor_in_a_dark_room
+from tools.bench_web import SAME, page_describe, page_tensor, ready_ms, same_description, static_server
 from utils import SHIPPED_CHECKPOINT
 
 pytestmark = pytest.mark.slow  # the whole suite runs it; the quick tier leaves it out

@@ -24,10 +24,10 @@ import time
 import torch
 from tqdm import tqdm
 
-import things
-from backbones import efficientnet_lite, efficientnet_lite_imagenet_state, preprocessing
-from confidence import pooled_mean
-from description import thing_sentence
+from captioner import things
+from captioner.backbones import efficientnet_lite, efficientnet_lite_imagenet_state, preprocessing
+from captioner.confidence import pooled_mean
+from captioner.description import thing_sentence
 from image_loader import EvalTransform, Flickr8k, load_image
 from utils import SHIPPED_CHECKPOINT, load_checkpoint, models_from_checkpoints, save_checkpoint
 
@@ -350,7 +350,7 @@ def timing(checkpoint, photo, cache_dir, repeat):
     pass (Lite1, Lite2: preprocessing and the whole classifier network in ONNX Runtime)."""
     import onnxruntime as ort
 
-    from runtimes import run_frozen
+    from captioner.runtimes import run_frozen
 
     model, _, preset = models_from_checkpoints([checkpoint], None)
     frozen, _ = run_frozen(model.eval(), preset, "onnx", cache_dir, decoder=True)

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from backbones import same_weights
+from captioner.backbones import same_weights
 from image_intial_model import Generation, next_word_logits
 
 

@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from description import alt_text, answer, look_at
-from photo_check import PhotoCheck
-from read_text import TextReader
-from things import Things
+from captioner.description import alt_text, answer, look_at
+from captioner.photo_check import PhotoCheck
+from captioner.read_text import TextReader
+from captioner.things import Things
 
 # image_loader.IMAGE_SUFFIXES, which cannot be imported here (image_loader brings PyTorch; tested equal)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".heic", ".heif"}

@@ -15,6 +15,12 @@ preprocessing (the browser's decode and Pillow's resize in JavaScript) gives the
 bit. Needs `npm ci`, and chromium + chromedriver (Debian's).
 """
 
+import sys
+from pathlib import Path
+
+# ruff: noqa: E402 (the imports below need the path first)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's root: its commands and captioner/
+
 import argparse
 import contextlib
 import functools
@@ -31,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_IMAGES = ROOT / "data" / "flickr8k_sample" / "Images"
 # photos taken by blind people, where present: those with reference captions, and those with quality labels only
 REAL_IMAGES = [ROOT.parent / "shared" / "vizwiz_dev" / d / "Images" for d in (".", "labels_only")]
@@ -168,8 +174,7 @@ def folder_sizes(site):
 
 def measure(site, photos, profile):
     """Every figure of the module's docstring, for the export in `site`."""
-    import runner as python
-
+    from captioner import runner as python
     described = python.Runner(site)
     preset = described.config["preprocessing"]
     r = {**folder_sizes(site), "photos": len(photos), "cores": os.cpu_count(),
@@ -264,7 +269,7 @@ def main(args):
 
     photos = sorted(SAMPLE_IMAGES.glob("*.jpg"))[:args.photos]
     if args.images:
-        from runner import list_images
+        from captioner.runner import list_images
 
         photos += [p for folder in args.images for p in list_images(folder)][:args.photos]
     with tempfile.TemporaryDirectory(prefix="bench_web_") as tmp:

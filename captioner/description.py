@@ -27,7 +27,7 @@ fits) to the export's captioner.json, which the runner without PyTorch and the w
 import re
 from dataclasses import dataclass
 
-from photo_check import measures
+from captioner.photo_check import measures
 
 MOSTLY_TEXT = 0.12  # share of the photo inside text boxes from which it is "mostly text": the text leads
 SPOKEN_LINES = 6  # lines of text read aloud at most (the full list is in the answer's `text`)

@@ -18,6 +18,12 @@ that get any problem named, how often the lit scenes are called dark, bright or 
 VizWiz photos (--vizwiz), and the check's time per photo against a caption's.
 """
 
+import sys
+from pathlib import Path
+
+# ruff: noqa: E402 (the imports below need the path first)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's root: its commands and captioner/
+
 import argparse
 import hashlib
 import inspect
@@ -37,10 +43,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-import photo_check
-import text_photos
-from confidence import _logistic, pooled_features
+from captioner import photo_check
+from captioner.confidence import _logistic, pooled_features
 from image_loader import DataError, find_images_dir, list_images, load_image, split_images
+from tools import text_photos
 from utils import HelpFormatter, find_checkpoint, load_checkpoint, positive, save_checkpoint
 
 DEGRADABLE = ("blur", "dark", "bright", "cut_off")  # the problems the logistic heads learn (rotation: TURNS)

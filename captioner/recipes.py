@@ -10,7 +10,7 @@ them equal to the commands recorded in checkpoints/pretrained/model.pth ("traine
 
 from pathlib import Path
 
-SAMPLE_DATA = Path(__file__).resolve().parent / "data" / "flickr8k_sample"
+SAMPLE_DATA = Path(__file__).resolve().parents[1] / "data" / "flickr8k_sample"
 
 RECIPES = {
     "demo": {

@@ -16,6 +16,12 @@ precision of the words read, invention rate on photos without legible text, the 
 orientation accuracy, and the time per photo of first_look and read beside the shipped captioner's.
 """
 
+import sys
+from pathlib import Path
+
+# ruff: noqa: E402 (the imports below need the path first)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's root: its commands and captioner/
+
 import argparse
 import io
 import json
@@ -30,9 +36,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont
 from tqdm import tqdm
 
-import read_text
+from captioner import read_text
 
-FLICKR = Path(__file__).resolve().parent.parent / "shared" / "flickr8k"
+FLICKR = Path(__file__).resolve().parents[2] / "shared" / "flickr8k"
 FONT_DIRS = ("/usr/share/fonts/truetype/dejavu", "/usr/share/fonts/truetype/liberation")
 SANS = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "LiberationSans-Regular.ttf", "LiberationSans-Bold.ttf",
         "DejaVuSansCondensed-Bold.ttf", "LiberationSansNarrow-Regular.ttf")

@@ -13,8 +13,8 @@ import math
 
 import torch
 
-import search
-from ensemble import cnn_once
+from captioner import search
+from captioner.ensemble import cnn_once
 
 SIGNALS = (
     "mean_word_logp",     # mean log-probability of the caption's words and its end

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ensemble import cnn_once
+from captioner.ensemble import cnn_once
 from image_intial_model import Generation
 from image_loader import DataError, save_atomic
 

@@ -26,6 +26,12 @@ folder. The frozen-encoder epoch runs over 6,000 images x 5 captions (1,200 with
 features are random tensors of the model's feature shape (an epoch's cost does not depend on their values).
 """
 
+import sys
+from pathlib import Path
+
+# ruff: noqa: E402 (the imports below need the path first)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's root: its commands and captioner/
+
 import argparse
 import asyncio
 import contextlib
@@ -47,13 +53,15 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from backbones import ENCODERS, EncoderWeightsError, preprocessing
-from features import (
+from captioner.backbones import ENCODERS, EncoderWeightsError, preprocessing
+from captioner.features import (
     FeatureSource,
     ImageStore,
     StoreSource,
     extract_features,
 )
+from captioner.runtimes import RUNTIME_CHOICES, RUNTIME_HELP, export_backbone, run_frozen
+from captioner.training_run import Preloaded
 from image_intial_model import CNN_RNN, ModelArgs
 from image_loader import (
     Batches,
@@ -70,8 +78,6 @@ from image_loader import (
     train_size,
 )
 from image_training import Trainer, WordLoss, make_optimizer
-from runtimes import RUNTIME_CHOICES, RUNTIME_HELP, export_backbone, run_frozen
-from training_run import Preloaded
 from utils import (
     PRECISIONS,
     HelpFormatter,
@@ -507,8 +513,9 @@ def main(args):
 
 # ---------------------------------------------------------------------------------------- --serve
 
-SAMPLE_IMAGES = Path(__file__).resolve().parent / "data" / "flickr8k_sample" / "Images"
-VIZWIZ = Path(__file__).resolve().parent.parent / "shared" / "vizwiz_dev"
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_IMAGES = ROOT / "data" / "flickr8k_sample" / "Images"
+VIZWIZ = ROOT.parent / "shared" / "vizwiz_dev"
 
 
 def serve_bench(args):
@@ -608,7 +615,7 @@ def serve_process(checkpoint, max_batch, max_wait_ms, threads, workers=1):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.TemporaryFile() as log:  # the server's stderr, shown if it fails
-        proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve().parent / "serve.py"), "--checkpoint",
+        proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--checkpoint",
                                  str(checkpoint), "--port", str(port), "--max-batch", str(max_batch),
                                  "--max-wait-ms", str(max_wait_ms), "--threads", str(threads), "--workers",
                                  str(workers), "--log-level", "warning"], stderr=log)
@@ -730,7 +737,7 @@ def describe_bench(args):
     (--data's, else the bundled sample's); and real phone photos from ../shared/vizwiz_dev where it is. Then two
     hostile photos, timed whole."""
     from inference import Captioner
-    from text_photos import make_set
+    from tools.text_photos import make_set
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -781,7 +788,7 @@ def time_descriptions(captioner, library, paths):
     """Median seconds per photo of each step in describe_bench's list, and how many photos had text read."""
     from tqdm import tqdm
 
-    from read_text import to_array
+    from captioner.read_text import to_array
 
     steps = {"caption": lambda p: captioner.caption(p), "describe": lambda p: describe_one(captioner, p),
              "rapidocr": lambda p: library(to_array(load_image(p))),
@@ -850,8 +857,7 @@ def report_describe(r):
 def cli(argv=None):
     args = get_args_parser().parse_args(argv)
     if args.web:
-        import bench_web
-
+        from tools import bench_web
         return bench_web.cli([*(["--checkpoint", args.checkpoint] if args.checkpoint else []),
                               *(["--json"] if args.json else [])])
     try:
