@@ -121,7 +121,7 @@ def _calibration(paths, out, pooled):
     with its bank of training photos' features written to out/bank.f16 (fp16, little-endian, [K, F]) (none for
     an ensemble, a checkpoint never calibrated, or graphs without the pooled feature)."""
     from captioner import confidence
-    from inference import read_fits
+    from captioner.describe import read_fits
 
     # the fit as inference.py reads it (a single checkpoint's), and its state: the plain dict it is kept as
     calibration = read_fits(paths)[0] if pooled else None
@@ -141,7 +141,7 @@ def _describing(paths, model, out, pooled):
     wording, the photo check's fit and hints, the thing namer's groups and fit (its ImageNet classifier in
     out/things.f16), and the text reader's rules (its word list in out/words.txt, its three ONNX files beside)."""
     from captioner import description, photo_check, things
-    from inference import read_fits
+    from captioner.describe import read_fits
 
     _, checker, namer = read_fits(paths, model)
     rules = {"description": description.export_rules(), "photo_check": photo_check.export_rules(checker)}
@@ -393,7 +393,7 @@ def check(folder, images, beam, compare=None, read_text=True):
             except UnreadableImage as e:
                 rows.append({"image": str(image), "error": str(e)})
     if compare:
-        from inference import Captioner
+        from captioner.describe import Captioner
 
         captioner = Captioner(compare, read_text=False)  # it captions only: no text reader to load
         for r in rows:

@@ -14,12 +14,10 @@ checkpoints and TensorBoard logs) is in training_run.py.
 
 import argparse
 import logging
-import math
 import os
 import random
 import sys
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -27,20 +25,26 @@ from torch import nn
 from tqdm import tqdm
 
 from captioner.backbones import ENCODERS, EncoderWeightsError, preprocessing
+from captioner.metrics import caption_loader, score_captions
 from captioner.recipes import RECIPES, describe
 from captioner.runtimes import RUNTIME_CHOICES, RUNTIME_HELP
-from captioner.search import caption_log_probs, sample_captions
-from captioner.training_run import Progress, RunOutput, StopFlag, check_finite, finish, make_batches, resume, settle
-from evaluate import CiderD, caption_loader, score_captions
-from image_intial_model import CNN_RNN, DECODERS, PAD_IDX, SOS_IDX, ModelArgs, trim_at_eos
+from captioner.training import (
+    Trainer,
+    WordLoss,
+    make_objective,
+    make_optimizer,
+    make_scaler,
+    make_schedule,
+    train_one_epoch,
+)
+from captioner.training_run import Progress, RunOutput, StopFlag, finish, make_batches, resume
+from image_intial_model import CNN_RNN, DECODERS, ModelArgs
 from image_loader import DataError, Flickr8k, default_workers
 from utils import (
     PRECISIONS,
     SHIPPED_CHECKPOINT,
-    Dist,
     HelpFormatter,
     autocast,
-    autocast_dtype,
     init_distributed,
     load_checkpoint,
     model_from_checkpoint,
@@ -255,40 +259,6 @@ def main(args):
             "checkpoint_dir": Path(args.checkpoint_dir), "stopped": stop.requested}
 
 
-def train_one_epoch(trainer, batches, progress, stop=None, desc="train"):
-    """One pass over `batches` (a Batches), for each batch the forward pass, the loss, backward() and the
-    optimiser's step; it goes on from `progress` (skipping the batches it counts as done) and adds to it. Ends
-    early, after the step in flight, when `stop` is requested."""
-    model, objective, optimizer, scaler, dist = (trainer.model, trainer.objective, trainer.optimizer,
-                                                 trainer.scaler, trainer.dist)
-    model.train(objective.dropout)
-    bar = tqdm(batches.iterate(progress.batches), desc=desc, unit="batch", leave=False, disable=None,
-               initial=progress.batches, total=len(batches))
-    start, pending = time.time(), []
-    for batch in bar:
-        with autocast(trainer.device, trainer.precision):
-            loss, figure, count = objective(model, batch, batches.from_features)  # forward pass and loss, summed
-        # The mean over the whole batch (words or samples), on all processes together: DDP averages gradients
-        # over processes, so each scales its sum by world / (all counts) and N processes equal one.
-        loss = loss * (dist.world / dist.all_sum(count))
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if trainer.grad_clip:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), trainer.grad_clip, foreach=True)
-        scaler.step(optimizer)
-        scaler.update()
-        pending.append(figure)
-        progress.add_step(count, batch.captions.shape[0])
-        if len(pending) == trainer.settle_every:  # one wait for the device every few steps, not one per step
-            settle(progress, pending, bar, objective)
-        if stop is not None and dist.all_sum(stop.requested):  # all processes stop after the same step
-            break
-    settle(progress, pending, bar, objective)
-    progress.seconds += time.time() - start
-    return progress
-
-
 def evaluate(trainer, batches, data, vocab, args, epoch, progress, out):
     """The epoch's figure over all processes; rank 0 scores dev (the word loss, greedy captions' BLEU and CIDEr),
     logs the epoch and adds its history row. Returns the dev score that selects models (elsewhere 0: rank 0's is
@@ -325,13 +295,15 @@ def stops_early(args, state, epoch):
 
 
 @torch.no_grad()
-def dev_loss(model, batches, objective, device, precision="auto"):
-    """The word loss on dev, per word, teacher forced, with dropout off."""
+def dev_loss(model, batches, criterion, device, precision="auto"):
+    """The word loss (criterion, a WordLoss) on dev, per word, teacher forced, with dropout off."""
     model.eval()
     totals, words = [], 0
     for batch in tqdm(batches, desc="dev loss", unit="batch", leave=False, disable=None):
         with autocast(device, precision):
-            totals.append(objective(model, batch, batches.from_features)[1])
+            tokens, targets = batch.captions[:, :-1], batch.captions[:, 1:]  # [N, T] each
+            logits = model(batch.x, tokens, batch.image_index, from_features=batches.from_features)  # [N, T, V]
+            totals.append(criterion(logits, targets)[1])
         words += batch.words
     return float(torch.stack(totals).sum()) / max(words, 1) if totals else 0.0
 
@@ -343,7 +315,6 @@ def dev_scores(model, batches, data, vocab, device, max_len, precision="auto"):
     scores = score_captions([data.captions[n] for n in generated], list(generated.values()), java=False,
                             metrics=("bleu", "cider"))
     return scores, generated
-
 
 
 # ------------------------------------------------------------------------------------ what main builds
@@ -390,135 +361,7 @@ def build_model(args, data, ckpt, device):
     return vocab, model, preset
 
 
-def make_optimizer(args, model):
-    groups = [{"params": [p for n, p in model.named_parameters() if not n.startswith("encoderCNN.backbone.")],
-               "lr": args.lr}]
-    if args.train_cnn:
-        groups.append({"params": model.encoderCNN.backbone.parameters(), "lr": args.cnn_lr})
-    # fused: one kernel for all parameters' updates (CUDA and CPU alike), not several per parameter
-    return torch.optim.Adam(groups, fused=True)
-
-
-def make_schedule(args, optimizer):
-    """Multiply the learning rates by --lr-decay after --lr-patience epochs without a better dev score
-    (--lr-decay 1: never; the scheduler insists on a factor below 1, so it gets endless patience instead)."""
-    never = args.lr_decay >= 1
-    # The scheduler acts once its count of epochs without a better score exceeds `patience`: N - 1 acts on the Nth.
-    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5 if never else args.lr_decay,
-                                                      patience=math.inf if never else args.lr_patience - 1)
-
-
-
-def make_scaler(device, precision):
-    """The gradient scaler: fp16 needs its gradients scaled up, or small ones flush to zero; bf16 has fp32's range
-    and needs none."""
-    return torch.amp.GradScaler(device.type, enabled=autocast_dtype(device, precision) == torch.float16)
-
-
-def make_objective(args, data, vocab, train_names):
-    """The word loss, or with --scst self-critical training on the training images' references."""
-    if not args.scst:
-        return WordLoss(args.label_smoothing, args.attention_reg)
-    names = set(train_names)
-    return SelfCritical([it for it in data.items("train", vocab) if it[0] in names], args.scst_samples, args.max_len)
-
-
-
 # ------------------------------------------------------------------------------------------- objectives
-
-class WordLoss:
-    """The word loss: the cross-entropy of each next word of the reference captions (teacher forcing)."""
-    figure, history_key, tag = "train loss", "train_loss", "loss/train"  # how an epoch reports it
-    dropout = True
-
-    def __init__(self, label_smoothing=0.0, attention_reg=0.0):
-        self.criterion = nn.CrossEntropyLoss(ignore_index=PAD_IDX, label_smoothing=label_smoothing, reduction="sum")
-        self.attention_reg = attention_reg
-
-    def __call__(self, model, batch, from_features):
-        """-> (what to minimise, summed over the batch; the figure to report, summed; what both sum over)."""
-        tokens, targets = batch.captions[:, :-1], batch.captions[:, 1:]  # [N, T-1] each: predict the next word
-        if self.attention_reg:
-            logits, weights = model(batch.x, tokens, batch.image_index, from_features=from_features,
-                                    with_attention=True)
-        else:
-            logits = model(batch.x, tokens, batch.image_index, from_features=from_features)
-        loss = self.criterion(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
-        if not self.attention_reg:
-            return loss, loss.detach(), batch.words
-        # doubly stochastic attention (Xu et al. 2015, eq. 14): over a caption's words each region's weights
-        # should sum to about 1, so that the decoder looks at every part of the image, not at a few regions
-        seen = (weights.float() * (targets != PAD_IDX).unsqueeze(-1)).sum(1)  # [N, R]
-        penalty = ((1 - seen) ** 2).sum()  # summed over captions, as the word loss is: each caption's loss is
-        # its words' cross-entropy plus --attention-reg times its penalty, as in Xu et al.'s code
-        return loss + self.attention_reg * penalty, loss.detach(), batch.words
-
-
-class SelfCritical:
-    """Self-critical sequence training (Rennie et al. 2017) with CIDEr-D as the reward: the word loss only
-    teaches the next word of a reference, this teaches whole captions that score well. Each image gets K
-    sampled captions; a sample's baseline is the mean reward of the image's other K-1 (Luo 2020), so captions
-    better than their siblings become more likely and worse ones less, with no greedy pass needed."""
-    figure, history_key, tag = "train CIDEr-D of samples", "train_cider_d", "cider_d/train"
-    dropout = False  # it samples with dropout off, so the captions it rewards are the ones whose probabilities
-    # it then raises
-
-    def __init__(self, items, samples, max_len):
-        """items: the training set's [(image name, [caption ids with SOS and EOS]), ...]."""
-        refs = [[ids[1:-1] for ids in caps] for _, caps in items]
-        self.cider = CiderD(refs)  # document frequencies of the training references
-        self.refs = {name: [self.cider.vector(r) for r in rs] for (name, _), rs in zip(items, refs)}
-        self.samples, self.max_len = samples, max_len
-
-    def rewards(self, words, names):
-        """Sampled word ids [B*K, T] (EOS, then PAD) of the images `names` -> CIDEr-D [B, K]."""
-        out = []
-        for i, row in enumerate(words.tolist()):
-            out.append(self.cider.score(trim_at_eos(row), self.refs[names[i // self.samples]]))
-        return torch.tensor(out).view(len(names), self.samples)
-
-    def __call__(self, model, batch, from_features):
-        """-> (minus the samples' log-probabilities weighted by their advantage, summed; their rewards,
-        summed; the number of samples)."""
-        ddp = isinstance(model, nn.parallel.DistributedDataParallel)
-        inner = model.module if ddp else model
-        x, k = batch.x, self.samples
-        rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(k)  # [B*K]: each sample's image
-        # With dropout off the features do not change between the sampling and the pass with gradients: one
-        # pass through the CNN serves both (a CNN that learns: a third less work a step). DDP's gradient hooks
-        # need its own forward, so under DDP the features are computed again there.
-        feats = None if ddp else inner.features(x, from_features)
-        with torch.no_grad():
-            sampled_from = inner.features(x, from_features) if ddp else feats.detach()
-            words = sample_captions(inner.decoderRNN, sampled_from[rows], self.max_len)  # [B*K, T]
-        reward = self.rewards(words, batch.names).to(x.device)  # [B, K]
-        advantage = (reward - (reward.sum(1, keepdim=True) - reward) / (k - 1)).view(-1)  # [B*K]
-        tokens = torch.cat([torch.full_like(words[:, :1], SOS_IDX), words[:, :-1]], 1)  # SOS w1 .. w(T-1)
-        # the samples again, with gradients
-        logits = model(x, tokens, rows, from_features=from_features) if ddp else inner.decoderRNN(feats[rows], tokens)
-        loss = -(advantage * caption_log_probs(logits, words)).sum()
-        check_finite(loss)  # here, not every few steps: a NaN here would make the next samples fail first
-        return loss, reward.sum(), words.shape[0]
-
-
-
-@dataclass
-class Trainer:
-    """What a training step needs: the model, `objective` (WordLoss or SelfCritical: what each batch minimises),
-    the optimiser and the gradient scaler, and how to run (device, precision, processes)."""
-    model: nn.Module
-    objective: WordLoss
-    device: torch.device
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    grad_clip: float = 0.0
-    dist: Dist = field(default_factory=Dist)
-    precision: str = "auto"
-    settle_every: int = 25  # steps between reading the figure back from the device (each read waits for it)
-
-    def run(self, batches, desc="train", progress=None, stop=None):
-        """One pass over a Batches: train_one_epoch, from a new Progress unless one is given."""
-        return train_one_epoch(self, batches, progress or Progress(), stop, desc)
 
 
 def cli(argv=None):

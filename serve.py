@@ -49,8 +49,7 @@ from captioner.backbones import EncoderWeightsError
 from captioner.read_text import LANGUAGES
 from captioner.runtimes import RUNTIME_CHOICES, RUNTIME_HELP
 from image_loader import DataError
-from inference import text_languages
-from utils import USER_CHECKPOINTS, HelpFormatter, cores, find_checkpoint, pick_device, positive
+from utils import USER_CHECKPOINTS, HelpFormatter, cores, find_checkpoint, pick_device, positive, text_languages
 
 log = logging.getLogger("serve")
 ARGV_ENV = "CAPTION_SERVE_ARGV"  # --workers: how each worker process gets the command line (uvicorn imports it)
@@ -308,7 +307,7 @@ class Service:
         look in the decode threads would keep photos from gathering into batches."""
         beam, n_best = key
         looks = [self.captioner.look(loaded) for _, loaded, _ in photos]
-        return self.captioner.describe([im for im, _, _ in photos], beam=beam, n_best=n_best, looks=looks)
+        return self.captioner.describe_batch([im for im, _, _ in photos], beam=beam, n_best=n_best, looks=looks)
 
     def decode(self, body, kind, content_type):
         """Upload bytes -> (the photo, upright RGB at the model's input size; the photo as loaded; the bytes), in
@@ -432,7 +431,7 @@ async def lifespan(app):
 
 def make_app(args, captioner=None, model_name=None):
     """The FastAPI application for parsed `args` (get_args_parser), serving `captioner` (an
-    inference.Captioner; default: loaded from args.checkpoint). All its state lives in app.state.service."""
+    describe.Captioner; default: loaded from args.checkpoint). All its state lives in app.state.service."""
     paths = args.checkpoint or [find_checkpoint(None)]  # said once, on stderr, where it chose
     model_pool = model_thread()
     if captioner is None:
@@ -514,7 +513,7 @@ def model_thread():
 
 
 def load_captioner(paths, args):
-    from inference import Captioner  # here, not at the top: `serve.py --help` need not load PyTorch's models
+    from captioner.describe import Captioner  # here, not at the top: `serve.py --help` need not load PyTorch's models
 
     return Captioner(paths if len(paths) > 1 else paths[0], pick_device(args.device), runtime=args.runtime,
                      cache_dir=args.cache_dir, read_text=not args.no_text, text_languages=args.text_languages)

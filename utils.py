@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from captioner.ensemble import Ensemble
+from captioner.read_text import parse_languages
 from image_intial_model import CNN_RNN, ModelArgs
 from image_loader import DataError, Vocab, load_vocab_file, save_atomic
 
@@ -374,3 +375,11 @@ def print_examples(model, batches, vocab, n=3):
         reference = batch.captions[batch.image_index == i][0, 1:].tolist()
         print(f"{batch.names[i]}\n  generated: {vocab.decode(ids)}\n  reference: {vocab.decode(reference)}")
     model.train(was_training)
+
+
+def text_languages(text):
+    """--text-languages: read_text.parse_languages, its refusal as argparse's one line."""
+    try:
+        return parse_languages(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None

@@ -2,7 +2,7 @@
 take it again, and the caption at the level its confidence allows, combined into one description, shortest useful
 first.
 
-Captioning a photo (inference.Captioner) is two steps. `look_at` measures the photo as it was taken: the photo
+Captioning a photo (describe.Captioner) is two steps. `look_at` measures the photo as it was taken: the photo
 check's image scores (photo_check.py) and, where a cheap first look finds text, the text read at a higher
 resolution (read_text.py), which also says how far the photo is turned. Then the caption is written on the upright
 photo, the thing in it is named from the captioner's own CNN (things.py), and `combine` says it all in one

@@ -3,7 +3,7 @@
     runner = Runner("site/")                 # a folder that export.py wrote: captioner.json and the graphs
     runner.describe("photo.jpg")             # what inference.py says of the photo, as one dict
 
-It does what inference.Captioner does, step for step, with the same code where that code needs no PyTorch:
+It does what describe.Captioner does, step for step, with the same code where that code needs no PyTorch:
 the photo decoded upright and in full; the photo check's measures and the text read (description.look_at, with
 the text models of the export's folder); the caption (greedy or beam search over the two graphs) on the photo
 turned upright where its text or the photo check's upright head says how; its confidence; the thing named from
@@ -104,7 +104,7 @@ def preprocess(path, preset):
 
 class Runner:
     """An export's graphs in ONNX Runtime (or TorchScript, for a .pt export), and the fits and rules of its
-    captioner.json: describe() says what inference.Captioner.describe says of a photo."""
+    captioner.json: describe() says what describe.Captioner.describe says of a photo."""
 
     def __init__(self, folder, read_text=True):
         """folder: what export.py wrote; read_text: read the text in photos (with the export's text models)."""
@@ -175,7 +175,7 @@ class Runner:
         return self._greedy(state, max_len) if beam == 1 else self._beam(state, max_len, beam, length_penalty)
 
     def describe(self, path, beam=3, max_len=40, length_penalty=0.0):
-        """What inference.Captioner.describe says of a photo file: {"caption", "confidence", "confidence_level",
+        """What describe.Captioner.describe says of a photo file: {"caption", "confidence", "confidence_level",
         and description.answer's "alt_text", "description", "text", "thing", "photo_problems", "photo_scores",
         "retake_hint", "turned"}. Raises UnreadableImage for a file it cannot read."""
         image = load_photo(path)

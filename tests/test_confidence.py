@@ -19,11 +19,11 @@ from captioner.confidence import (
     pooled_features,
     pooled_mean,
 )
+from captioner.describe import Captioner
 from captioner.description import ABSTAIN, ALT_TEXT_MAX, alt_text, sentence
 from captioner.ensemble import Ensemble
 from image_intial_model import CNN_RNN, ModelArgs
 from image_loader import load_image, resize_pil
-from inference import Captioner
 from tests.conftest import SAMPLE, run_script
 from utils import SHIPPED_CHECKPOINT, load_checkpoint
 
@@ -141,7 +141,7 @@ def shipped():
 @pytest.mark.slow
 def test_shipped_model_says_photos_of_nothing_are_low_and_never_reads_their_caption_aloud(shipped):
     odd = _blank_and_noise()
-    for name, r in zip(odd, shipped.describe(list(odd.values()))):
+    for name, r in zip(odd, shipped.describe_batch(list(odd.values()))):
         assert r["confidence_level"] == "low" and r["confidence"] == 0, (name, r)
         assert r["caption"].rstrip(" .") not in r["description"].lower() and r["description"] != ABSTAIN, (name, r)
         # a page of text is read (legible print is no photo of nothing to the reader); the rest say nothing is there
@@ -149,8 +149,8 @@ def test_shipped_model_says_photos_of_nothing_are_low_and_never_reads_their_capt
         # resampling: what matters is that the page is read)
         said = ("Text: Quarterly re",) if name == "text" else ("Nothing recognisable.", "No reliable description: ")
         assert r["description"].startswith(said), (name, r)
-    assert [p["problem"] for p in shipped.describe([odd["black"]])[0]["photo_problems"]][0] == "dark"
-    real = shipped.describe([shipped.load(PHOTO)])[0]
+    assert [p["problem"] for p in shipped.describe_batch([odd["black"]])[0]["photo_problems"]][0] == "dark"
+    real = shipped.describe_batch([shipped.load(PHOTO)])[0]
     assert real["caption"] == shipped.caption(PHOTO) and real["confidence"] > 0
     assert real["alt_text"].rstrip(".").lower().endswith(real["caption"].rstrip(" .").split()[-1])
 
@@ -214,7 +214,7 @@ def test_calibrate_writes_a_fit_into_the_checkpoint_and_refuses_test(demo_run, t
     assert sum(row["photos"] for row in table["levels"].values()) == 20
     state = load_checkpoint(ckpt)["calibration"]
     assert state["signals"] == list(SIGNALS) and state["bank"].shape == (20, 1280)
-    r = Captioner(ckpt).describe([load_image(PHOTO)])[0]
+    r = Captioner(ckpt).describe_batch([load_image(PHOTO)])[0]
     assert r["confidence_level"] in LEVELS and 0 <= r["confidence"] <= 1
     assert pooled_features(torch.randn(2, 5, 7)).shape == (2, 7)
 

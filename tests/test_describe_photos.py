@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
+from captioner.describe import Captioner
 from captioner.description import thing_sentence
-from inference import Captioner
 from tests.conftest import SAMPLE, run_script
 from utils import SHIPPED_CHECKPOINT
 
@@ -43,7 +43,7 @@ def label(lines=("Take one tablet", "twice a day"), size=44):
 def described(captioner, image, path):
     image.save(path)
     loaded = captioner.load(path)
-    return captioner.describe([loaded], looks=[captioner.look(loaded)])[0]
+    return captioner.describe_batch([loaded], looks=[captioner.look(loaded)])[0]
 
 
 def test_a_text_photo_on_its_side_is_read_and_captioned_upright(shipped, tmp_path):

@@ -7,30 +7,30 @@ import pytest
 import torch
 
 import evaluate
-from captioner import features
+from captioner import features, metrics
 from tests.conftest import SAMPLE, run_script
 from utils import load_checkpoint
 
-needs_java = pytest.mark.skipif(not evaluate.java_available(), reason="Java is not installed")
+needs_java = pytest.mark.skipif(not metrics.java_available(), reason="Java is not installed")
 
 
 @pytest.mark.parametrize("java", [False, pytest.param(True, marks=[needs_java, pytest.mark.slow])])
 def test_scores_of_a_hand_checkable_case(java):
     refs = [["A dog runs fast ."], ["Two kids swim in a blue pool ."]]
-    perfect = evaluate.score_captions(refs, ["a dog runs fast", "two kids swim in a blue pool"], java=java)
+    perfect = metrics.score_captions(refs, ["a dog runs fast", "two kids swim in a blue pool"], java=java)
     assert perfect["Bleu_4"] == pytest.approx(1.0, abs=1e-6) and perfect["ROUGE_L"] == pytest.approx(1.0)
     # Each caption equals its only reference, so each n-gram vector's cosine is 1: CIDEr-D's maximum, 10.
     assert perfect["CIDEr"] == pytest.approx(10.0, rel=1e-6)
     assert ("METEOR" in perfect) == java and perfect.get("METEOR", 1.0) > 0.9
     # "a dog runs": every unigram right, but 3 words against the closest reference's 4: BLEU-1 = e^(1 - 4/3).
-    short = evaluate.score_captions([["A dog runs fast .", "The dog is running ."]], ["a dog runs"], java=java,
+    short = metrics.score_captions([["A dog runs fast .", "The dog is running ."]], ["a dog runs"], java=java,
                                     metrics=("bleu",))
     assert short["Bleu_1"] == pytest.approx(math.exp(1 - 4 / 3), rel=1e-6)
     assert short["Bleu_2"] == pytest.approx(math.exp(1 - 4 / 3), rel=1e-6)
 
 
 def test_python_tokenize_follows_ptb_rules():
-    assert evaluate.python_tokenize('A dog\'s "OK" ball, isn\'t it? (Mr. T-shirt) We cannot.') == \
+    assert metrics.python_tokenize('A dog\'s "OK" ball, isn\'t it? (Mr. T-shirt) We cannot.') == \
         "a dog 's ok ball is n't it -lrb- mr. t-shirt -rrb- we can not"
 
 
@@ -39,8 +39,8 @@ def test_python_tokenize_follows_ptb_rules():
 def test_python_tokenize_agrees_with_ptb_on_flickr8k_references(shared_flickr8k):
     with open(shared_flickr8k / "captions.txt", newline="") as f:
         texts = [row[1] for row in list(csv.reader(f))[1:]]
-    ptb = evaluate.tokenize_all(texts, java=True)
-    differ = [t for t, p in zip(texts, ptb) if p != evaluate.python_tokenize(t)]
+    ptb = metrics.tokenize_all(texts, java=True)
+    differ = [t for t, p in zip(texts, ptb) if p != metrics.python_tokenize(t)]
     assert len(differ) <= 5, differ  # measured: 3 of 40,455, all "slip 'n' slide"
 
 
@@ -106,7 +106,7 @@ def test_cider_d_reward_equals_pycocoevalcap_per_caption():
             ["a man rides a bike", "a cyclist on a road", "a man on a bicycle rides down the road"]]
     hyps = ["a dog runs", "two kids in a pool", "a dog rides a bike on the road"]
     _, expected = Cider().compute_score(dict(enumerate(refs)), {i: [h] for i, h in enumerate(hyps)})
-    cider = evaluate.CiderD([[r.split() for r in rs] for rs in refs])  # document frequencies of these refs
+    cider = metrics.CiderD([[r.split() for r in rs] for rs in refs])  # document frequencies of these refs
     got = [cider.score(h.split(), [cider.vector(r.split()) for r in rs]) for h, rs in zip(hyps, refs)]
     assert got == pytest.approx(list(expected), rel=1e-9)
     assert got[0] > got[2] > 0  # a caption of another image's words scores less, but not nothing ("a", "the")

@@ -10,11 +10,11 @@ import torch
 import evaluate
 import export
 from captioner.backbones import preprocessing
+from captioner.describe import Captioner
 from captioner.runner import IMAGE_SUFFIXES as RUNNER_SUFFIXES
 from captioner.runner import Runner
 from image_intial_model import CNN_RNN, ModelArgs
 from image_loader import IMAGE_SUFFIXES, SPECIALS, Vocab
-from inference import Captioner
 from tests.conftest import SAMPLE, run_script
 from utils import checkpoint_state, save_checkpoint
 

@@ -7,11 +7,11 @@ import torch
 from torch import nn
 
 import image_intial_model as M
-import image_training
 from captioner import backbones, search
 from captioner.backbones import EncoderWeightsError, build_backbone, preprocessing
 from captioner.ensemble import Ensemble
 from captioner.features import FeatureSource
+from captioner.training import SelfCritical, Trainer, WordLoss
 from image_intial_model import CNN_RNN, ModelArgs
 from image_loader import SPECIALS, Batch, Batches, CaptionTable, EvalTransform, Vocab, load_image
 from tests.conftest import SAMPLE
@@ -155,8 +155,11 @@ def test_doubly_stochastic_attention_adds_xu_et_al_s_penalty_to_the_word_loss():
     captions = [[M.SOS_IDX, 7, 8, 9, M.EOS_IDX], [M.SOS_IDX, 10, M.EOS_IDX], [M.SOS_IDX, 11, 12, M.EOS_IDX]]
     table = CaptionTable([captions[:2], captions[2:]], torch.device("cpu"))
     batch = Batch(regions, *table.batch(torch.tensor([0, 1])), names=["a", "b"])
-    plain, plain_figure, words = image_training.WordLoss()(model, batch, from_features=True)
-    loss, figure, _ = image_training.WordLoss(attention_reg=0.5)(model, batch, from_features=True)
+    tokens, targets = batch.captions[:, :-1], batch.captions[:, 1:]
+    out = model(batch.x, tokens, batch.image_index, from_features=True, with_attention=True)
+    plain, plain_figure = WordLoss()(out[0], targets)
+    loss, figure = WordLoss(attention_reg=0.5)(out, targets)
+    words = batch.words
     dec, feats, penalty = model.decoderRNN, model.features(regions, True), 0.0
     for ids, image in zip(captions, (0, 0, 1)):
         state, seen = dec.start(feats[image:image + 1]), torch.zeros(49)
@@ -304,7 +307,7 @@ def test_a_padded_batch_gives_each_caption_what_it_gets_alone(decoder):
 def test_learning_rate_decays_after_exactly_lr_patience_epochs_without_a_better_score():
     import argparse
 
-    from image_training import make_schedule
+    from captioner.training import make_schedule
 
     optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     schedule = make_schedule(argparse.Namespace(lr_decay=0.5, lr_patience=2), optimizer)
@@ -331,7 +334,7 @@ def test_self_critical_training_raises_the_reward():
     batches = Batches(FeatureSource(torch.randn(4, 1280), range(4)), CaptionTable([c for _, c in items], cpu),
                       list(refs), cpu, batch_size=4)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    trainer = image_training.Trainer(model, image_training.SelfCritical(items, samples=8, max_len=8), cpu, optimizer,
+    trainer = Trainer(model, SelfCritical(items, samples=8, max_len=8), cpu, optimizer,
                                      torch.amp.GradScaler("cpu", enabled=False))
     rewards = [trainer.run(batches).mean for _ in range(60)]  # mean CIDEr-D of each step's 32 samples
     assert sum(rewards[-5:]) / 5 > 2 * max(sum(rewards[:5]) / 5, 0.5), rewards

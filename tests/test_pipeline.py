@@ -28,6 +28,7 @@ from captioner.features import (
     extract_features,
     feature_cache_key,
 )
+from captioner.training import Trainer, WordLoss
 from image_loader import (
     Batches,
     CaptionTable,
@@ -42,7 +43,7 @@ from image_loader import (
     read_image,
     resize_pil,
 )
-from image_training import Trainer, WordLoss, dev_loss
+from image_training import dev_loss
 from tests.conftest import SAMPLE, copy_sample, run_script, train_args
 from tests.test_robustness import make_bad_and_odd_images
 from utils import SEED_PREPROCESSING, Dist

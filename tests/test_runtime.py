@@ -11,12 +11,12 @@ import torch
 
 from captioner import runtimes
 from captioner.backbones import preprocessing
+from captioner.describe import Captioner
 from captioner.ensemble import Ensemble
 from captioner.runtimes import RUNTIMES, FrozenModel, PackedDecoder, run_frozen
 from captioner.search import word_log_probs
 from image_intial_model import CNN_RNN, DECODERS, ModelArgs
 from image_loader import DataError
-from inference import Captioner
 from tests.conftest import ROOT, SAMPLE, run_script
 
 SHIPPED = ROOT / "checkpoints" / "pretrained" / "model.pth"
@@ -51,7 +51,7 @@ def test_onnx_runtime_captions_as_pytorch_does_greedy_and_beam_3(pair):
     x = eager._batch(photos[:8])
     a, b = eager.model.encoderCNN.extract(x), onnx.model.encoderCNN.extract(x)
     assert (a - b).abs().max() <= 1e-4 * a.abs().max()  # cached regions are fp16: 1e-3 of it
-    described = [c.describe(photos[:10]) for c in pair]
+    described = [c.describe_batch(photos[:10]) for c in pair]
     assert [d["caption"] for d in described[0]] == [d["caption"] for d in described[1]]
     assert all(abs(x["confidence"] - y["confidence"]) <= 0.002 for x, y in zip(*described))
 

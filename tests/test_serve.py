@@ -26,9 +26,9 @@ from PIL import Image
 import inference
 import serve
 from captioner.backbones import preprocessing
+from captioner.describe import Captioner
 from image_intial_model import CNN_RNN, EOS_IDX, SPECIALS, ModelArgs
 from image_loader import EvalTransform, Vocab, load_image
-from inference import Captioner
 from tests.conftest import ROOT, SAMPLE
 from tests.test_describe_photos import hostile_photos
 from utils import checkpoint_state, save_checkpoint, torch_threads
@@ -97,7 +97,7 @@ def make_probe(folder, n_photos=16):
     path = probe_checkpoint(folder / "probe.pth.tar", PHOTOS[:32])
     captioner = Captioner(path)
     firsts = {}
-    for photo, d in zip(PHOTOS[:40], captioner.describe([captioner.load(p) for p in PHOTOS[:40]])):
+    for photo, d in zip(PHOTOS[:40], captioner.describe_batch([captioner.load(p) for p in PHOTOS[:40]])):
         firsts.setdefault(d["caption"], photo)
     photos = list(firsts.values())[:n_photos]
     assert len(photos) == n_photos, f"the probe tells only {len(firsts)} of 40 photos apart"
@@ -108,7 +108,7 @@ def make_probe(folder, n_photos=16):
 def described(captioner, photo, **settings):
     """What inference.py says of one photo file (or file object), described alone."""
     image = captioner.load(photo)
-    return captioner.describe([image], looks=[captioner.look(image)], **settings)[0]
+    return captioner.describe_batch([image], looks=[captioner.look(image)], **settings)[0]
 
 
 PROBE = pytest.StashKey()

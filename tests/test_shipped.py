@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from captioner.backbones import has_pypi_imagenet_cnn, preprocessing
+from captioner.describe import Captioner
 from captioner.ensemble import Ensemble
 from export import release
 from image_intial_model import CNN_RNN, ModelArgs
 from image_loader import Vocab, load_vocab_file
-from inference import Captioner
 from tests.conftest import ROOT, SAMPLE, run_script, train_args
 from utils import SHIPPED_CHECKPOINT, checkpoint_state, load_checkpoint, model_from_checkpoint
 

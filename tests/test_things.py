@@ -78,7 +78,7 @@ def test_a_stale_fit_is_refused_in_one_line():
 
 @pytest.mark.slow
 def test_the_shipped_model_names_a_screen_reads_it_and_does_not_call_it_dark(tmp_path):
-    from inference import Captioner
+    from captioner.describe import Captioner
     from utils import SHIPPED_CHECKPOINT
 
     pytest.importorskip("rapidocr")
@@ -86,7 +86,7 @@ def test_the_shipped_model_names_a_screen_reads_it_and_does_not_call_it_dark(tmp
     path = tmp_path / "monitor.jpg"
     monitor_in_a_dark_room().save(path)
     image = captioner.load(path)
-    said = captioner.describe([image], looks=[captioner.look(image)])[0]
+    said = captioner.describe_batch([image], looks=[captioner.look(image)])[0]
     assert said["thing"]["name"] in ("a screen", "a computer screen", "a web page"), said
     assert "windows cannot repair this computer" in " ".join(said["text"]).lower(), said
     assert "dark" not in [p["problem"] for p in said["photo_problems"]] and "too dark" not in said["description"]

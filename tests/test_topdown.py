@@ -14,11 +14,12 @@ import image_training
 from captioner import search
 from captioner.backbones import preprocessing
 from captioner.confidence import SIGNALS, captions_with_signals, decoder_signals, pooled_mean
+from captioner.describe import Captioner
 from captioner.ensemble import Ensemble
 from captioner.runner import Runner
+from captioner.training import WordLoss
 from image_intial_model import CNN_RNN, ModelArgs
 from image_loader import SPECIALS, Batch, CaptionTable, Vocab
-from inference import Captioner
 from tests.conftest import SAMPLE, train_args
 from utils import SHIPPED_CHECKPOINT, checkpoint_state, load_checkpoint, model_from_checkpoint, save_checkpoint
 
@@ -152,8 +153,10 @@ def test_the_attention_penalty_reads_the_weights_each_word_was_predicted_with(to
     captions = [[M.SOS_IDX, 7, 8, 9, M.EOS_IDX], [M.SOS_IDX, 10, M.EOS_IDX], [M.SOS_IDX, 11, 12, M.EOS_IDX]]
     table = CaptionTable([captions[:2], captions[2:]], torch.device("cpu"))
     batch = Batch(regions, *table.batch(torch.tensor([0, 1])), names=["a", "b"])
-    plain, plain_figure, _ = image_training.WordLoss()(topdown, batch, from_features=True)
-    loss, figure, _ = image_training.WordLoss(attention_reg=0.5)(topdown, batch, from_features=True)
+    tokens, targets = batch.captions[:, :-1], batch.captions[:, 1:]
+    out = topdown(batch.x, tokens, batch.image_index, from_features=True, with_attention=True)
+    plain, plain_figure = WordLoss()(out[0], targets)
+    loss, figure = WordLoss(attention_reg=0.5)(out, targets)
     dec, feats, penalty = topdown.decoderRNN, topdown.features(regions, True), 0.0
     with torch.no_grad():
         for ids, image in zip(captions, (0, 0, 1)):

@@ -61,6 +61,7 @@ from captioner.features import (
     extract_features,
 )
 from captioner.runtimes import RUNTIME_CHOICES, RUNTIME_HELP, export_backbone, run_frozen
+from captioner.training import Trainer, WordLoss, make_optimizer
 from captioner.training_run import Preloaded
 from image_intial_model import CNN_RNN, ModelArgs
 from image_loader import (
@@ -77,7 +78,6 @@ from image_loader import (
     load_image,
     train_size,
 )
-from image_training import Trainer, WordLoss, make_optimizer
 from utils import (
     PRECISIONS,
     HelpFormatter,
@@ -587,14 +587,14 @@ def in_process_rate(checkpoint, photos, batch, rounds, one_at_a_time=True, loade
     """Photos/s of Captioner.describe in this process over `rounds` batches of `batch` photos, decoding each
     from its bytes as serve.py does; the same on photos decoded beforehand (the model alone); and one photo
     at a time, decoding included. One untimed batch first. loaded(): called once the model is."""
-    from inference import Captioner
+    from captioner.describe import Captioner
 
     captioner = Captioner(checkpoint)
     loaded()
     decoded = [captioner.load(io.BytesIO(b)) for b in photos]
 
     def caption(chunk):
-        captioner.describe([captioner.load(io.BytesIO(b)) if isinstance(b, bytes) else b for b in chunk])
+        captioner.describe_batch([captioner.load(io.BytesIO(b)) if isinstance(b, bytes) else b for b in chunk])
 
     def rate(size, photos=photos):
         chunks = [[photos[(k * size + i) % len(photos)] for i in range(size)] for k in range(rounds * batch // size)]
@@ -736,7 +736,7 @@ def describe_bench(args):
     made by text_photos.py (medicine boxes, screens, pages, signs, some degraded); photos without are Flickr8k's
     (--data's, else the bundled sample's); and real phone photos from ../shared/vizwiz_dev where it is. Then two
     hostile photos, timed whole."""
-    from inference import Captioner
+    from captioner.describe import Captioner
     from tools.text_photos import make_set
 
     if args.threads:
@@ -781,7 +781,7 @@ def rapidocr_as_it_comes(threads):
 def describe_one(captioner, path):
     """A photo file described as inference.py describes it: the answer's dict."""
     image = captioner.load(path)
-    return captioner.describe([image], looks=[captioner.look(image)])[0]
+    return captioner.describe_batch([image], looks=[captioner.look(image)])[0]
 
 
 def time_descriptions(captioner, library, paths):

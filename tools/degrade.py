@@ -722,7 +722,7 @@ def report_vizwiz(captioner, check, folder):
 
 def report_timing(captioner, check, paths):
     """Time the photo check on a loaded photo and its pooled feature (what the captioner has in hand) against a
-    whole caption of the same photo (inference.Captioner.caption), alternating, one photo at a time."""
+    whole caption of the same photo (describe.Captioner.caption), alternating, one photo at a time."""
     check_ms, caption_ms = [], []
     for path in tqdm(paths, desc="timing", unit="photo"):
         image = captioner.load(path)
@@ -755,7 +755,7 @@ def load_captioner(path, fitting):
     """The captioner whose loading and CNN the check is measured with (what it sees in use; no text reader). A
     checkpoint whose photo check was fitted on other image measures than photo_check's cannot be loaded (the
     check refuses it); when fitting, which replaces that check, a copy of it without the check is loaded."""
-    from inference import Captioner
+    from captioner.describe import Captioner
 
     state = load_checkpoint(path).get("photo_check")
     if not fitting or not state or list(state["measures"]) == list(photo_check.MEASURES):

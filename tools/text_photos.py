@@ -460,7 +460,7 @@ def main(argv=None):
         return vizwiz(reader, args.vizwiz, args)
     captioner = None
     if not args.no_caption:
-        from inference import Captioner
+        from captioner.describe import Captioner
         from utils import find_checkpoint
 
         captioner = Captioner(find_checkpoint(None), read_text=False)  # only caption() is timed; `reader` reads
