@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from captioner.attention_maps import attention_map
 from captioner.backbones import EncoderWeightsError, has_pypi_imagenet_cnn
+from captioner.batches import Batches, CaptionTable, default_workers, image_batches
 from captioner.confidence import (
     GOOD_CIDER,
     LEVELS,
@@ -35,19 +36,11 @@ from captioner.confidence import (
 from captioner.describe import read_fits
 from captioner.description import answer, look_at
 from captioner.features import split_sources
+from captioner.files import DataError
 from captioner.metrics import caption_loader, java_available, per_image_cider, score_captions
 from captioner.read_text import TextReader
 from captioner.runtimes import RUNTIME_CHOICES, RUNTIME_HELP, run_frozen
-from image_loader import (
-    Batches,
-    CaptionTable,
-    DataError,
-    EvalTransform,
-    Flickr8k,
-    default_workers,
-    image_batches,
-    load_image,
-)
+from image_loader import EvalTransform, Flickr8k, load_image
 from utils import (
     HelpFormatter,
     checkpoint_paths,

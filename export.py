@@ -445,7 +445,7 @@ class ExportError(Exception):
 
 def run_export(args):
     from captioner.backbones import EncoderWeightsError
-    from image_loader import DataError
+    from captioner.files import DataError
     from utils import find_checkpoint
 
     try:

@@ -4,9 +4,11 @@ Show-and-Tell ("plain"): the CNN's pooled feature, projected to the embedding si
 the caption's words follow (in training the true ones, in generation its own). The attention decoders read the
 CNN's regions at every word instead. `ModelArgs` is the model's whole shape, stored in every checkpoint.
 
-Shapes: B images, N captions, T words, V words in the vocabulary, F the CNN's feature width, E the embedding
-size, H the LSTM's, R the CNN's regions (h * w of its feature map). Elsewhere: the CNNs (backbones.py), beam
-search and sampling (search.py), ensembles (ensemble.py), faster runtimes (runtimes.py, lstm_kernels.py).
+Shapes: B images, N captions, T steps (a caption's words + 1: the decoder reads SOS w1 .. wn and predicts
+w1 .. wn EOS, so with both SOS and EOS a caption is T + 1 tokens), V words in the vocabulary, F the CNN's feature
+width, E the embedding size, H the LSTM's, R the CNN's regions (h * w of its feature map). Elsewhere, in captioner/:
+the CNNs (backbones.py), beam search and sampling (search.py), ensembles (ensemble.py), faster runtimes
+(runtimes.py, lstm_kernels.py: the attention decoders' loops over T run there).
 """
 
 import math

@@ -25,6 +25,8 @@ from torch import nn
 from tqdm import tqdm
 
 from captioner.backbones import ENCODERS, EncoderWeightsError, preprocessing
+from captioner.batches import default_workers
+from captioner.files import DataError
 from captioner.metrics import caption_loader, score_captions
 from captioner.recipes import RECIPES, describe
 from captioner.runtimes import RUNTIME_CHOICES, RUNTIME_HELP
@@ -39,7 +41,7 @@ from captioner.training import (
 )
 from captioner.training_run import Progress, RunOutput, StopFlag, finish, make_batches, resume
 from image_intial_model import CNN_RNN, DECODERS, ModelArgs
-from image_loader import DataError, Flickr8k, default_workers
+from image_loader import Flickr8k
 from utils import (
     PRECISIONS,
     SHIPPED_CHECKPOINT,

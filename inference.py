@@ -27,9 +27,10 @@ from tqdm import tqdm
 
 from captioner.backbones import EncoderWeightsError
 from captioner.describe import Captioner
+from captioner.files import DataError
 from captioner.read_text import LANGUAGES
 from captioner.runtimes import RUNTIME_CHOICES, RUNTIME_HELP
-from image_loader import DataError, list_images
+from image_loader import list_images
 from utils import (
     USER_CHECKPOINTS,
     HelpFormatter,

@@ -46,9 +46,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from captioner.backbones import EncoderWeightsError
+from captioner.files import DataError
 from captioner.read_text import LANGUAGES
 from captioner.runtimes import RUNTIME_CHOICES, RUNTIME_HELP
-from image_loader import DataError
 from utils import USER_CHECKPOINTS, HelpFormatter, cores, find_checkpoint, pick_device, positive, text_languages
 
 log = logging.getLogger("serve")

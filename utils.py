@@ -12,9 +12,10 @@ from pathlib import Path
 import torch
 
 from captioner.ensemble import Ensemble
+from captioner.files import DataError, save_atomic
 from captioner.read_text import parse_languages
 from image_intial_model import CNN_RNN, ModelArgs
-from image_loader import DataError, Vocab, load_vocab_file, save_atomic
+from image_loader import Vocab, load_vocab_file
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -20,11 +20,12 @@ from PIL import Image
 from captioner.attention_maps import attention_map
 from captioner.confidence import Calibration, captions_with_signals, pooled_features
 from captioner.description import answer, look_at
+from captioner.files import DataError
 from captioner.photo_check import PhotoCheck
 from captioner.read_text import TextReader
 from captioner.runtimes import run_frozen
 from captioner.things import Things, ThingsError
-from image_loader import DataError, EvalTransform, load_image, load_vocab_file
+from image_loader import EvalTransform, load_image, load_vocab_file
 from utils import checkpoint_paths, load_checkpoint, models_from_checkpoints
 
 
@@ -72,7 +73,7 @@ class Captioner:
 
     def describe(self, photo, beam=3, max_len=40, length_penalty=0.0, n_best=None):
         """One photo (a path, its bytes, a binary file object or a PIL image) -> describe_batch's dict for it,
-        its text read in full. A photo that cannot be read raises image_loader.DataError."""
+        its text read in full. A photo that cannot be read raises captioner.files.DataError."""
         if isinstance(photo, (bytes, bytearray)):
             photo = io.BytesIO(photo)
         image = photo if isinstance(photo, Image.Image) else self.load(photo)

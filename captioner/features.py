@@ -22,7 +22,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from image_loader import DataError, cnn_layout, image_batches, save_atomic, to_device
+from captioner.batches import cnn_layout, image_batches
+from captioner.files import DataError, save_atomic
+from image_loader import to_device
 from utils import autocast, autocast_dtype, cuda_graphed
 
 log = logging.getLogger("captioner")

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from captioner.ensemble import cnn_once
+from captioner.files import DataError, save_atomic
 from image_intial_model import Generation
-from image_loader import DataError, save_atomic
 
 log = logging.getLogger("captioner")
 

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
+from captioner.batches import Batches, CaptionTable
 from captioner.features import ImageStore, StoreSource, split_sources
 from captioner.runtimes import run_frozen
-from image_loader import Batches, CaptionTable, EvalTransform, load_image, train_size
+from image_loader import EvalTransform, load_image, train_size
 from utils import autocast, checkpoint_state, print_examples, rng_state, save_checkpoint, set_rng_state
 
 log = logging.getLogger("captioner")

@@ -9,10 +9,9 @@ import torch
 from PIL import Image
 
 import image_training
-from captioner.attention_maps import PANEL, attention_png
+from captioner.attention_maps import COLUMNS, PANEL, TITLE, attention_png
 from captioner.backbones import preprocessing
 from image_loader import Flickr8k
-from inference import COLUMNS, TITLE
 from tests.conftest import SAMPLE, run_script, train_args
 from utils import SHIPPED_CHECKPOINT, find_checkpoint, load_checkpoint
 

@@ -7,17 +7,10 @@ import types
 import pytest
 import torch
 
-from image_loader import (
-    SPECIALS,
-    CaptionTable,
-    DataError,
-    Flickr8k,
-    ShardedBatchSampler,
-    Vocab,
-    load_captions,
-    load_vocab_file,
-    split_images,
-)
+from captioner.batches import CaptionTable, ShardedBatchSampler
+from captioner.files import DataError
+from captioner.layouts import load_captions, split_images
+from image_loader import SPECIALS, Flickr8k, Vocab, load_vocab_file
 from tests.conftest import SAMPLE
 
 
@@ -71,7 +64,7 @@ def test_full_flickr8k_in_both_layouts(shared_flickr8k, caplog):
     _, kaggle = load_captions(shared_flickr8k)  # captions.txt is preferred when both are present
     assert len(kaggle) == 8091 and sum(map(len, kaggle.values())) == 40455
     assert any("," in c for cs in kaggle.values() for c in cs)
-    from image_loader import _read_token
+    from captioner.layouts import _read_token
 
     pairs = _read_token(shared_flickr8k / "Flickr8k.token.txt")
     assert len(pairs) == 40460

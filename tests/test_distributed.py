@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from image_loader import DataError
+from captioner.files import DataError
 from tests.conftest import ROOT, copy_sample, run_script
 from utils import init_distributed, load_checkpoint
 

@@ -9,11 +9,12 @@ from torch import nn
 import image_intial_model as M
 from captioner import backbones, search
 from captioner.backbones import EncoderWeightsError, build_backbone, preprocessing
+from captioner.batches import Batch, Batches, CaptionTable
 from captioner.ensemble import Ensemble
 from captioner.features import FeatureSource
 from captioner.training import SelfCritical, Trainer, WordLoss
 from image_intial_model import CNN_RNN, ModelArgs
-from image_loader import SPECIALS, Batch, Batches, CaptionTable, EvalTransform, Vocab, load_image
+from image_loader import SPECIALS, EvalTransform, Vocab, load_image
 from tests.conftest import SAMPLE
 from utils import SEED_PREPROCESSING, model_from_checkpoint, save_checkpoint
 

@@ -15,10 +15,11 @@ from PIL import Image
 from torchvision import transforms
 
 import image_intial_model as M
-import image_loader
 import image_training
 import utils
 from captioner import backbones, training_run
+from captioner import batches as batch_module
+from captioner.batches import Batches, CaptionTable, FileSource, default_workers, read_image
 from captioner.features import (
     FeatureFile,
     FeatureSource,
@@ -28,21 +29,9 @@ from captioner.features import (
     extract_features,
     feature_cache_key,
 )
+from captioner.files import DataError
 from captioner.training import Trainer, WordLoss
-from image_loader import (
-    Batches,
-    CaptionTable,
-    DataError,
-    EvalTransform,
-    FileSource,
-    Flickr8k,
-    augment,
-    default_workers,
-    load_image,
-    normalize,
-    read_image,
-    resize_pil,
-)
+from image_loader import EvalTransform, Flickr8k, augment, load_image, normalize, resize_pil
 from image_training import dev_loss
 from tests.conftest import SAMPLE, copy_sample, run_script, train_args
 from tests.test_robustness import make_bad_and_odd_images
@@ -126,13 +115,13 @@ def test_device_decoding_reads_files_in_threads_in_order_and_stops_cleanly(photo
 def test_device_decoding_runs_in_the_reader_threads(photos, monkeypatch):
     """The decoding and resizing are the reader threads' work, so that the main thread only launches the model."""
     folder, names = photos
-    real, decoded_in = image_loader.decode_jpegs, []
+    real, decoded_in = batch_module.decode_jpegs, []
 
     def decode(chunks, device):
         decoded_in.append(threading.current_thread())
         return real(chunks, device)
 
-    monkeypatch.setattr(image_loader, "decode_jpegs", decode)
+    monkeypatch.setattr(batch_module, "decode_jpegs", decode)
     batches = Batches(FileSource(folder, names, 224, workers=2, decode_device=CPU),
                       CaptionTable([[] for _ in names], CPU), names, CPU, transform="raw", batch_size=3)
     assert [b.x.shape for b in batches] == [(3, 3, 224, 224)] * 2 + [(2, 3, 224, 224)]
@@ -435,14 +424,14 @@ def test_a_jpeg_the_device_cannot_decode_takes_pillows_path(photos, tmp_path, mo
         shutil.copy(folder / n, tmp_path / n)
     (tmp_path / "bad.jpg").write_bytes((folder / names[2]).read_bytes()[:600] + b"\xff\xd9")  # a header, no image
     refused = {(tmp_path / n).stat().st_size for n in (names[1], "bad.jpg")}
-    real = image_loader.decode_jpeg
+    real = batch_module.decode_jpeg
 
     def decode(data, **kwargs):
         if isinstance(data, list) or len(data) in refused:
             raise RuntimeError("Error while decoding JPEG images")
         return real(data, **kwargs)
 
-    monkeypatch.setattr(image_loader, "decode_jpeg", decode)
+    monkeypatch.setattr(batch_module, "decode_jpeg", decode)
     source = FileSource(tmp_path, [names[0], names[1], "bad.jpg"], 224, 0, decode_device=CPU)
     with caplog.at_level(logging.WARNING, logger="captioner"):
         kept, images = source.to_device(source.load([0, 1, 2]), CPU)

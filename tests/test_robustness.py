@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 import image_training
-from image_loader import SPECIALS, DataError, Vocab, load_image
+from captioner.files import DataError
+from image_loader import SPECIALS, Vocab, load_image
 from tests.conftest import ROOT, SAMPLE, copy_sample, run_script, train_args
 from utils import load_checkpoint
 

@@ -13,10 +13,10 @@ from captioner import runtimes
 from captioner.backbones import preprocessing
 from captioner.describe import Captioner
 from captioner.ensemble import Ensemble
+from captioner.files import DataError
 from captioner.runtimes import RUNTIMES, FrozenModel, PackedDecoder, run_frozen
 from captioner.search import word_log_probs
 from image_intial_model import CNN_RNN, DECODERS, ModelArgs
-from image_loader import DataError
 from tests.conftest import ROOT, SAMPLE, run_script
 
 SHIPPED = ROOT / "checkpoints" / "pretrained" / "model.pth"

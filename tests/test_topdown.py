@@ -13,13 +13,14 @@ import image_intial_model as M
 import image_training
 from captioner import search
 from captioner.backbones import preprocessing
+from captioner.batches import Batch, CaptionTable
 from captioner.confidence import SIGNALS, captions_with_signals, decoder_signals, pooled_mean
 from captioner.describe import Captioner
 from captioner.ensemble import Ensemble
 from captioner.runner import Runner
 from captioner.training import WordLoss
 from image_intial_model import CNN_RNN, ModelArgs
-from image_loader import SPECIALS, Batch, CaptionTable, Vocab
+from image_loader import SPECIALS, Vocab
 from tests.conftest import SAMPLE, train_args
 from utils import SHIPPED_CHECKPOINT, checkpoint_state, load_checkpoint, model_from_checkpoint, save_checkpoint
 

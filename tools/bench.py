@@ -54,30 +54,19 @@ import torch
 from PIL import Image
 
 from captioner.backbones import ENCODERS, EncoderWeightsError, preprocessing
+from captioner.batches import Batches, CaptionTable, FileSource, default_workers, image_batches
 from captioner.features import (
     FeatureSource,
     ImageStore,
     StoreSource,
     extract_features,
 )
+from captioner.files import DataError
 from captioner.runtimes import RUNTIME_CHOICES, RUNTIME_HELP, export_backbone, run_frozen
 from captioner.training import Trainer, WordLoss, make_optimizer
 from captioner.training_run import Preloaded
 from image_intial_model import CNN_RNN, ModelArgs
-from image_loader import (
-    Batches,
-    CaptionTable,
-    DataError,
-    EvalTransform,
-    FileSource,
-    Flickr8k,
-    Vocab,
-    default_workers,
-    image_batches,
-    list_images,
-    load_image,
-    train_size,
-)
+from image_loader import EvalTransform, Flickr8k, Vocab, list_images, load_image, train_size
 from utils import (
     PRECISIONS,
     HelpFormatter,

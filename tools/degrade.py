@@ -45,7 +45,9 @@ from tqdm import tqdm
 
 from captioner import photo_check
 from captioner.confidence import _logistic, pooled_features
-from image_loader import DataError, find_images_dir, list_images, load_image, split_images
+from captioner.files import DataError
+from captioner.layouts import find_images_dir, split_images
+from image_loader import list_images, load_image
 from tools import text_photos
 from utils import HelpFormatter, find_checkpoint, load_checkpoint, positive, save_checkpoint
 
