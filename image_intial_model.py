@@ -235,28 +235,7 @@ class TopDownDecoder(_RegionDecoder):
 DECODERS = {"plain": RNN_decoder, "attention": AttentionDecoder, "topdown": TopDownDecoder}
 
 
-class Generation:
-    """Caption generation for anything with `features(x, from_features)` and a `generator` that has
-    start/step/select: one model (CNN_RNN), several as one (ensemble.Ensemble), or a frozen model as a faster
-    runtime runs it (runtimes.py)."""
-
-    @property
-    def generator(self):
-        """The decoder that generation runs: the model's own."""
-        return self.decoderRNN
-
-    @torch.inference_mode()  # lighter than no_grad: generation is many small ops
-    def generate(self, x, max_len=40, beam=1, length_penalty=0.0, from_features=False):
-        """Captions as lists of word ids (without SOS/EOS), one per image. beam=1 is greedy decoding."""
-        from captioner.search import beam_search  # search.py builds on this file
-
-        feats = self.features(x, from_features)
-        if beam == 1:
-            return greedy_search(self.generator, feats, max_len)
-        return beam_search(self.generator, feats, max_len, beam, length_penalty)
-
-
-class CNN_RNN(Generation, nn.Module):
+class CNN_RNN(nn.Module):
     # Attribute names follow the seed tutorial (encoderCNN, decoderRNN.embed/lstm/linear), so its
     # checkpoints map onto this model with few renames (see utils.model_from_seed_checkpoint).
     def __init__(self, args: ModelArgs, weights=None):
@@ -269,6 +248,11 @@ class CNN_RNN(Generation, nn.Module):
     def decoder_kind(self):
         """Its decoder, one of DECODERS: what a user-facing line names it."""
         return self.args.decoder
+
+    @property
+    def generator(self):
+        """The decoder that generation runs (greedy_search below; captioner/search.py's generate): its own."""
+        return self.decoderRNN
 
     def features(self, x, from_features=False):
         """Images [B, 3, S, S], or cached CNN features [B, F] / [B, R, F] when from_features -> [B, E] / [B, R, E]."""

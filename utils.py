@@ -14,6 +14,7 @@ import torch
 from captioner.ensemble import Ensemble
 from captioner.files import DataError, save_atomic
 from captioner.read_text import parse_languages
+from captioner.search import generate
 from image_intial_model import CNN_RNN, ModelArgs
 from image_loader import Vocab, load_vocab_file
 
@@ -372,7 +373,7 @@ def print_examples(model, batches, vocab, n=3):
     was_training = model.training
     model.eval()
     batch = next(iter(batches))
-    for i, ids in enumerate(model.generate(batch.x[:n], from_features=batches.from_features)):
+    for i, ids in enumerate(generate(model, batch.x[:n], from_features=batches.from_features)):
         reference = batch.captions[batch.image_index == i][0, 1:].tolist()
         print(f"{batch.names[i]}\n  generated: {vocab.decode(ids)}\n  reference: {vocab.decode(reference)}")
     model.train(was_training)

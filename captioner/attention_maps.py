@@ -6,6 +6,7 @@ import math
 import torch
 from PIL import Image, ImageDraw
 
+from captioner.search import generate
 from image_loader import load_image
 
 PANEL, TITLE, COLUMNS = 224, 22, 5  # attention maps: each panel's side and title bar (pixels); panels a row
@@ -33,6 +34,6 @@ def attention_map(model, vocab, transform, path, device, beam=3, max_len=40, len
     """Caption the photo at `path` with an attention model: (the caption, attention_png of its words)."""
     image = load_image(path)
     x = transform(image).unsqueeze(0).to(device)
-    ids = model.generate(x, max_len=max_len, beam=beam, length_penalty=length_penalty)[0]
+    ids = generate(model, x, max_len=max_len, beam=beam, length_penalty=length_penalty)[0]
     maps = model.attention_maps(x, [ids])[0]
     return vocab.decode(ids), attention_png(image, [vocab.itos[i] for i in ids], maps)

@@ -15,6 +15,7 @@ import torch
 
 from captioner import search
 from captioner.ensemble import cnn_once
+from captioner.search import generate
 
 SIGNALS = (
     "mean_word_logp",     # mean log-probability of the caption's words and its end
@@ -43,7 +44,7 @@ def captions_with_signals(model, x, beam=3, max_len=40, length_penalty=0.0, n_be
         ids = [b[0]["ids"] for b in best]
     else:
         best = None
-        ids = model.generate(inp, max_len=max_len, beam=beam, length_penalty=length_penalty,
+        ids = generate(model, inp, max_len=max_len, beam=beam, length_penalty=length_penalty,
                              from_features=from_features)
     raw = inp if from_features else model.encoderCNN.extract(x)
     return ids, best, decoder_signals(model, inp, from_features, ids), pooled_mean(raw)

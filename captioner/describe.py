@@ -24,6 +24,7 @@ from captioner.files import DataError
 from captioner.photo_check import PhotoCheck
 from captioner.read_text import TextReader
 from captioner.runtimes import run_frozen
+from captioner.search import generate
 from captioner.things import Things, ThingsError
 from image_loader import EvalTransform, load_image, load_vocab_file
 from utils import checkpoint_paths, load_checkpoint, models_from_checkpoints
@@ -67,7 +68,7 @@ class Captioner:
 
     def caption(self, path, beam=3, max_len=40, length_penalty=0.0):
         """The caption alone, without describe's confidence signals (and their extra decoder pass)."""
-        ids = self.model.generate(self._batch([self.load(path)]), max_len=max_len, beam=beam,
+        ids = generate(self.model, self._batch([self.load(path)]), max_len=max_len, beam=beam,
                                   length_penalty=length_penalty)
         return self.vocab.decode(ids[0])
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from captioner.backbones import same_weights
-from image_intial_model import Generation, next_word_logits
+from image_intial_model import next_word_logits
 
 
 class EnsembleDecoder(nn.Module):
@@ -50,7 +50,7 @@ def cnn_once(model, x, from_features):
     return model.encoderCNN.extract(x), True
 
 
-class Ensemble(Generation, nn.Module):
+class Ensemble(nn.Module):
     """Several trained captioners with one vocabulary and one CNN input, generating as one (EnsembleDecoder).
     Where their CNNs are the same (frozen ImageNet weights, the usual case, and all with attention or all
     without), the CNN runs once per image."""
@@ -70,6 +70,11 @@ class Ensemble(Generation, nn.Module):
     def decoder_kind(self):
         """Its members' decoders, as "attention + topdown": what a user-facing line names it."""
         return " + ".join(m.decoder_kind for m in self.models)
+
+    @property
+    def generator(self):
+        """The decoder that generation runs: its members' as one."""
+        return self.decoderRNN
 
     @property
     def encoderCNN(self):

@@ -12,6 +12,7 @@ from collections import Counter
 import torch
 from tqdm import tqdm
 
+from captioner.search import generate
 from utils import autocast
 
 # What pycocoevalcap's PTBTokenizer drops after tokenising (it lowercases first, so its brackets, written
@@ -150,7 +151,7 @@ def caption_loader(model, batches, vocab, device, beam=3, length_penalty=0.0, ma
     out = {}
     for batch in tqdm(batches, desc=desc, unit="batch", leave=False, disable=None if bar is None else not bar):
         with autocast(device, precision):
-            ids = model.generate(batch.x, max_len=max_len, beam=beam, length_penalty=length_penalty,
+            ids = generate(model, batch.x, max_len=max_len, beam=beam, length_penalty=length_penalty,
                                  from_features=batches.from_features)
         out.update((n, vocab.decode(s)) for n, s in zip(batch.names, ids))
     return out

@@ -20,7 +20,6 @@ from torch import nn
 
 from captioner.ensemble import cnn_once
 from captioner.files import DataError, save_atomic
-from image_intial_model import Generation
 
 log = logging.getLogger("captioner")
 
@@ -179,7 +178,7 @@ class OnnxEncoder:
         self.onnx.renew()  # before a loader's workers fork: see OnnxBackbone.renew
 
 
-class FrozenModel(Generation):
+class FrozenModel:
     """A model that no longer learns (a CNN_RNN or an ensemble.Ensemble) as a runtime runs it: its CNNs as
     `cnns` has them ({id of a CNN_encoder: its stand-in}) and generation on `decoder` (else its own decoder).
     Everything else (args, decoder_kind, the parameters) is the model's own, which this never changes."""

@@ -1,9 +1,11 @@
-"""Searching for captions word by word beyond greedy decoding (which image_intial_model.py holds): beam search and
-its n best captions, sampling (self-critical training), and the log-probabilities of given captions.
+"""Captions from a model, word by word: `generate` and its table of searches (greedy decoding, which
+image_intial_model.py holds, and beam search), a beam search's n best captions, sampling (self-critical training),
+and the log-probabilities of given captions.
 
-The searches take a `decoder` with start/step/select (a model's decoderRNN, an EnsembleDecoder, or a
-runtime's copy of one) and `feats`, the decoder's input for B images; `n_best` and `word_log_probs` take a whole
-model that generates (image_intial_model.Generation) and its images.
+The searches take a `decoder` with start/step/select (a model's decoderRNN, an EnsembleDecoder, or a runtime's copy
+of one) and `feats`, the decoder's input for B images. `generate`, `n_best` and `word_log_probs` take a whole model
+that generates: anything with `features(x, from_features)` and a `generator` (the decoder it generates with): one
+CNN_RNN, several as one (ensemble.Ensemble), or a frozen model as a faster runtime runs it (runtimes.FrozenModel).
 """
 
 import math
@@ -16,10 +18,25 @@ from image_intial_model import (
     PAD_IDX,
     SOS_IDX,
     batch_of,
+    greedy_search,
     next_word_logits,
     trim_at_eos,
     word_by_word,
 )
+
+
+@torch.inference_mode()  # lighter than no_grad: generation is many small ops
+def generate(model, x, max_len=40, beam=1, length_penalty=0.0, from_features=False, search=None):
+    """Captions as lists of word ids (without SOS/EOS), one per image of x (images, or the CNN's features when
+    from_features). search: a name in SEARCHES; by default greedy where beam is 1, else a beam search of `beam`."""
+    feats = model.features(x, from_features)
+    return SEARCHES[search or ("greedy" if beam == 1 else "beam")](model.generator, feats, max_len, beam,
+                                                                   length_penalty)
+
+
+def greedy(decoder, feats, max_len, beam=1, length_penalty=0.0):
+    """image_intial_model.greedy_search, in the searches' common signature (it has no beams to rank)."""
+    return greedy_search(decoder, feats, max_len)
 
 
 def beam_search(decoder, feats, max_len, k, length_penalty=0.0):
@@ -110,7 +127,7 @@ def caption_log_probs(logits, words):
 @torch.inference_mode()
 def n_best(model, x, n, max_len=40, beam=3, length_penalty=0.0, from_features=False):
     """Each image's n best captions of a beam search (n <= beam), best first (n_best_search), for a model that
-    generates (image_intial_model.Generation): its images x, or its cached features when from_features."""
+    generates (see above): its images x, or its cached features when from_features."""
     return n_best_search(model.generator, model.features(x, from_features), max_len, beam, n, length_penalty)
 
 
@@ -118,3 +135,8 @@ def n_best(model, x, n, max_len=40, beam=3, length_penalty=0.0, from_features=Fa
 def word_log_probs(model, x, captions, from_features=False):
     """How sure a model that generates was of each word of given captions (teacher_forced)."""
     return teacher_forced(model.generator, model.features(x, from_features), captions)
+
+
+# The searches by name: (decoder, feats, max_len, beam, length_penalty) -> each image's word ids. A new search is its
+# function and a line here (docs/extending.md); generate(..., search=NAME) runs it.
+SEARCHES = {"greedy": greedy, "beam": beam_search}

@@ -22,6 +22,7 @@ from captioner.confidence import (
 from captioner.describe import Captioner
 from captioner.description import ABSTAIN, ALT_TEXT_MAX, alt_text, sentence
 from captioner.ensemble import Ensemble
+from captioner.search import generate
 from image_intial_model import CNN_RNN, ModelArgs
 from image_loader import load_image, resize_pil
 from tests.conftest import SAMPLE, run_script
@@ -98,7 +99,7 @@ def test_signals_come_with_the_captions_that_generate_gives(attention):
     x = torch.randn(3, 3, 64, 64)
     for net in (model, Ensemble([model, model])):
         ids, best, decoder, pooled = captions_with_signals(net, x, beam=3, max_len=6, n_best=2)
-        assert ids == net.generate(x, max_len=6, beam=3) and [len(b) for b in best] == [2, 2, 2]
+        assert ids == generate(net, x, max_len=6, beam=3) and [len(b) for b in best] == [2, 2, 2]
         assert decoder.shape == (3, len(SIGNALS) - 1) and torch.isfinite(decoder).all()
         assert (decoder[:, 0] <= 0).all() and (decoder[:, 1] <= decoder[:, 0] + 1e-6).all()  # log-probabilities
         # the CNN's pooled feature as it gives it (the mean of its map): things.py reads it so, the fits at unit length

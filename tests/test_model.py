@@ -12,6 +12,7 @@ from captioner.backbones import EncoderWeightsError, build_backbone, preprocessi
 from captioner.batches import Batch, Batches, CaptionTable
 from captioner.ensemble import Ensemble
 from captioner.features import FeatureSource
+from captioner.search import generate
 from captioner.training import SelfCritical, Trainer, WordLoss
 from image_intial_model import CNN_RNN, ModelArgs
 from image_loader import SPECIALS, EvalTransform, Vocab, load_image
@@ -63,16 +64,16 @@ def test_overfits_one_batch_until_greedy_reproduces_its_captions(attention):
         loss.backward()
         opt.step()
     model.eval()
-    assert model.generate(feats, from_features=True) == [[4, 5, 6], [7, 8], [9, 10, 11], [4, 8, 10]]
+    assert generate(model, feats, from_features=True) == [[4, 5, 6], [7, 8], [9, 10, 11], [4, 8, 10]]
 
 
 def test_beam_one_equals_greedy_and_beams_are_valid(lite0):
     lite0.eval()
     feats = torch.randn(6, 1280) * 3
-    greedy = lite0.generate(feats, max_len=12, from_features=True)
-    assert lite0.generate(feats, max_len=12, beam=1, from_features=True) == greedy
+    greedy = generate(lite0, feats, max_len=12, from_features=True)
+    assert generate(lite0, feats, max_len=12, beam=1, from_features=True) == greedy
     assert search.beam_search(lite0.decoderRNN, lite0.features(feats, True), 12, 1) == greedy
-    for seq in lite0.generate(feats, max_len=12, beam=4, length_penalty=0.7, from_features=True):
+    for seq in generate(lite0, feats, max_len=12, beam=4, length_penalty=0.7, from_features=True):
         assert len(seq) <= 12 and not set(seq) & set(M.NEVER_SAY) and M.EOS_IDX not in seq
 
 
@@ -118,10 +119,10 @@ def test_attention_decoder_shapes_and_beam_one_equals_greedy():
     logits = model(images, torch.randint(0, 40, (3, 6)), image_index=torch.tensor([0, 1, 1]))
     assert logits.shape == (3, 6, 40)
     regions = torch.randn(5, 49, 1280) * 3
-    greedy = model.generate(regions, max_len=10, from_features=True)
-    assert model.generate(regions, max_len=10, beam=1, from_features=True) == greedy
+    greedy = generate(model, regions, max_len=10, from_features=True)
+    assert generate(model, regions, max_len=10, beam=1, from_features=True) == greedy
     assert search.beam_search(model.decoderRNN, model.features(regions, True), 10, 1) == greedy
-    assert len(model.generate(regions, max_len=10, beam=3, from_features=True)) == 5
+    assert len(generate(model, regions, max_len=10, beam=3, from_features=True)) == 5
 
 
 def test_attention_maps_are_the_weights_each_word_was_chosen_with():
@@ -136,7 +137,7 @@ def test_attention_maps_are_the_weights_each_word_was_chosen_with():
         return seen[-1]
 
     model.decoderRNN._weights = record
-    captions = model.generate(regions, max_len=6, from_features=True)
+    captions = generate(model, regions, max_len=6, from_features=True)
     del model.decoderRNN._weights
     maps = model.attention_maps(regions, captions, from_features=True)
     for i, (ids, m) in enumerate(zip(captions, maps)):
@@ -254,7 +255,7 @@ def test_seed_style_checkpoint_with_its_vocabulary(tmp_path, inception_state):
     rebuilt, vocab2, preset = model_from_checkpoint(ckpt, tmp_path / "vocabulary.pkl")
     assert vocab2.itos == vocab.itos and preset == SEED_PREPROCESSING
     x = torch.randn(1, 3, 299, 299)
-    assert rebuilt.eval().generate(x, max_len=5) == model.generate(x, max_len=5)
+    assert generate(rebuilt.eval(), x, max_len=5) == generate(model, x, max_len=5)
 
 
 @pytest.mark.parametrize("decoder", M.DECODERS)
@@ -347,7 +348,7 @@ def test_n_best_captions_are_ranked_with_their_own_log_probabilities(lite0):
     lite0.eval()
     best = search.n_best(lite0, feats, 4, max_len=12, beam=5, from_features=True)
     assert [len(b) for b in best] == [4, 4]
-    assert [b[0]["ids"] for b in best] == lite0.generate(feats, max_len=12, beam=5, from_features=True)
+    assert [b[0]["ids"] for b in best] == generate(lite0, feats, max_len=12, beam=5, from_features=True)
     for i, captions in enumerate(best):
         assert [c["log_prob"] for c in captions] == sorted((c["log_prob"] for c in captions), reverse=True)
         for c in captions:  # each caption's probability, word by word, teacher forced
@@ -370,7 +371,7 @@ def test_an_ensemble_of_one_is_that_model(lite0):
     lite0.eval()
     one, images = Ensemble([lite0]), torch.randn(2, 3, 224, 224)
     for beam in (1, 3):
-        assert one.generate(images, max_len=12, beam=beam) == lite0.generate(images, max_len=12, beam=beam)
+        assert generate(one, images, max_len=12, beam=beam) == generate(lite0, images, max_len=12, beam=beam)
 
 
 @pytest.mark.slow
@@ -384,7 +385,7 @@ def test_an_ensemble_chooses_words_by_the_mean_of_its_models_probabilities():
     images = torch.randn(2, 3, 224, 224) * 3
     feats = small.encoderCNN.extract(images)  # [2, R, 1280]: what the feature cache would hold
     best = search.n_best(ensemble, images, 3, max_len=10, beam=4)
-    assert [b[0]["ids"] for b in best] == ensemble.generate(feats, max_len=10, beam=4, from_features=True)
+    assert [b[0]["ids"] for b in best] == generate(ensemble, feats, max_len=10, beam=4, from_features=True)
     for i, captions in enumerate(best):
         for c in captions:
             words = torch.tensor([c["ids"] + [M.EOS_IDX] * (c["length"] > len(c["ids"]))])
@@ -410,4 +411,4 @@ def test_an_ensemble_of_plain_and_attention_decoders_runs_each_cnn():
     images = torch.randn(2, 3, 224, 224)
     feats = ensemble.features(images)
     assert feats[0].shape == (2, 32) and feats[1].shape == (2, 49, 32)
-    assert all(len(ids) <= 8 for ids in ensemble.generate(images, max_len=8, beam=3))
+    assert all(len(ids) <= 8 for ids in generate(ensemble, images, max_len=8, beam=3))

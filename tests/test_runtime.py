@@ -15,7 +15,7 @@ from captioner.describe import Captioner
 from captioner.ensemble import Ensemble
 from captioner.files import DataError
 from captioner.runtimes import RUNTIMES, FrozenModel, PackedDecoder, run_frozen
-from captioner.search import word_log_probs
+from captioner.search import generate, word_log_probs
 from image_intial_model import CNN_RNN, DECODERS, ModelArgs
 from tests.conftest import ROOT, SAMPLE, run_script
 
@@ -46,7 +46,7 @@ def test_onnx_runtime_captions_as_pytorch_does_greedy_and_beam_3(pair):
         by = {c: [] for c in pair}
         for c in pair:
             for i in range(0, len(photos), 25):
-                by[c] += c.model.generate(c._batch(photos[i:i + 25]), beam=beam)
+                by[c] += generate(c.model, c._batch(photos[i:i + 25]), beam=beam)
         assert by[eager] == by[onnx], beam
     x = eager._batch(photos[:8])
     a, b = eager.model.encoderCNN.extract(x), onnx.model.encoderCNN.extract(x)
@@ -79,10 +79,10 @@ def test_a_decoder_stored_in_fp16_generates_from_packed_weights_as_pytorch_does(
     x = x if models[0].args.attention else x.mean(1)
     for model in (models[0], Ensemble(models)):
         assert PackedDecoder.exact(model.decoderRNN)
-        plain = [model.generate(x, beam=b, from_features=True) for b in (1, 3)]
+        plain = [generate(model, x, beam=b, from_features=True) for b in (1, 3)]
         plain_logp = word_log_probs(model, x, plain[1], from_features=True)[0]
         packed = FrozenModel(model, {}, PackedDecoder(model.decoderRNN))
-        assert [packed.generate(x, beam=b, from_features=True) for b in (1, 3)] == plain
+        assert [generate(packed, x, beam=b, from_features=True) for b in (1, 3)] == plain
         torch.testing.assert_close(word_log_probs(packed, x, plain[1], from_features=True)[0], plain_logp, atol=1e-4,
                                    rtol=0)  # banned words: -inf in both
     fp32 = tiny_model(decoder, vocab_size=60, size=32)[0]

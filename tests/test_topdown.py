@@ -18,6 +18,7 @@ from captioner.confidence import SIGNALS, captions_with_signals, decoder_signals
 from captioner.describe import Captioner
 from captioner.ensemble import Ensemble
 from captioner.runner import Runner
+from captioner.search import generate
 from captioner.training import WordLoss
 from image_intial_model import CNN_RNN, ModelArgs
 from image_loader import SPECIALS, Vocab
@@ -70,7 +71,7 @@ def test_forward_shapes_teacher_forcing_and_the_word_by_word_log_probs(topdown):
     torch.testing.assert_close(weights.sum(-1), torch.ones(3, 6))
     alone = topdown(images[1:], tokens[1:], image_index=torch.tensor([0, 0]))  # image 1 alone: the same logits
     torch.testing.assert_close(logits[1:], alone, atol=1e-5, rtol=1e-4)
-    captions = topdown.generate(images, max_len=8, beam=3)
+    captions = generate(topdown, images, max_len=8, beam=3)
     logp, words = search.word_log_probs(topdown, images, captions)  # step by step, as generation reads
     assert logp.shape == (2, max(map(len, captions)) + 1, 40)
     tokens, expected = _tokens(captions)
@@ -86,22 +87,22 @@ def test_forward_shapes_teacher_forcing_and_the_word_by_word_log_probs(topdown):
 
 def test_beam_one_is_greedy_and_a_batch_captions_as_one_image_at_a_time(topdown):
     regions = torch.randn(5, 49, 1280) * 3
-    greedy = topdown.generate(regions, max_len=10, from_features=True)
-    assert topdown.generate(regions, max_len=10, beam=1, from_features=True) == greedy
+    greedy = generate(topdown, regions, max_len=10, from_features=True)
+    assert generate(topdown, regions, max_len=10, beam=1, from_features=True) == greedy
     assert search.beam_search(topdown.decoderRNN, topdown.features(regions, True), 10, 1) == greedy
-    beams = topdown.generate(regions, max_len=10, beam=3, from_features=True)
+    beams = generate(topdown, regions, max_len=10, beam=3, from_features=True)
     assert all(len(s) <= 10 and not set(s) & set(M.NEVER_SAY) and M.EOS_IDX not in s for s in beams)
     for i in range(5):
         one = regions[i:i + 1]
-        assert topdown.generate(one, max_len=10, from_features=True) == greedy[i:i + 1]
-        assert topdown.generate(one, max_len=10, beam=3, from_features=True) == beams[i:i + 1]
+        assert generate(topdown, one, max_len=10, from_features=True) == greedy[i:i + 1]
+        assert generate(topdown, one, max_len=10, beam=3, from_features=True) == beams[i:i + 1]
 
 
 def test_n_best_captions_carry_their_own_log_probabilities(topdown):
     regions = torch.randn(2, 49, 1280) * 3
     best = search.n_best(topdown, regions, 3, max_len=10, beam=4, from_features=True)
     assert [len(b) for b in best] == [3, 3]
-    assert [b[0]["ids"] for b in best] == topdown.generate(regions, max_len=10, beam=4, from_features=True)
+    assert [b[0]["ids"] for b in best] == generate(topdown, regions, max_len=10, beam=4, from_features=True)
     for i, captions in enumerate(best):
         assert [c["log_prob"] for c in captions] == sorted((c["log_prob"] for c in captions), reverse=True)
         for c in captions:
@@ -122,7 +123,7 @@ def test_attention_maps_are_the_weights_each_word_was_chosen_with(topdown):
 
     topdown.decoderRNN._weights = record
     try:
-        captions = topdown.generate(regions, max_len=6, from_features=True)
+        captions = generate(topdown, regions, max_len=6, from_features=True)
     finally:
         del topdown.decoderRNN._weights
     maps = topdown.attention_maps(regions, captions, from_features=True)
@@ -144,7 +145,7 @@ def test_it_learns_one_batch_until_greedy_reproduces_its_captions():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert model.eval().generate(feats, from_features=True) == [[4, 5, 6], [7, 8], [9, 10, 11], [4, 8, 10]]
+    assert generate(model.eval(), feats, from_features=True) == [[4, 5, 6], [7, 8], [9, 10, 11], [4, 8, 10]]
 
 
 def test_the_attention_penalty_reads_the_weights_each_word_was_predicted_with(topdown):
@@ -193,8 +194,8 @@ def test_an_ensemble_with_a_topdown_model_shares_the_cnn_and_averages_the_probab
     assert ensemble.decoder_kind == f"topdown + {other}"
     images = torch.randn(2, 3, 96, 96) * 3  # 3x3 regions: quick
     best = search.n_best(ensemble, images, 2, max_len=8, beam=3)
-    assert [b[0]["ids"] for b in best] == ensemble.generate(images, max_len=8, beam=3)
-    assert ensemble.generate(images, max_len=8, beam=1) == ensemble.generate(images, max_len=8)
+    assert [b[0]["ids"] for b in best] == generate(ensemble, images, max_len=8, beam=3)
+    assert generate(ensemble, images, max_len=8, beam=1) == generate(ensemble, images, max_len=8)
     for i, captions in enumerate(best):
         for c in captions:
             assert c["log_prob"] == pytest.approx(_mean_probability_log_prob((topdown, second), images[i:i + 1], c),
@@ -213,8 +214,8 @@ def test_an_ensemble_of_a_topdown_and_a_plain_model_runs_each_cnn(topdown):
     assert not ensemble.shared_cnn and not ensemble.args.attention and ensemble.args.decoder == "plain"  # no maps
     assert ensemble.decoder_kind == "topdown + plain"
     images = torch.randn(2, 3, 64, 64)
-    assert ensemble.generate(images, max_len=8, beam=1) == ensemble.generate(images, max_len=8)
-    assert all(len(ids) <= 8 for ids in ensemble.generate(images, max_len=8, beam=3))
+    assert generate(ensemble, images, max_len=8, beam=1) == generate(ensemble, images, max_len=8)
+    assert all(len(ids) <= 8 for ids in generate(ensemble, images, max_len=8, beam=3))
 
 
 @pytest.mark.slow
@@ -224,7 +225,7 @@ def test_confidence_signals_of_a_topdown_model_and_its_ensemble(topdown):
     attention.encoderCNN.backbone.load_state_dict(topdown.encoderCNN.backbone.state_dict())
     for net in (topdown, Ensemble([topdown, attention])):
         ids, best, decoder, pooled = captions_with_signals(net, x, beam=3, max_len=6, n_best=2)
-        assert ids == net.generate(x, max_len=6, beam=3) and [len(b) for b in best] == [2, 2, 2]
+        assert ids == generate(net, x, max_len=6, beam=3) and [len(b) for b in best] == [2, 2, 2]
         assert decoder.shape == (3, len(SIGNALS) - 1) and torch.isfinite(decoder).all()
         assert (decoder[:, 0] <= 0).all() and (decoder[:, 4] > 0).all()  # log-probabilities; the attention's spread
         torch.testing.assert_close(pooled, pooled_mean(topdown.encoderCNN.extract(x)))  # the CNN's, as it gives it
@@ -264,8 +265,8 @@ def test_old_checkpoints_without_the_new_field_load_as_they_were_made(tmp_path):
         rebuilt, _, _ = model_from_checkpoint(load_checkpoint(tmp_path / f"{decoder}.pth.tar"))  # weights_only
         assert type(rebuilt.decoderRNN) is kind and rebuilt.args.decoder == decoder
         x = regions if decoder == "attention" else regions.mean(1)
-        assert rebuilt.eval().generate(x, max_len=8, beam=3, from_features=True) == \
-            model.generate(x, max_len=8, beam=3, from_features=True)
+        assert generate(rebuilt.eval(), x, max_len=8, beam=3, from_features=True) == \
+            generate(model, x, max_len=8, beam=3, from_features=True)
     shipped = load_checkpoint(SHIPPED_CHECKPOINT)
     assert "topdown" not in shipped["model_args"] and shipped["model_args"]["attention"]
     assert type(model_from_checkpoint(shipped)[0].decoderRNN) is M.AttentionDecoder

@@ -63,6 +63,7 @@ from captioner.features import (
 )
 from captioner.files import DataError
 from captioner.runtimes import RUNTIME_CHOICES, RUNTIME_HELP, export_backbone, run_frozen
+from captioner.search import generate
 from captioner.training import Trainer, WordLoss, make_optimizer
 from captioner.training_run import Preloaded
 from image_intial_model import CNN_RNN, ModelArgs
@@ -385,7 +386,7 @@ class Bench:
         def caption(beam):
             x = transform(load_image(path)).unsqueeze(0).to(self.device)
             with self._autocast():
-                return len(model.generate(x, beam=beam)[0])
+                return len(generate(model, x, beam=beam)[0])
 
         one = torch.randn(1, 3, self.preset["crop"], self.preset["crop"], device=self.device)
 

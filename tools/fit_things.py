@@ -28,6 +28,7 @@ from captioner import things
 from captioner.backbones import efficientnet_lite, efficientnet_lite_imagenet_state, preprocessing
 from captioner.confidence import pooled_mean
 from captioner.description import thing_sentence
+from captioner.search import generate
 from image_loader import EvalTransform, Flickr8k, load_image
 from utils import SHIPPED_CHECKPOINT, load_checkpoint, models_from_checkpoints, save_checkpoint
 
@@ -358,7 +359,7 @@ def timing(checkpoint, photo, cache_dir, repeat):
     x = EvalTransform(preset)(im).unsqueeze(0)
     head = things.Things(make_probe_state())
     pooled = pooled_raw_of(frozen, x)
-    ms = {"caption (CNN + beam-3 decoder)": lambda: frozen.generate(x, beam=3),
+    ms = {"caption (CNN + beam-3 decoder)": lambda: generate(frozen, x, beam=3),
           "  of which the CNN": lambda: frozen.encoderCNN.extract(x),
           "reuse head (classifier + groups + fit)": lambda: head.assess(pooled)}
     options = ort.SessionOptions()
