@@ -43,11 +43,11 @@ from captioner.runtimes import RUNTIME_CHOICES, RUNTIME_HELP, run_frozen
 from image_loader import EvalTransform, Flickr8k, load_image
 from utils import (
     HelpFormatter,
+    add_search_flags,
     checkpoint_paths,
     find_checkpoint,
     load_checkpoint,
     models_from_checkpoints,
-    non_negative,
     pick_device,
     positive,
     save_checkpoint,
@@ -143,9 +143,7 @@ def get_args_parser():
                    "ensemble of several")
     p.add_argument("--data", required=True, help="Flickr8k folder (either layout, as for training)")
     p.add_argument("--split", choices=["test", "dev", "train"], default="test", help="which images to caption")
-    p.add_argument("--beam", type=positive(int), default=3, help="beam width; 1 is greedy decoding")
-    p.add_argument("--length-penalty", type=non_negative, default=0.0, help="beam search: divide by length**this")
-    p.add_argument("--max-len", type=positive(int), default=40, help="longest caption, in words")
+    add_search_flags(p)
     p.add_argument("--batch-size", type=positive(int), default=64, help="images captioned at once")
     p.add_argument("--out", default="eval", help="folder for results.json and gallery.html")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")

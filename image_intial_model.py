@@ -94,6 +94,7 @@ class CNN_encoder(nn.Module):
 
 
 class RNN_decoder(nn.Module):
+    help = "the image is the LSTM's first input (Show and Tell)"  # what --decoder's help says of it
     regions = False  # it reads one feature per image [N, E], not regions
     layers = None  # its LSTM has --num-layers layers
     state_batch_axes = (1, 1)  # (h, c), each [L, N, H]
@@ -133,7 +134,7 @@ class RNN_decoder(nn.Module):
 class _RegionDecoder(nn.Module):
     """What the decoders that attend over the image's regions [N, R, E] share: the additive attention, the pass
     over a caption, one generation step. A subclass gives `start(regions)` (the first state, a tuple whose
-    tensors' batch axes are state_batch_axes) and `_advance(word_emb, state)` (one word: -> (the output h [N, H]
+    tensors' batch axes are state_batch_axes) and `advance(word_emb, state)` (one word: -> (the output h [N, H]
     that predicts the next word, the next state, the weights [N, R] it looked at the regions with)), and has
     embed, linear, dropout, att_hidden and att_score."""
 
@@ -146,16 +147,16 @@ class _RegionDecoder(nn.Module):
     def forward(self, regions, tokens, with_attention=False):
         """regions [N, R, E], tokens [N, T] (SOS w1 .. wn, padded) -> logits [N, T, V] for (w1 .. wn EOS), and
         with_attention, the weights [N, T, R] each of them was predicted with too; both zero where tokens is PAD.
-        It is _advance at each word; lstm_kernels.py runs it so that each caption stops at its padding."""
+        It is `advance` at each word; lstm_kernels.py runs it so that each caption stops at its padding."""
         read = tokens != PAD_IDX  # [N, T]: padding only ever follows a caption
         emb = self.dropout(self.embed(tokens))  # [N, T, E]
-        hidden, weights, padded = shrinking_pass(self.start, self._advance, regions, emb, read)  # [N,T,H], [N,T,R]
+        hidden, weights, padded = shrinking_pass(self.start, self.advance, regions, emb, read)  # [N,T,H], [N,T,R]
         logits = output_where_read(self.linear, self.dropout(hidden), read, padded)  # [N, T, V]
         return (logits, weights) if with_attention else logits
 
     def step(self, tokens, state):
         """tokens [N] -> logits [N, V] for the next word, and the new state."""
-        h, state, _ = self._advance(self.embed(tokens), state)
+        h, state, _ = self.advance(self.embed(tokens), state)
         return self.linear(h), state
 
     @staticmethod
@@ -168,6 +169,7 @@ class AttentionDecoder(_RegionDecoder):
     """Show, Attend and Tell (Xu et al. 2015), soft attention: at every word the LSTM looks again at the
     image's regions, weighted by how well each matches its state. Regions [N, R, E] stand for the image."""
 
+    help = "Show, Attend and Tell: soft attention over the CNN's feature map at every word"
     state_batch_axes = (0, 0, 0, 0)  # h, c [N, H]; regions [N, R, E]; their attention keys [N, R, A]
     layers = "has one LSTM layer"  # what --num-layers 2 is told
 
@@ -186,7 +188,7 @@ class AttentionDecoder(_RegionDecoder):
         mean = regions.mean(1)  # [N, R, E] -> [N, E]
         return torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean)), regions, self.att_regions(regions)
 
-    def _advance(self, word_emb, state):
+    def advance(self, word_emb, state):
         """One word [N, E]: -> (h [N, H], the next state, the weights [N, R] it looked at the regions with)."""
         h, c, regions, keys = state
         weights = self._weights(h, keys)  # [N, R]
@@ -203,6 +205,8 @@ class TopDownDecoder(_RegionDecoder):
 
     # h1, c1 (attention LSTM), h2, c2 (language LSTM) [N, H]; regions [N, R, E]; their attention keys [N, R, A];
     # the mean region [N, E] (computed once, read at every word)
+    help = ("Anderson et al.'s top-down decoder, an attention LSTM that chooses where to look at every word and a "
+            "language LSTM that says it (one layer each)")
     state_batch_axes = (0, 0, 0, 0, 0, 0, 0)
     layers = "has two LSTMs of one layer each"
 
@@ -221,7 +225,7 @@ class TopDownDecoder(_RegionDecoder):
         h1, c1, h2, c2 = (regions.new_zeros(regions.shape[0], self.lang_lstm.hidden_size) for _ in range(4))
         return h1, c1, h2, c2, regions, self.att_regions(regions), regions.mean(1)
 
-    def _advance(self, word_emb, state):
+    def advance(self, word_emb, state):
         """One word [N, E]: -> (the language LSTM's h [N, H], the next state, the weights [N, R] it used)."""
         h1, c1, h2, c2, regions, keys, mean = state
         h1, c1 = self.att_lstm(torch.cat([h2, mean, word_emb], -1), (h1, c1))  # [N, H + 2E] -> [N, H]

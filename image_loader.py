@@ -11,31 +11,27 @@ Training itself reads the same data faster (captioner/batches.py): each image on
 captions, its CNN feature cached on disk while the CNN is frozen, batches read by worker processes.
 """
 
-import contextlib
 import logging
 import pickle
-import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from pillow_heif import register_heif_opener
 from torch.nn import functional as nn_functional
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
 from captioner.files import DataError, save_atomic
+from captioner.images import read_photo
 from captioner.layouts import SPLIT_FRACTIONS, find_layout
 from image_intial_model import EOS_IDX, PAD_IDX, SOS_IDX, SPECIALS, UNK_IDX
 
 log = logging.getLogger("captioner")
 register_heif_opener()  # HEIC/HEIF, the iPhone's default format, opens as any other image
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".heic", ".heif"}
-
 
 # ------------------------------------------------------------------------------------------- the data set
 
@@ -255,55 +251,9 @@ class EvalTransform:
         return normalize(resize_pil(im, self.preset["resize"]).unsqueeze(0), self.preset)[0]
 
 
-def _to_rgb(im):
-    if im.mode.startswith("I"):  # 16-bit greyscale (I;16, or I from older Pillows): convert() would clip it
-        im = Image.fromarray((np.asarray(im, dtype=np.float64) / 256).clip(0, 255).astype(np.uint8))
-    if im.mode in ("RGBA", "LA", "P", "PA"):
-        im = im.convert("RGBA")
-        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(background, im)  # transparency over white, not black
-    return im.convert("RGB")
-
-
-@contextlib.contextmanager
-def _open_image(path):
-    """Image.open, refusing images over Pillow's pixel limit: Pillow only warns between MAX_IMAGE_PIXELS and
-    twice that, so the warning is made an error (DecompressionBombWarning)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as im:
-            yield im
-
-
 def load_image(path, size=None, name=None):
-    """Open an image as upright RGB, or raise DataError with one line saying why not. path: a file's path, or a
-    binary file object (an upload held in memory; `name` then labels it in errors). size: the side the image
-    will be resized to: a JPEG at least twice as large each way is decoded at a reduced scale (DCT scaling,
-    1/2 to 1/8, never below size) rather than in full and then shrunk, so a 12-megapixel phone photo costs
-    little more than a small one."""
-    name = name or path
-    try:
-        with _open_image(path) as im:
-            if size and im.format == "JPEG":
-                im.draft("RGB", (size, size))
-            return _to_rgb(ImageOps.exif_transpose(im))  # phones store rotation in EXIF: caption it upright
-    except FileNotFoundError:
-        raise DataError(f"{name}: no such file") from None
-    except IsADirectoryError:
-        raise DataError(f"{name}: is a folder") from None
-    except PermissionError:
-        raise DataError(f"{name}: not allowed to read it") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise DataError(f"{name}: refused: over {Image.MAX_IMAGE_PIXELS:,} pixels, too large to be a photo") from None
-    except UnidentifiedImageError:
-        raise DataError(f"{name}: not an image Pillow can read") from None
-    except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt files
-        raise DataError(f"{name}: unreadable image ({e})") from None
-
-
-def list_images(path):
-    """An image path, or every image file directly in a folder (sorted)."""
-    path = Path(path)
-    if path.is_dir():
-        return sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    return [path]
+    """Open an image as upright RGB, or raise DataError with one line saying why not (images.read_photo, which
+    runner.py reads photos with too). path: a file's path, or a binary file object (an upload held in memory;
+    `name` then labels it in errors). size: the side the image will be resized to: a large JPEG is decoded at a
+    reduced scale, never below it."""
+    return read_photo(path, DataError, size, name)

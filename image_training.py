@@ -146,14 +146,11 @@ def add_model_flags(g):
     g.add_argument("--hidden-size", type=positive(int), default=256, help="LSTM hidden size")
     g.add_argument("--num-layers", type=positive(int), default=1, help="LSTM layers")
     g.add_argument("--dropout", type=float, default=0.5, help="dropout on embeddings and LSTM outputs")
-    g.add_argument("--decoder", choices=DECODERS,
-                   help="plain (the default): the image is the LSTM's first input; attention: Show-Attend-Tell, "
-                        "soft attention over the CNN's feature map at every word; topdown: Anderson et al.'s "
-                        "top-down decoder, an attention LSTM that chooses where to look at every word and a "
-                        "language LSTM that says it (one layer each)")
+    g.add_argument("--decoder", choices=DECODERS, help="; ".join(
+        f"{name}{' (the default)' if name == 'plain' else ''}: {cls.help}" for name, cls in DECODERS.items()))
     g.add_argument("--attention", action="store_true", help="the same as --decoder attention")
     g.add_argument("--attention-dim", type=positive(int), default=256,
-                   help="size of the attention layer (--decoder attention or topdown)")
+                   help=f"size of the attention layer (--decoder {' or '.join(attending_decoders())})")
 
 
 def parse_args(argv=None):
@@ -171,6 +168,11 @@ def parse_args(argv=None):
     args.decoder = chosen_decoder(args)  # so that the checkpoint's train_args name it
     args.workers = args.workers or default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return args
+
+
+def attending_decoders():
+    """The names of the decoders that attend over the CNN's regions (DECODERS), as flags' help and errors name them."""
+    return [name for name, cls in DECODERS.items() if cls.regions]
 
 
 def chosen_decoder(args):
@@ -354,8 +356,8 @@ def build_model(args, data, ckpt, device):
         model = CNN_RNN(margs, weights=weights)
         preset = preprocessing(args.encoder)
     if args.attention_reg and not model.args.attention:
-        usage_error("--attention-reg regularises an attention decoder's weights: add --attention "
-                    "(or --decoder topdown)")
+        usage_error("--attention-reg regularises an attention decoder's weights: add --decoder "
+                    + " or --decoder ".join(attending_decoders()))
     model.encoderCNN.set_train_cnn(args.train_cnn)
     log.info("vocabulary: %d words (min frequency %d, training captions only)", len(vocab), args.min_freq)
     model.to(device)

@@ -28,15 +28,15 @@ from tqdm import tqdm
 from captioner.backbones import EncoderWeightsError
 from captioner.describe import Captioner
 from captioner.files import DataError
+from captioner.images import list_images
 from captioner.read_text import LANGUAGES
 from captioner.runtimes import RUNTIME_CHOICES, RUNTIME_HELP
-from image_loader import list_images
 from utils import (
     USER_CHECKPOINTS,
     HelpFormatter,
+    add_search_flags,
     find_checkpoint,
     idle_cores,
-    non_negative,
     pick_device,
     positive,
     text_languages,
@@ -54,10 +54,7 @@ def get_args_parser():
     p.add_argument("--vocab", help="vocabulary.pkl, for seed-style checkpoints that do not hold their vocabulary "
                                    "(default: the one next to the checkpoint)")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
-    p.add_argument("--beam", type=positive(int), default=3, help="beam width; 1 is greedy decoding")
-    p.add_argument("--length-penalty", type=non_negative, default=0.0,
-                   help="beam search: divide log-probabilities by length**this (0: none)")
-    p.add_argument("--max-len", type=positive(int), default=40, help="longest caption, in words")
+    add_search_flags(p)
     p.add_argument("--n-best", type=positive(int), metavar="K",
                    help="the K best captions of the beam search (K <= --beam), best first, each with its "
                         "log-probability and mean per-word probability")
@@ -138,7 +135,7 @@ def describe_files(captioner, paths, args):
         except DataError as e:
             results[path] = {"image": str(path), "error": str(e)}
     described = captioner.describe_batch([im for _, im in loaded], args.beam, args.max_len, args.length_penalty,
-                                   args.n_best, looks) if loaded else []
+                                         args.n_best, looks) if loaded else []
     for (path, _), r in zip(loaded, described):
         results[path] = {"image": str(path), **r}
         try:

@@ -385,3 +385,12 @@ def text_languages(text):
         return parse_languages(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_search_flags(p):
+    """The flags that choose how captions are searched for (captioner/search.py), the same in every command that
+    captions photos."""
+    p.add_argument("--beam", type=positive(int), default=3, help="beam width; 1 is greedy decoding")
+    p.add_argument("--length-penalty", type=non_negative, default=0.0,
+                   help="beam search: divide log-probabilities by length**this (0: none)")
+    p.add_argument("--max-len", type=positive(int), default=40, help="longest caption, in words")

@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from captioner.files import DataError
-from image_loader import Vocab, _open_image, augment, load_image, normalize, resize_pil, resize_tensor, to_device
+from captioner.images import open_image
+from image_loader import Vocab, augment, load_image, normalize, resize_pil, resize_tensor, to_device
 
 log = logging.getLogger("captioner")
 
@@ -189,7 +190,7 @@ def read_image(path, size, raw_jpeg=False):
     if raw_jpeg:
         try:
             data = Path(path).read_bytes()
-            with _open_image(io.BytesIO(data)) as im:
+            with open_image(io.BytesIO(data)) as im:
                 if _is_plain_jpeg(im, data):
                     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning):

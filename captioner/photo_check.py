@@ -59,7 +59,7 @@ _EPS = 1e-6
 DARK_FLOOR = 0.06
 
 # The image-measures-only head for checkpoints without "photo_check" (or callers without a pooled feature):
-# fitted by `python degrade.py --fit` on Flickr8k's train split and the lit scenes made from it (its "image_head",
+# fitted by `python tools/degrade.py --fit` on Flickr8k's train split and the lit scenes made from it (its "image_head",
 # printed with --print-image-head); thresholds chosen on dev. Plain numbers so that any checkpoint can use it.
 IMAGE_HEAD = {
     "problems": ["blur", "dark", "bright"],
@@ -213,7 +213,7 @@ class PhotoCheck:
         or None for the image measures only."""
         if state and list(state["measures"]) != list(MEASURES):
             raise ValueError("the checkpoint's photo check was fitted on other image measures than this code's: "
-                             "fit it again with python degrade.py --fit")
+                             "fit it again with python tools/degrade.py --fit")
         self.image_head = _Head(state["image_head"] if state else IMAGE_HEAD)  # always one: IMAGE_HEAD ships
         self.pooled_head = _Head(state["pooled_head"]) if state and state.get("pooled_head") else None
         up = state.get("upright") if state else None

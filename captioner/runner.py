@@ -2,38 +2,33 @@
 
     runner = Runner("site/")                 # a folder that export.py wrote: captioner.json and the graphs
     runner.describe("photo.jpg")             # what inference.py says of the photo, as one dict
+    check("site/", ["photo.jpg", "photos/"], beam=3)   # export.py --check: a row per image, timed
 
 It does what describe.Captioner does, step for step, with the same code where that code needs no PyTorch:
-the photo decoded upright and in full; the photo check's measures and the text read (description.look_at, with
-the text models of the export's folder); the caption (greedy or beam search over the two graphs) on the photo
-turned upright where its text or the photo check's upright head says how; its confidence; the thing named from
-the CNN's pooled feature (things.py); and description.answer's wording. Every fit, threshold and word of wording
-comes from captioner.json, written from the Python modules at export: web/captioner.js reads the same file, so
-the page, this runner and inference.py say the same of a photo. An export from before the describing parts (no
-"describe" in its captioner.json) still captions, and says what it can.
+the photo decoded upright and in full (images.read_photo, as image_loader.load_image); the photo check's measures
+and the text read (description.look_at, with the text models of the export's folder); the caption (greedy or beam
+search over the two graphs) on the photo turned upright where its text or the photo check's upright head says how;
+its confidence; the thing named from the CNN's pooled feature (things.py); and description.answer's wording. Every
+fit, threshold and word of wording comes from captioner.json, written from the Python modules at export:
+web/captioner.js reads the same file, so the page, this runner and inference.py say the same of a photo. An export
+from before the describing parts (no "describe" in its captioner.json) still captions, and says what it can.
 """
 
 import json
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from captioner.description import alt_text, answer, look_at
+from captioner.images import UnreadableImage, list_images, read_photo
 from captioner.photo_check import PhotoCheck
 from captioner.read_text import TextReader
 from captioner.things import Things
 
-# image_loader.IMAGE_SUFFIXES, which cannot be imported here (image_loader brings PyTorch; tested equal)
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".heic", ".heif"}
 # PIL's transposes that turn a photo clockwise by 90, 180 and 270 degrees (ROTATE_90 is anticlockwise)
 TURNS = {90: Image.Transpose.ROTATE_270, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_90}
-
-
-class UnreadableImage(Exception):
-    """An image that cannot be read: reported in one line, and the other images still described."""
 
 
 def turned(image, degrees):
@@ -41,48 +36,7 @@ def turned(image, degrees):
     return image.transpose(TURNS[degrees]) if degrees else image
 
 
-def list_images(path):
-    """image_loader.list_images, without PyTorch: an image path, or every image file directly in a folder."""
-    path = Path(path)
-    if path.is_dir():
-        return sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    return [path]
-
-
 # ------------------------------------------------------------------------------------------- the photo
-
-def load_photo(path):
-    """image_loader.load_image in full, without PyTorch: the photo upright (EXIF), RGB, transparency over white,
-    16-bit greyscale scaled. Raises UnreadableImage, with one line, as load_image raises DataError."""
-    try:
-        return _load(path)
-    except FileNotFoundError:
-        raise UnreadableImage(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise UnreadableImage(f"{path}: is a folder") from None
-    except PermissionError:
-        raise UnreadableImage(f"{path}: not allowed to read it") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise UnreadableImage(f"{path}: refused: over {Image.MAX_IMAGE_PIXELS:,} pixels, too large to be a photo") \
-            from None
-    except UnidentifiedImageError:
-        raise UnreadableImage(f"{path}: not an image Pillow can read") from None
-    except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt files
-        raise UnreadableImage(f"{path}: unreadable image ({e})") from None
-
-
-def _load(path):
-    with warnings.catch_warnings():  # as image_loader.load_image
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        im = Image.open(path)
-    with im:
-        im = ImageOps.exif_transpose(im)
-        if im.mode.startswith("I"):  # 16-bit greyscale: scale, do not clip
-            im = Image.fromarray((np.asarray(im, dtype=np.float64) / 256).clip(0, 255).astype(np.uint8))
-        if im.mode in ("RGBA", "LA", "P", "PA"):
-            im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im.convert("RGBA"))
-        return im.convert("RGB")
-
 
 def to_input(image, preset):
     """The evaluation preset in NumPy, as EvalTransform: a PIL RGB image resized to a square (Pillow's
@@ -96,8 +50,8 @@ def to_input(image, preset):
 
 
 def preprocess(path, preset):
-    """A photo file as the encoder's input [1, 3, S, S] (load_photo, then to_input)."""
-    return to_input(load_photo(path), preset)
+    """A photo file as the encoder's input [1, 3, S, S] (read_photo, then to_input)."""
+    return to_input(read_photo(path), preset)
 
 
 # ------------------------------------------------------------------------------------------- the runner
@@ -178,7 +132,7 @@ class Runner:
         """What describe.Captioner.describe says of a photo file: {"caption", "confidence", "confidence_level",
         and description.answer's "alt_text", "description", "text", "thing", "photo_problems", "photo_scores",
         "retake_hint", "turned"}. Raises UnreadableImage for a file it cannot read."""
-        image = load_photo(path)
+        image = read_photo(path)
         look = look_at(image, self.reader)
         turn = look.turn  # the text's upright turn, else (below) the photo check's where it is sure
         found = self._caption(turned(image, turn), beam, max_len, length_penalty)
@@ -306,3 +260,43 @@ def timed_caption(caption, path, repeat=3):
         caption(path)
         times.append(time.perf_counter() - start)
     return text, sorted(times)[len(times) // 2]
+
+
+# ------------------------------------------------------------------------------------------- export.py --check
+
+def check(folder, images, beam, compare=None, read_text=True):
+    """Describe with the export each image path, and each image in a folder, of `images`, as inference.py does:
+    a row {"image", "caption", "confidence", "confidence_level", "description", "alt_text", "text", "thing",
+    "photo_problems", "photo_scores", "retake_hint", "turned", "export_s"} per image (Runner.describe),
+    or {"image", "error"} for one that cannot be read (and for a folder with no images), the others still
+    described. export_s: the time to the caption alone (Runner.caption: file to text: reading, preprocessing,
+    encoder, caption loop; see timed_caption). With `compare`, also caption with the PyTorch checkpoint, timed
+    the same way (Captioner.caption, the one use of PyTorch here): "pytorch_caption", "pytorch_s". read_text: read
+    the text in photos."""
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()  # iPhone photos, as image_loader reads them
+    runner = Runner(folder, read_text)
+    rows = []
+    for path in images:
+        found = list_images(path)
+        if not found:
+            rows.append({"image": str(path), "error": f"{path}: folder holds no images"})
+        for image in found:
+            try:
+                said = runner.describe(image, beam)
+                # the caption alone is timed, as captioner.caption is below: like with like, and the figure
+                # printed beside the caption is the time to that caption (no confidence pass)
+                _, seconds = timed_caption(lambda p: runner.caption(p, beam), image)
+                rows.append({"image": str(image), **said, "export_s": seconds})
+            except UnreadableImage as e:
+                rows.append({"image": str(image), "error": str(e)})
+    if compare:
+        from captioner.describe import Captioner
+
+        captioner = Captioner(compare, read_text=False)  # it captions only: no text reader to load
+        for r in rows:
+            if "caption" in r:
+                r["pytorch_caption"], r["pytorch_s"] = timed_caption(lambda p: captioner.caption(p, beam),
+                                                                     r["image"])
+    return rows

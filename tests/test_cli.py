@@ -147,7 +147,7 @@ def test_scst_fine_tunes_a_trained_model_from_the_command_line(demo_run, tmp_pat
 @pytest.mark.slow
 def test_the_attention_regulariser_needs_an_attention_decoder_and_the_word_loss(demo_run, tmp_path, cache_dir,
                                                                                 capsys):
-    for flags, message in ((["--attention-reg", "1"], "add --attention"),
+    for flags, message in ((["--attention-reg", "1"], "add --decoder attention or --decoder topdown"),
                            (["--attention", "--attention-reg", "1", "--scst", "--init-from",
                              str(demo_run / "checkpoints" / "best.pth.tar")], "which --scst does not use")):
         with pytest.raises(SystemExit) as stopped:

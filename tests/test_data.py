@@ -6,11 +6,13 @@ import types
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
+from captioner.backbones import preprocessing
 from captioner.batches import CaptionTable, ShardedBatchSampler
 from captioner.files import DataError
 from captioner.layouts import load_captions, split_images
-from image_loader import SPECIALS, Flickr8k, Vocab, load_vocab_file
+from image_loader import SPECIALS, CaptionDataset, EvalTransform, Flickr8k, Vocab, load_vocab_file, pad_captions
 from tests.conftest import SAMPLE
 
 
@@ -92,6 +94,22 @@ def test_seeded_split_without_split_files(tmp_path):
 def test_sample_uses_its_official_split():
     data = Flickr8k.load(SAMPLE)
     assert {s: len(v) for s, v in data.splits.items()} == {"train": 200, "dev": 25, "test": 25}
+
+
+def test_the_caption_dataset_gives_one_image_and_caption_per_item():
+    """CaptionDataset: one item per caption, (the image as the CNN takes it, SOS w1 .. wn EOS); pad_captions batches
+    them for a DataLoader, each caption padded to the longest."""
+    data = Flickr8k.load(SAMPLE)
+    vocab = data.train_vocab(min_freq=3)
+    pairs = CaptionDataset(data, "dev", vocab, EvalTransform(preprocessing("efficientnet_lite0")))
+    assert len(pairs) == sum(len(data.captions[n]) for n in data.splits["dev"])
+    first = data.splits["dev"][0]
+    image, caption = pairs[0]
+    assert image.shape == (3, 224, 224) and caption.tolist() == vocab.numericalize(data.captions[first][0])
+    images, captions = next(iter(DataLoader(pairs, batch_size=6, collate_fn=pad_captions)))
+    lengths = [len(pairs[i][1]) for i in range(6)]
+    assert images.shape == (6, 3, 224, 224) and captions.shape == (6, max(lengths))
+    assert all((captions[i, n:] == vocab.pad_idx).all() for i, n in enumerate(lengths))
 
 
 def test_vocabulary_comes_from_the_training_split_only(tmp_path):

@@ -115,3 +115,16 @@ def test_hostile_photos_get_an_answer_in_bounded_time(tmp_path):
     assert all(r["description"] for r in results.values())
     assert results["noise.jpg"]["text"] == []  # never read noise aloud
     assert all(len(w) <= 20 for r in results.values() for line in r["text"] for w in line.split())
+
+
+def test_describe_takes_a_path_or_bytes_and_says_what_the_command_says(shipped):
+    """Captioner.describe, the call README gives app builders: a photo's path and its bytes are described alike, and
+    as `inference.py --json` describes the file."""
+    by_path, by_bytes = shipped.describe(PHOTO), shipped.describe(PHOTO.read_bytes())
+    assert by_path == by_bytes
+    proc = run_script("inference.py", PHOTO, "--json")
+    assert proc.returncode == 0, proc.stderr
+    [command] = json.loads(proc.stdout)
+    words = ("description", "caption", "alt_text", "confidence_level", "text", "photo_problems", "turned")
+    assert {k: by_path[k] for k in words} == {k: command[k] for k in words}
+    assert by_path["thing"] == command["thing"] or by_path["thing"]["name"] == command["thing"]["name"]

@@ -9,12 +9,14 @@ import torch
 
 import evaluate
 import export
+from captioner import exporting
 from captioner.backbones import preprocessing
 from captioner.describe import Captioner
-from captioner.runner import IMAGE_SUFFIXES as RUNNER_SUFFIXES
+from captioner.images import IMAGE_SUFFIXES
+from captioner.images import IMAGE_SUFFIXES as RUNNER_SUFFIXES
 from captioner.runner import Runner
 from image_intial_model import CNN_RNN, ModelArgs
-from image_loader import IMAGE_SUFFIXES, SPECIALS, Vocab
+from image_loader import SPECIALS, Vocab
 from tests.conftest import SAMPLE, run_script
 from utils import checkpoint_state, save_checkpoint
 
@@ -64,7 +66,7 @@ def test_torchscript_export_and_an_attention_model(tmp_path):
     save_checkpoint(checkpoint_state(model, vocab, preprocessing("efficientnet_lite0")), checkpoint)
     captioner = Captioner(checkpoint)
     for fmt in ("onnx", "torchscript"):
-        export.export(checkpoint, fmt, tmp_path / fmt)
+        exporting.export(checkpoint, fmt, tmp_path / fmt)
         runner = Runner(tmp_path / fmt)
         for beam in (1, 3):
             assert [runner.caption(p, beam) for p in PHOTOS[:3]] == [captioner.caption(p, beam) for p in PHOTOS[:3]]
@@ -83,7 +85,7 @@ def test_an_ensemble_exports_and_captions_like_pytorch(tmp_path):
         save_checkpoint(checkpoint_state(model, vocab, preprocessing("efficientnet_lite0")), paths[-1])
     captioner = Captioner(paths)
     for fmt in ("onnx", "torchscript"):
-        export.export(paths, fmt, tmp_path / fmt)
+        exporting.export(paths, fmt, tmp_path / fmt)
         runner = Runner(tmp_path / fmt)
         assert len(runner.axes) == 2 + 4  # (h, c) of the plain decoder, then the attention decoder's four
         for beam in (1, 3):

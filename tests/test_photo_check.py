@@ -15,7 +15,7 @@ from PIL import Image
 from captioner import photo_check
 from captioner.confidence import pooled_features
 from image_loader import EvalTransform, load_image
-from tools import degrade, text_photos
+from tools import degradations, text_scenes
 from utils import SHIPPED_CHECKPOINT, load_checkpoint, model_from_checkpoint
 
 pytestmark = pytest.mark.slow  # the whole suite runs it; the quick tier leaves it out
@@ -29,7 +29,7 @@ NAMES = TEST_NAMES[:8]
 def shipped():
     """(the shipped checkpoint's photo check, a function: PIL photos -> their pooled CNN features [N, F])."""
     ckpt = load_checkpoint(SHIPPED_CHECKPOINT)
-    assert "photo_check" in ckpt, "the shipped checkpoint carries no photo check: python degrade.py --fit"
+    assert "photo_check" in ckpt, "the shipped checkpoint carries no photo check: python tools/degrade.py --fit"
     model, _, preset = model_from_checkpoint(ckpt)
     model.eval()
     transform = EvalTransform(preset)
@@ -58,12 +58,12 @@ def _spoil(im, problem, i):
     """A sample photo with one problem, made as degrade.py makes them (each kind in turn)."""
     x, rng = _array(im), np.random.default_rng(i)
     if problem == "blur":
-        kernels = [degrade._disc_kernel(5), degrade._motion_kernel(15, 0.3 + i), degrade._disc_kernel(4)]
-        return _image(degrade._convolve(x, kernels[i % 3]))
+        kernels = [degradations._disc_kernel(5), degradations._motion_kernel(15, 0.3 + i), degradations._disc_kernel(4)]
+        return _image(degradations._convolve(x, kernels[i % 3]))
     if problem == "dark":
-        return _image(degrade.dark(x, rng)[0])
+        return _image(degradations.dark(x, rng)[0])
     if problem == "bright":
-        return _image(degrade._gamma(degrade._linear(x) * 6) if i % 2 else x * 0.3 + 0.7)
+        return _image(degradations._gamma(degradations._linear(x) * 6) if i % 2 else x * 0.3 + 0.7)
     raise ValueError(problem)
 
 
@@ -86,26 +86,26 @@ def test_each_problem_is_named_with_its_hint(shipped, photos, problem):
 
 def _lit_screen(photo, i):
     """A lit screen with light text on a dark desktop, 60% of the frame wide, in a room with the lights off (2% of
-    its light), photographed as degrade.lit_scene makes them: the kind of photo once called too dark."""
+    its light), photographed as degradations.lit_scene makes them: the kind of photo once called too dark."""
     py = random.Random(i)
-    room = degrade._dimmed(photo.resize((640, 480)), 0.02)
-    desk = degrade.DARK_DESKTOPS[i % len(degrade.DARK_DESKTOPS)]
+    room = degradations._dimmed(photo.resize((640, 480)), 0.02)
+    desk = degradations.DARK_DESKTOPS[i % len(degradations.DARK_DESKTOPS)]
     lines = [("Windows cannot repair this computer automatically", 30, False),
              ("Press any key to continue", 26, False), ("Restart   Cancel", 26, False)]
-    card = text_photos.panel(lines, ((235, 235, 235), desk), py)
+    card = text_scenes.panel(lines, ((235, 235, 235), desk), py)
     screen = Image.new("RGB", (384, 240), (25, 25, 25))  # the monitor's bezel
     screen.paste(Image.new("RGB", (368, 224), desk), (8, 8))
     screen.paste(card.resize((300, max(1, card.height * 300 // card.width))), (40, 40))
     room.paste(screen, (128 + 8 * i, 120))
-    return degrade._as_photo(room, py)
+    return degradations._as_photo(room, py)
 
 
 def test_a_lit_screen_in_the_dark_is_not_dark_but_an_underexposed_photo_is(shipped, photos):
     """Light text on a dark screen in a dim room is legible: not too dark, with the CNN's feature or without; the
-    same scene and the photos themselves under-exposed (degrade.dark) still are."""
+    same scene and the photos themselves under-exposed (degradations.dark) still are."""
     check, pooled = shipped
     screens = [_lit_screen(im, i) for i, im in enumerate(photos)]
-    dark = [_image(degrade.dark(_array(im), np.random.default_rng(i))[0]) for i, im in enumerate(screens + photos)]
+    dark = [_image(degradations.dark(_array(im), np.random.default_rng(i))[0]) for i, im in enumerate(screens + photos)]
     for images, is_dark in ((screens, False), (dark, True)):
         with_cnn = [_named(check, im, f) for im, f in zip(images, pooled(images))]
         alone = [_named(photo_check.PhotoCheck(), im) for im in images]

@@ -1,7 +1,7 @@
 """read_text.py: rendered text is read with its spaces, a photo without text stays silent and is not read, a photo on
 its side or upside down is told and read upright, text blurred past reading is not guessed, hostile photos answer
-in bounded time, unsupported languages are refused; the steps around the networks (boxes from the detector's map, the
-CTC decode) do what they say."""
+in bounded time, unsupported languages are refused; the steps around the networks (text_geometry.py's boxes from the
+detector's map and crops, the CTC decode) do what they say."""
 
 import time
 
@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 pytest.importorskip("rapidocr")
 pytest.importorskip("wordninja")
 
-from captioner import read_text  # noqa: E402
+from captioner import read_text, text_geometry  # noqa: E402
 
 PHRASE = "Please close the door"
 BOUND_S = 20.0  # a hostile photo's answer on a loaded 2-core CI machine (about 1 s on an idle one)
@@ -152,8 +152,8 @@ def test_boxes_from_the_map_and_the_ctc_decode():
     prob = np.zeros((64, 96), np.float32)
     prob[20:30, 10:70] = 0.9  # one line of text, 60 x 10 map pixels
     prob[50:52, 80:82] = 0.9  # a speck: too small to be a box
-    (box, score), = read_text.boxes_from_map(prob)
-    w, h = read_text._box_sides(box)
+    (box, score), = text_geometry.boxes_from_map(prob)
+    w, h = text_geometry.box_sides(box)
     grow = 60 * 10 * 1.6 / (2 * (60 + 10))  # area * unclip / perimeter of the region's rectangle, on each side
     assert score > 0.75 and w == pytest.approx(60 + 2 * grow, abs=1.5) and h == pytest.approx(10 + 2 * grow, abs=1.5)
     assert box[0][0] < box[1][0] and box[0][1] < box[3][1]  # tl, tr, br, bl
@@ -167,23 +167,23 @@ def test_the_crop_sampler_lays_a_box_flat():
     running upwards), the crop's rows then being the image's columns."""
     img = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
     flat = np.array([[30, 10], [50, 10], [50, 20], [30, 20]], np.float32)  # tl, tr, br, bl: 20 x 10
-    assert np.array_equal(read_text.crop_box(img, flat), img[10:20, 30:50])
+    assert np.array_equal(text_geometry.crop_box(img, flat), img[10:20, 30:50])
     up = np.array([[30, 29], [30, 9], [40, 9], [40, 29]], np.float32)  # reading upwards from (30, 29)
-    crop = read_text.crop_box(img, up)
+    crop = text_geometry.crop_box(img, up)
     assert crop.shape == (10, 20, 3)
     assert np.array_equal(crop, np.stack([img[29 - np.arange(20), 30 + y] for y in range(10)]))
-    half = read_text.sample_box(img, flat + np.float32(0.5), 20, 10)  # between pixels: the mean of four, rounded
+    half = text_geometry.sample_box(img, flat + np.float32(0.5), 20, 10)  # between pixels: the mean of four, rounded
     mean4 = img[10:20, 30:50].astype(float) + img[11:21, 30:50] + img[10:20, 31:51] + img[11:21, 31:51]
     assert np.array_equal(half, np.floor(mean4 / 4 + 0.5).astype(np.uint8))
 
 
 def test_a_photo_is_scaled_as_javascript_scales_it():
-    assert read_text.scaled_size(4000, 3000, 2048) == (2048, 1536)
-    assert read_text.scaled_size(3, 2000, 1024) == (2, 1024)  # 1.536 rounds up
-    assert read_text.scaled_size(800, 600, 1024) == (800, 600)  # never enlarged
+    assert text_geometry.scaled_size(4000, 3000, 2048) == (2048, 1536)
+    assert text_geometry.scaled_size(3, 2000, 1024) == (2, 1024)  # 1.536 rounds up
+    assert text_geometry.scaled_size(800, 600, 1024) == (800, 600)  # never enlarged
     im = Image.fromarray(np.random.default_rng(1).integers(0, 256, (300, 500, 3), dtype=np.uint8))
     expected = np.asarray(im.resize((200, 120), Image.BILINEAR))[:, :, ::-1]  # Pillow's plain resize, as BGR
-    assert np.array_equal(read_text.to_array(im, 200), expected)
+    assert np.array_equal(text_geometry.to_array(im, 200), expected)
 
 
 def test_the_rules_the_web_page_reads():

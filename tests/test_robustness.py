@@ -83,7 +83,7 @@ def test_odd_images_load_as_the_photo_a_person_sees(tmp_path):
     ("inference", ["--vocab", "OTHER"], "is not the vocabulary"),
     ("evaluate", ["--batch-size", "0", "--data", str(SAMPLE)], "argument --batch-size: must be > 0, got 0"),
     ("export", ["--beam", "0", "--check", "x"], "argument --beam: must be > 0, got 0"),
-    ("bench", ["--workers", "0"], "argument --workers: must be > 0, got 0"),
+    ("tools.bench", ["--workers", "0"], "argument --workers: must be > 0, got 0"),
 ])
 def test_scripts_refuse_bad_flags_up_front(demo_run, tmp_path, capsys, script, flags, message):
     """In this process (each script's cli): argparse's refusals exit 2, the others return 1; one line each."""

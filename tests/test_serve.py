@@ -318,7 +318,7 @@ def test_page_is_self_contained_labelled_and_live(probe):
     with app_client(probe) as client:
         r = client.get("/")
     page, csp = r.text, r.headers["Content-Security-Policy"]
-    assert r.headers["content-type"].startswith("text/html") and 'id="token"' not in page
+    assert r.headers["content-type"].startswith("text/html") and 'id="token"' not in page and "<!--" not in page
     assert re.search(r'<input id="photo"[^>]* type="file" accept="image/\*" capture="environment"', page)
     assert '<label for="photo">' in page and '<html lang="en">' in page
     assert re.search(r'id="answer" role="status" aria-live="polite"', page)
@@ -327,6 +327,8 @@ def test_page_is_self_contained_labelled_and_live(probe):
     script = re.search(r"<script>(.*)</script>", page, re.S).group(1)
     style = re.search(r"<style>(.*)</style>", page, re.S).group(1)
     assert serve.sha256(script) in csp and serve.sha256(style) in csp  # so the browser runs them, and only them
+    # one stylesheet for both pages: the web export copies the file that this page holds
+    assert style == (ROOT / "web" / "style.css").read_text()
 
 
 def test_command_line_errors_are_one_line(tmp_path, capsys):
@@ -469,7 +471,7 @@ def test_shipped_model_by_default_answers_as_inference_json(tmp_path, monkeypatc
 
 
 def test_workers_share_the_port_each_with_its_model_and_stop_together(probe, tmp_path):
-    from tools.bench import worker_pids
+    from tools.bench_serve import worker_pids
 
     with running_server(tmp_path, "--checkpoint", probe.path, "--workers", "2") as server:
         for _ in range(600):  # uvicorn starts the second once the first is ready

@@ -164,7 +164,7 @@ def test_the_attention_penalty_reads_the_weights_each_word_was_predicted_with(to
         for ids, image in zip(captions, (0, 0, 1)):
             state, looked = dec.start(feats[image:image + 1]), torch.zeros(49)
             for word in ids[:-1]:
-                _, state, w = dec._advance(dec.embed(torch.tensor([word])), state)
+                _, state, w = dec.advance(dec.embed(torch.tensor([word])), state)
                 looked += w[0]
             penalty += ((1 - looked) ** 2).sum()
     assert torch.equal(figure, plain_figure)

@@ -14,7 +14,7 @@ from test_serve import args_for, probe, torch_threads  # noqa: F401
 
 import export
 import serve
-from captioner import description, runner
+from captioner import description, exporting, runner
 from tests.conftest import ROOT, SAMPLE, run_script
 from tests.test_read_text import text_photo
 from tests.test_things import monitor_in_a_dark_room
@@ -232,7 +232,7 @@ def test_the_service_serves_the_offline_page_too(chromium, site, probe):  # noqa
 
 
 def test_a_web_export_without_npm_ci_says_so_in_one_line(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(export, "WEB_RUNTIME", ("not-installed.mjs",))
+    monkeypatch.setattr(exporting, "WEB_RUNTIME", ("not-installed.mjs",))
     out = tmp_path / "site"
     assert export.cli(["--format", "web", "--out", str(out), "--checkpoint", str(SHIPPED_CHECKPOINT)]) == 1
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]

@@ -110,7 +110,7 @@ def ready_ms(driver, within=300):
     page's words, where it says it could not load (at once: it will not get ready however long one waits)."""
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from export import ExportError
+    from captioner.exporting import ExportError
 
     def ready(d):
         return d.execute_script("return document.documentElement.dataset.readyMs")
@@ -264,12 +264,12 @@ def report(r):
 
 
 def main(args):
-    import export
+    from captioner.exporting import export
     from utils import find_checkpoint
 
     photos = sorted(SAMPLE_IMAGES.glob("*.jpg"))[:args.photos]
     if args.images:
-        from captioner.runner import list_images
+        from captioner.images import list_images
 
         photos += [p for folder in args.images for p in list_images(folder)][:args.photos]
     with tempfile.TemporaryDirectory(prefix="bench_web_") as tmp:
@@ -277,7 +277,7 @@ def main(args):
         if not args.site:
             start = time.perf_counter()
             with contextlib.redirect_stdout(sys.stderr):  # its lines of file sizes: stdout is the report's
-                export.export(args.checkpoint or find_checkpoint(None), "web", site)
+                export(args.checkpoint or find_checkpoint(None), "web", site)
             export_s = time.perf_counter() - start
         r = measure(site, photos, Path(tmp) / "profile")
         r["export_s"] = None if args.site else round(export_s, 1)
@@ -289,7 +289,7 @@ def cli(argv=None):
     try:
         r = main(args)
     except Exception as e:  # noqa: BLE001 (a missing browser, npm ci not run: one line)
-        from export import ExportError
+        from captioner.exporting import ExportError
 
         if not isinstance(e, (ExportError, OSError)) and type(e).__module__.split(".")[0] != "selenium":
             raise

@@ -1,9 +1,10 @@
-// Read the text in a photo, in the browser: read_text.py's TextReader in JavaScript, step for step, so that the
-// page says the very lines `inference.py` says. The same three networks (PaddleOCR's PP-OCRv6 text detector and
-// recogniser, and its direction classifier) run in onnxruntime-web; every step around them is repeated here with
-// the same arithmetic: Pillow's bilinear resize (pillow.js, to the bit), the same crop sampler, the same boxes from
-// the detector's map, the same junk rules, reading order and turns. Only the networks' own float rounding differs
-// (WebAssembly adds in another order than the CPU build of ONNX Runtime does).
+// Read the text in a photo, in the browser: read_text.py's TextReader (with text_geometry.py's steps around its
+// networks) in JavaScript, step for step, so that the page says the very lines `inference.py` says. The same three
+// networks (PaddleOCR's PP-OCRv6 text detector and recogniser, and its direction classifier) run in onnxruntime-web;
+// every step around them is repeated here with the same arithmetic: Pillow's bilinear resize (pillow.js, to the
+// bit), the same crop sampler, the same boxes from the detector's map, the same junk rules, reading order and turns.
+// Only the networks' own float rounding differs (WebAssembly adds in another order than the CPU build of ONNX
+// Runtime does).
 //
 // The settings, the word lists, the patterns and the recogniser's characters come from the export
 // (read_text.export_rules(), saved as JSON, and words.txt): nothing is written twice.
@@ -15,7 +16,7 @@ import { resize } from "./pillow.js";
 // channel alike, so it does not mind the order.
 
 export function scaledSize(width, height, longSide) {
-  // read_text.scaled_size: the long side becomes longSide (if longer), the other its share, rounded half up, in
+  // text_geometry.scaled_size: the long side becomes longSide (if longer), the other its share, rounded half up, in
   // integers so that both languages agree -> [w, h]
   const longest = Math.max(width, height);
   if (longest <= longSide) return [width, height];
@@ -23,7 +24,7 @@ export function scaledSize(width, height, longSide) {
 }
 
 export function readImage(image, longSide = 2048) {
-  // read_text.to_array(image, CROP_SIDE): the photo (RGBA) scaled to at most longSide with Pillow's bilinear
+  // text_geometry.to_array(image, CROP_SIDE): the photo (RGBA) scaled to at most longSide with Pillow's bilinear
   // resize, its channels turned to B, G, R -> the reader's image
   const [w, h] = scaledSize(image.width, image.height, longSide);
   const scaled = resize(image, w, h);
@@ -60,7 +61,7 @@ function turnHalf(image) {
 }
 
 function areaWeights(nIn, nOut) {
-  // read_text.area_weights: for each new pixel, its first old pixel, how many old ones it covers and their
+  // text_geometry.area_weights: for each new pixel, its first old pixel, how many old ones it covers and their
   // weights (the share of the new pixel each covers), flat: weights[i * span + t] is the t-th of new pixel i
   const scale = nIn / nOut, span = Math.ceil(scale) + 1;
   const starts = new Int32Array(nOut), counts = new Int32Array(nOut), weights = new Float64Array(nOut * span);
@@ -74,7 +75,7 @@ function areaWeights(nIn, nOut) {
 }
 
 function shrink(img, size, horizontal) {
-  // read_text.shrink: the width (horizontal) or the height shrunk to `size` by area averaging, each new pixel
+  // text_geometry.shrink: the width (horizontal) or the height shrunk to `size` by area averaging, each new pixel
   // the weighted sum of the old ones it covers, added first to last in float64, rounded half up
   const { starts, counts, weights, span } = areaWeights(horizontal ? img.width : img.height, size);
   const width = horizontal ? size : img.width, height = horizontal ? img.height : size, src = img.rgba;
@@ -102,7 +103,7 @@ function shrink(img, size, horizontal) {
 }
 
 function resizeImage(img, width, height) {
-  // read_text.resize: the width first, then the height; a side that shrinks is area-averaged, one that grows
+  // text_geometry.resize: the width first, then the height; a side that shrinks is area-averaged, one that grows
   // is Pillow's bilinear resize (pillow.js)
   if (width < img.width) img = shrink(img, width, true);
   else if (width > img.width) img = resize(img, width, img.height);
@@ -118,20 +119,20 @@ function roundHalfEven(v) {
 }
 
 function resizeSide(img, side) {
-  // read_text.resize_side: the long side about `side`, each side a multiple of 32 (the detector's grid)
+  // text_geometry.resize_side: the long side about `side`, each side a multiple of 32 (the detector's grid)
   const scale = side / Math.max(img.height, img.width);
   const [w, h] = [img.width, img.height].map((n) => Math.max(32, roundHalfEven(n * scale / 32) * 32));
   return resizeImage(img, w, h);
 }
 
 function fitHeight(crop, height, maxWidth) {
-  // read_text.fit_height: `height` px high, the width in proportion (at most maxWidth)
+  // text_geometry.fit_height: `height` px high, the width in proportion (at most maxWidth)
   const w = Math.min(maxWidth, Math.ceil(height * crop.width / crop.height));
   return resizeImage(crop, Math.max(w, 1), height);
 }
 
 export function sampleBox(img, box, w, h) {
-  // read_text.sample_box: crop pixel (x, y) is img at tl + x/w (tr - tl) + y/h (bl - tl), bilinear between the
+  // text_geometry.sample_box: crop pixel (x, y) is img at tl + x/w (tr - tl) + y/h (bl - tl), bilinear between the
   // four nearest pixels (edge pixels repeated beyond the image), in float64, rounded half up. The operations are
   // Python's, in its order, so the bytes are the same.
   const [tl, tr, , bl] = box;
@@ -158,7 +159,7 @@ export function sampleBox(img, box, w, h) {
 }
 
 function cropBox(img, box, maxAspect) {
-  // read_text.crop_box: the box cut out and laid flat, w along its top edge; a page-wide run of tiny print is
+  // text_geometry.crop_box: the box cut out and laid flat, w along its top edge; a page-wide run of tiny print is
   // squashed to maxAspect heights rather than fed as a huge tensor
   const [bw, bh] = boxSides(box);
   const w = Math.max(roundHalfEven(bw), 1), h = Math.max(roundHalfEven(bh), 1);
@@ -167,7 +168,7 @@ function cropBox(img, box, maxAspect) {
 }
 
 function normaliseInto(img, x, offset, plane, width) {
-  // read_text.normalise: B, G, R bytes -> [-1, 1] in float32, channel-first, into the tensor x at `offset`, whose
+  // text_geometry.normalise: B, G, R bytes -> [-1, 1] in float32, channel-first, into the tensor x at `offset`, whose
   // rows are `width` long and channels `plane` apart (a batch pads each crop to its widest). numpy computes
   // float32(byte * float32(2/255)) - 1; so does this.
   const scale = Math.fround(2 / 255);
@@ -200,7 +201,7 @@ function lineLike(box, aspect) {
 }
 
 function area(box) {
-  // the shoelace formula, term by term as read_text._area adds them
+  // the shoelace formula, term by term as text_geometry.box_area adds them
   let sum = 0;
   for (let i = 0; i < 4; i++) {
     const j = (i + 3) % 4;
@@ -210,7 +211,7 @@ function area(box) {
 }
 
 function orderCorners(pts) {
-  // read_text.order_corners: the two leftmost corners (the lower y first on a tie) are the left side; each side
+  // text_geometry.order_corners: the two leftmost corners (the lower y first on a tie) are the left side; each side
   // top first -> tl, tr, br, bl
   const byX = pts.map((p, i) => [p, i]).sort((a, b) => a[0][0] - b[0][0] || a[0][1] - b[0][1] || a[1] - b[1])
     .map(([p]) => p);
@@ -220,7 +221,7 @@ function orderCorners(pts) {
 }
 
 function rectCorners(cx, cy, w, h, angle) {
-  // read_text.rect_corners: a rotated rectangle (centre, sides, angle in degrees) -> its corners, ordered
+  // text_geometry.rect_corners: a rotated rectangle (centre, sides, angle in degrees) -> its corners, ordered
   const a = angle * (Math.PI / 180);
   const u = [Math.cos(a) * w / 2, Math.sin(a) * w / 2], v = [-Math.sin(a) * h / 2, Math.cos(a) * h / 2];
   const f = Math.fround;
@@ -231,7 +232,7 @@ function rectCorners(cx, cy, w, h, angle) {
 }
 
 function rectMean(prob, cx, cy, w, h, angle) {
-  // read_text.rect_mean: the mean of the map over the pixels whose centres lie in the rotated rectangle
+  // text_geometry.rect_mean: the mean of the map over the pixels whose centres lie in the rotated rectangle
   const a = angle * (Math.PI / 180), cos = Math.cos(a), sin = Math.sin(a), r = 0.5 * Math.hypot(w, h);
   const x0 = Math.max(Math.floor(cx - r), 0), x1 = Math.min(Math.ceil(cx + r), prob.width - 1);
   const y0 = Math.max(Math.floor(cy - r), 0), y1 = Math.min(Math.ceil(cy + r), prob.height - 1);
@@ -347,7 +348,7 @@ function minAreaRect(pixels) {
 }
 
 export function boxesFromMap(prob, thresh, boxThresh, unclip, maxBoxes) {
-  // read_text.boxes_from_map: the detector's map {width, height, data} -> [{box, score}], largest regions first.
+  // text_geometry.boxes_from_map: the detector's map {width, height, data} -> [{box, score}], largest regions first.
   // Pixels above `thresh` (dilated by one) form regions; each region's smallest rotated rectangle, if the map's
   // mean in it reaches boxThresh, grows by area * unclip / perimeter on every side (the detector was trained
   // on text shrunk by as much).
@@ -367,7 +368,7 @@ export function boxesFromMap(prob, thresh, boxThresh, unclip, maxBoxes) {
 }
 
 function uprightCentre(box, angle, width, height) {
-  // read_text.upright_centre: the box's centre and text height in the frame turned `angle` degrees clockwise
+  // text_geometry.upright_centre: the box's centre and text height in the frame turned `angle` degrees clockwise
   const x = (box[0][0] + box[1][0] + box[2][0] + box[3][0]) / 4;
   const y = (box[0][1] + box[1][1] + box[2][1] + box[3][1]) / 4;
   const turned = { 0: [x, y], 90: [height - y, x], 180: [width - x, height - y], 270: [y, width - x] }[angle];
@@ -375,7 +376,7 @@ function uprightCentre(box, angle, width, height) {
 }
 
 function readingOrder(items, angle, width, height) {
-  // read_text.reading_order: [box, text] -> rows of text, top to bottom, each left to right, in the upright
+  // text_geometry.reading_order: [box, text] -> rows of text, top to bottom, each left to right, in the upright
   // frame; a box whose centre is within half a line's height of a row's joins it
   const placed = items.map(([box, text]) => [uprightCentre(box, angle, width, height), text])
     .sort((a, b) => a[0][1] - b[0][1]);  // a stable sort, as Python's
