@@ -2,14 +2,14 @@
 
     python image_training.py --data DIR                      # Inception-v3 + LSTM, the documented default
     python image_training.py --demo                          # 1-2 minutes on a CPU, on the bundled sample
-    python image_training.py --recipe shipped-word --data DIR   # the shipped model's first stage (recipes.py)
+    python image_training.py --recipe shipped-word --data DIR   # the shipped model's first stage (captioner/recipes.py)
     python image_training.py --data DIR --resume checkpoints/last.pth.tar
 
 main(args) reads top to bottom: data -> vocabulary -> model -> optimiser -> resume -> for each epoch:
-train_one_epoch (the forward pass, the loss, backward(), the optimiser's step), evaluate on dev, save. With a
-frozen CNN (the default) each image's CNN feature is computed once and cached on disk, and the decoder trains from
-the cache. What a run needs besides its loop (the batches and their caches, resuming mid-epoch, signals, torchrun,
-checkpoints and TensorBoard logs) is in training_run.py.
+train_one_epoch (captioner/training.py: the model's call, the loss, backward(), the optimiser's step), evaluate on
+dev, save. With a frozen CNN (the default) each image's CNN feature is computed once and cached on disk, and the
+decoder trains from the cache. What a run needs besides its loop (the batches and their caches, resuming mid-epoch,
+signals, torchrun, checkpoints and TensorBoard logs) is in captioner/training_run.py.
 """
 
 import argparse
