@@ -83,8 +83,6 @@ def pad_captions(pairs):
     return torch.stack(images), pad_sequence(list(captions), batch_first=True, padding_value=PAD_IDX)
 
 
-
-
 # ------------------------------------------------------------------------------------------ vocabulary
 
 def _tokenizer():

@@ -365,8 +365,6 @@ def build_model(args, data, ckpt, device):
     return vocab, model, preset
 
 
-# ------------------------------------------------------------------------------------------- objectives
-
 
 def cli(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(message)s")

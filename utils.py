@@ -13,7 +13,6 @@ import torch
 
 from captioner.ensemble import Ensemble
 from captioner.files import DataError, save_atomic
-from captioner.read_text import parse_languages
 from captioner.search import generate
 from image_intial_model import CNN_RNN, ModelArgs
 from image_loader import Vocab, load_vocab_file
@@ -381,6 +380,8 @@ def print_examples(model, batches, vocab, n=3):
 
 def text_languages(text):
     """--text-languages: read_text.parse_languages, its refusal as argparse's one line."""
+    from captioner.read_text import parse_languages  # here: the commands without a text reader need not load it
+
     try:
         return parse_languages(text)
     except ValueError as e:
