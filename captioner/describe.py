@@ -21,6 +21,7 @@ from captioner.attention_maps import attention_map
 from captioner.confidence import Calibration, captions_with_signals, pooled_features
 from captioner.description import answer, look_at
 from captioner.files import DataError
+from captioner.images import turned
 from captioner.photo_check import PhotoCheck
 from captioner.read_text import TextReader
 from captioner.runtimes import run_frozen
@@ -105,7 +106,7 @@ class Captioner:
 
     def _signals(self, images, turns, beam, max_len, length_penalty, n_best):
         """captions_with_signals of the images, each turned clockwise by its turn (degrees) first."""
-        upright = [im.transpose(TURNS[t]) if t else im for im, t in zip(images, turns)]
+        upright = [turned(im, t) for im, t in zip(images, turns)]
         return captions_with_signals(self.model, self._batch(upright), beam, max_len, length_penalty, n_best)
 
     def _answers(self, found, looks, turns):
@@ -149,8 +150,6 @@ def _replace_rows(found, rows, redone):
     return ids, best, decoder, pooled
 
 
-# PIL's transposes that turn a photo clockwise by 90, 180 and 270 degrees (ROTATE_90 is anticlockwise)
-TURNS = {90: Image.Transpose.ROTATE_270, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_90}
 
 
 def read_fits(paths, model=None):

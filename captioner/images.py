@@ -72,3 +72,13 @@ def read_photo(path, error=UnreadableImage, size=None, name=None):
         raise error(f"{name}: not an image Pillow can read") from None
     except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt files
         raise error(f"{name}: unreadable image ({e})") from None
+
+
+# PIL's transposes that turn a photo clockwise by 90, 180 and 270 degrees (ROTATE_90 is anticlockwise)
+TURNS = {90: Image.Transpose.ROTATE_270, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_90}
+
+
+def turned(image, degrees):
+    """A PIL image turned clockwise by 0, 90, 180 or 270 degrees: upright, where `degrees` is the turn that makes
+    it so (the text's direction, or the photo check's upright head)."""
+    return image.transpose(TURNS[degrees]) if degrees else image

@@ -22,19 +22,10 @@ import numpy as np
 from PIL import Image
 
 from captioner.description import alt_text, answer, look_at
-from captioner.images import UnreadableImage, list_images, read_photo
+from captioner.images import UnreadableImage, list_images, read_photo, turned
 from captioner.photo_check import PhotoCheck
 from captioner.read_text import TextReader
 from captioner.things import Things
-
-# PIL's transposes that turn a photo clockwise by 90, 180 and 270 degrees (ROTATE_90 is anticlockwise)
-TURNS = {90: Image.Transpose.ROTATE_270, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_90}
-
-
-def turned(image, degrees):
-    """A PIL image turned clockwise by 0, 90, 180 or 270 degrees."""
-    return image.transpose(TURNS[degrees]) if degrees else image
-
 
 # ------------------------------------------------------------------------------------------- the photo
 
